@@ -1,0 +1,6 @@
+"""Training losses: the ``LOSSES`` registry."""
+
+from util.registry import Registry
+
+LOSSES = Registry("loss")
+LOSSES.register_lazy("feature_mse", "loss.feature_mse:FeatureMSELoss")

@@ -1,0 +1,1 @@
+"""Shared utilities: registries, configuration, metrics, logging and I/O helpers."""
