@@ -1,0 +1,1 @@
+"""Experiment configurations: one Python class per file, built on :mod:`configs.defaults`."""

@@ -1,0 +1,73 @@
+"""Default settings shared by every MambaAD experiment: the paper's setup (section 4.1).
+
+Subclasses in the ``configs/mambaad_*.py`` files change the data set and a few values;
+anything can be overridden on the command line as ``section.key=value``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from util.config import BaseConfig, Section
+
+
+class MambaADDefaults(BaseConfig):
+    """MambaAD on 256x256 images: ResNet34 teacher, depths [3,4,6,3], Hilbert scan, 8 directions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seed = 42
+        self.device = "auto"  # auto: cuda if available, else cpu
+        self.output_dir = "runs"
+        self.data = Section(
+            type="DefaultAD",
+            root="datasets/mvtec",
+            meta_file="meta.json",
+            cls_names=None,  # None: every class of the data set (multi-class setting)
+            image_size=256,
+            batch_size=16,
+            batch_size_test=None,  # derived: batch_size
+            num_workers=None,  # derived: min(4, CPU count)
+            synthetic=False,  # True: generate the embedded demo data set into root first
+        )
+        self.model = Section(
+            type="mambaad",
+            # pretrained=True downloads timm's ImageNet weights (online machines only);
+            # checkpoint=PATH loads a local timm/torchvision file instead.
+            teacher=Section(name="resnet34", pretrained=True, checkpoint=None),
+            depths=[3, 4, 6, 3],
+            scan=Section(method="hilbert", directions=8, backend="auto"),
+            d_state=16,
+            drop_path=0.2,
+            checkpoint=None,  # full MambaAD weights (net.pth / ckpt.pth) to test or start from
+            image_size=None,  # derived: data.image_size
+        )
+        self.loss = Section(type="feature_mse", weight=5.0)
+        self.optim = Section(
+            type="adamw",
+            base_lr=0.005,  # for a batch of 16; scaled linearly with data.batch_size
+            lr=None,  # derived: base_lr * batch_size / 16
+            betas=(0.9, 0.999),
+            weight_decay=1e-4,
+        )
+        self.scheduler = Section(type="step", decay_at=0.8, gamma=0.1, milestones=None)
+        self.trainer = Section(
+            type="ad_trainer",
+            epochs=500,
+            test_every=None,  # derived: epochs // 10 (the last epoch is always evaluated)
+            grad_clip=5.0,
+            log_every=50,  # iterations between log lines
+            resume=None,  # RUN_DIR to continue
+            save_every=1,  # epochs between checkpoints
+        )
+        self.evaluator = Section(type="ad_evaluator", sigma=4.0)
+
+    def derive(self) -> None:
+        """Recompute values that depend on others (called after command-line overrides)."""
+        super().derive()
+        self.set_derived("data.batch_size_test", self.data.batch_size)
+        self.set_derived("data.num_workers", min(4, os.cpu_count() or 1))
+        self.set_derived("model.image_size", self.data.image_size)
+        self.set_derived("optim.lr", self.optim.base_lr * self.data.batch_size / 16)
+        self.set_derived("scheduler.milestones", [int(round(self.scheduler.decay_at * self.trainer.epochs))])
+        self.set_derived("trainer.test_every", max(1, self.trainer.epochs // 10))

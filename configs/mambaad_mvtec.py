@@ -1,0 +1,11 @@
+"""MambaAD on MVTec AD, multi-class, with the paper's settings (500 epochs, batch 16)."""
+
+from configs.defaults import MambaADDefaults
+
+
+class MambaADMvtec(MambaADDefaults):
+    """Paper setting on MVTec AD; expects `datasets/mvtec/meta.json` (see README, Data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data.root = "datasets/mvtec"

@@ -1,0 +1,11 @@
+"""MambaAD on MVTec 3D-AD (RGB), multi-class, with the paper's settings (500 epochs, batch 16)."""
+
+from configs.defaults import MambaADDefaults
+
+
+class MambaADMvtec3d(MambaADDefaults):
+    """Paper setting on MVTec 3D-AD (RGB); expects `datasets/mvtec3d/meta.json` (see README, Data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data.root = "datasets/mvtec3d"

@@ -1,0 +1,11 @@
+"""MambaAD on VisA, multi-class, with the paper's settings (500 epochs, batch 16)."""
+
+from configs.defaults import MambaADDefaults
+
+
+class MambaADVisa(MambaADDefaults):
+    """Paper setting on VisA; expects `datasets/visa/meta.json` (see README, Data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data.root = "datasets/visa"

@@ -1,0 +1,54 @@
+"""Train or evaluate an anomaly detector from a config file.
+
+    python run.py -c configs/mambaad_mvtec.py                      # train (+ periodic tests)
+    python run.py -c configs/mambaad_mvtec.py trainer.epochs=100   # any key can be overridden
+    python run.py -c configs/mambaad_mvtec.py -m test model.checkpoint=runs/.../net.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from util.config import ConfigError, config_to_dict, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments: config file, mode, and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, help="config file, e.g. configs/mambaad_mvtec.py")
+    parser.add_argument("-m", "--mode", choices=("train", "test"), default="train")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as trainer.epochs=10")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=2, default=str))
+        return 0
+    if args.mode == "test" and not cfg.model.checkpoint:
+        print("config error: -m test needs model.checkpoint=PATH (a net.pth or ckpt.pth)", file=sys.stderr)
+        return 2
+
+    from trainer import TRAINERS
+
+    trainer = TRAINERS.build(cfg.trainer.type, cfg, mode=args.mode)
+    if args.mode == "train":
+        trainer.train()
+    else:
+        trainer.test()
+    trainer.log.info("done; results in %s", trainer.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
