@@ -69,5 +69,5 @@ class MambaADDefaults(BaseConfig):
         self.set_derived("data.num_workers", min(4, os.cpu_count() or 1))
         self.set_derived("model.image_size", self.data.image_size)
         self.set_derived("optim.lr", self.optim.base_lr * self.data.batch_size / 16)
-        self.set_derived("scheduler.milestones", [int(round(self.scheduler.decay_at * self.trainer.epochs))])
+        self.set_derived("scheduler.milestones", [round(self.scheduler.decay_at * self.trainer.epochs)])
         self.set_derived("trainer.test_every", max(1, self.trainer.epochs // 10))

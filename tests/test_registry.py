@@ -22,7 +22,7 @@ def test_lazy_entry_is_imported_only_on_lookup() -> None:
 def test_unknown_name_suggests_close_matches() -> None:
     reg = Registry("model")
     reg.register_lazy("mambaad", "json:dumps")
-    with pytest.raises(RegistryError, match="unknown model 'mambad'.*'mambaad'"):
+    with pytest.raises(RegistryError, match=r"unknown model 'mambad'.*'mambaad'"):
         reg.get("mambad")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import random
 import time
@@ -49,7 +50,11 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG state a resumed run needs to continue identically."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -62,6 +67,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_model(cfg: BaseConfig, log: logging.Logger) -> torch.nn.Module:
+    """The configured model, with ``model.checkpoint`` weights loaded strictly when given."""
+    m = cfg.model
+    model = MODELS.build(
+        m.type,
+        teacher=m.teacher.name,
+        teacher_pretrained=m.teacher.pretrained,
+        teacher_checkpoint=m.teacher.checkpoint,
+        depths=tuple(m.depths),
+        scan_method=m.scan.method,
+        num_directions=m.scan.directions,
+        d_state=m.d_state,
+        drop_path_rate=m.drop_path,
+        scan_backend=m.scan.backend,
+        image_size=m.image_size,
+        log=log.warning,
+    )
+    if m.checkpoint:
+        state = extract_state_dict(load_file(m.checkpoint), m.checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"model.checkpoint={m.checkpoint} does not match the configured model: {err}. "
+                "Check model.teacher.name, model.depths and model.scan.* against the run that saved it."
+            ) from err
+        log.info("loaded model weights from %s", m.checkpoint)
+    return model
 
 
 class ADTrainer:
@@ -149,34 +184,12 @@ class ADTrainer:
         )
 
     def _build_model(self) -> torch.nn.Module:
-        m = self.cfg.model
-        model = MODELS.build(
-            m.type,
-            teacher=m.teacher.name,
-            teacher_pretrained=m.teacher.pretrained,
-            teacher_checkpoint=m.teacher.checkpoint,
-            depths=tuple(m.depths),
-            scan_method=m.scan.method,
-            num_directions=m.scan.directions,
-            d_state=m.d_state,
-            drop_path_rate=m.drop_path,
-            scan_backend=m.scan.backend,
-            image_size=m.image_size,
-            log=self.log.warning,
-        )
-        if m.checkpoint:
-            state = extract_state_dict(load_file(m.checkpoint), m.checkpoint)
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as err:
-                raise RuntimeError(
-                    f"model.checkpoint={m.checkpoint} does not match the configured model: {err}. "
-                    "Check model.teacher.name, model.depths and model.scan.* against the run that saved it."
-                ) from err
-            self.log.info("loaded model weights from %s", m.checkpoint)
+        model = build_model(self.cfg, self.log)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        self.log.info("model %s: %.2f M parameters (%.2f M trainable)", m.type, n_all / 1e6, n_train / 1e6)
+        self.log.info(
+            "model %s: %.2f M parameters (%.2f M trainable)", self.cfg.model.type, n_all / 1e6, n_train / 1e6
+        )
         return model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -184,7 +197,9 @@ class ADTrainer:
         if o.type != "adamw":
             raise ValueError(f"optim.type={o.type!r} is not supported; use 'adamw'")
         groups = self.model.parameter_groups(o.weight_decay)
-        self.log.info("optimizer AdamW lr %.6g (base %.6g x batch %d / 16)", o.lr, o.base_lr, self.cfg.data.batch_size)
+        self.log.info(
+            "optimizer AdamW lr %.6g (base %.6g x batch %d / 16)", o.lr, o.base_lr, self.cfg.data.batch_size
+        )
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
     # ------------------------------------------------------------------ checkpoints
@@ -211,7 +226,9 @@ class ADTrainer:
             if not k.startswith(("trainer.resume", "data.num_workers"))
         ]
         if changed:
-            self.log.warning("resuming with config values that differ from the saved run: %s", ", ".join(changed))
+            self.log.warning(
+                "resuming with config values that differ from the saved run: %s", ", ".join(changed)
+            )
         self.model.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -267,7 +284,12 @@ class ADTrainer:
             self.writer.add_scalar("train/lr", lr, self.global_step)
             if self.global_step % t.log_every == 0:
                 self.log.info("epoch %d step %d loss %.5f lr %.3e", epoch, self.global_step, losses[-1], lr)
-        self.log.info("epoch %d/%d done: mean loss %.5f", epoch, t.epochs, float(np.mean(losses)) if losses else math.nan)
+        self.log.info(
+            "epoch %d/%d done: mean loss %.5f",
+            epoch,
+            t.epochs,
+            float(np.mean(losses)) if losses else math.nan,
+        )
 
     @torch.no_grad()
     def evaluate(self, epoch: int | None = None) -> dict[str, dict[str, float]]:
@@ -283,7 +305,12 @@ class ADTrainer:
         results = self.evaluator.compute()
         label = f"epoch {epoch}" if epoch is not None else "test"
         per_class = {k: v for k, v in results.items() if k != "mean"}
-        self.log.info("results (%s, %d images; values x100):\n%s", label, self.evaluator.num_samples, format_table(per_class))
+        self.log.info(
+            "results (%s, %d images; values x100):\n%s",
+            label,
+            self.evaluator.num_samples,
+            format_table(per_class),
+        )
         step = self.global_step if epoch is not None else 0
         for cls, values in results.items():
             for name, value in values.items():
@@ -310,7 +337,14 @@ class ADTrainer:
             writer.writerow(["epoch", "step", "class", *names])
             for entry in self.history:
                 for cls, values in entry["results"].items():
-                    writer.writerow([entry["epoch"], entry["step"], cls, *(f"{values.get(n, math.nan):.6f}" for n in names)])
+                    writer.writerow(
+                        [
+                            entry["epoch"],
+                            entry["step"],
+                            cls,
+                            *(f"{values.get(n, math.nan):.6f}" for n in names),
+                        ]
+                    )
 
     def test(self) -> dict[str, dict[str, float]]:
         """Evaluate the (loaded) model once."""

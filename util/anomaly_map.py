@@ -36,7 +36,9 @@ def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
     return torch.where(idx < n, idx, period - 1 - idx)
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | None = None) -> torch.Tensor:
+def gaussian_kernel1d(
+    sigma: float, truncate: float = 4.0, device: torch.device | None = None
+) -> torch.Tensor:
     """Normalised 1-D Gaussian of radius ``int(truncate * sigma + 0.5)``, as scipy uses."""
     radius = int(truncate * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)

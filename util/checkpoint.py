@@ -39,7 +39,9 @@ def load_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for damaged archives
-        raise RuntimeError(f"checkpoint {path} cannot be read ({err}); it may be truncated or corrupt") from err
+        raise RuntimeError(
+            f"checkpoint {path} cannot be read ({err}); it may be truncated or corrupt"
+        ) from err
 
 
 def extract_state_dict(obj: Any, path: str | Path = "<object>") -> dict[str, torch.Tensor]:

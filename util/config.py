@@ -163,9 +163,7 @@ def find_config_class(module: Any, path: Path) -> type[BaseConfig]:
     ]
     if len(candidates) != 1:
         found = ", ".join(c.__name__ for c in candidates) or "none"
-        raise ConfigError(
-            f"config file {path} must define exactly one BaseConfig subclass (found: {found})"
-        )
+        raise ConfigError(f"config file {path} must define exactly one BaseConfig subclass (found: {found})")
     return candidates[0]
 
 

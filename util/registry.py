@@ -45,7 +45,11 @@ class Registry:
 
     def _add(self, name: str, target: str | Callable[..., Any], replace_lazy: bool = False) -> None:
         existing = self._targets.get(name)
-        if existing is not None and existing is not target and not (replace_lazy and isinstance(existing, str)):
+        if (
+            existing is not None
+            and existing is not target
+            and not (replace_lazy and isinstance(existing, str))
+        ):
             raise RegistryError(f"{self.kind} '{name}' is registered twice")
         self._targets[name] = target
 

@@ -1,0 +1,143 @@
+"""Anomaly maps and scores for new images with a trained model.
+
+    python tools/predict.py -c configs/mambaad_demo.py --checkpoint runs/RUN/net.pth \\
+        --input path/to/images --output predictions/
+
+Writes, per image, ``<stem>.npy`` (float32 anomaly map at the model's input size, after
+the Gaussian blur), ``<stem>.png`` (the image with a heat-map overlay) and one
+``scores.csv`` (image, score). Overlays share one colour scale (the maps' global min and
+max unless ``--vmin/--vmax`` are given), so colours compare across images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.default_ad import load_image
+from data.meta import IMAGE_EXTENSIONS
+from trainer.ad_trainer import build_model, resolve_device
+from util.anomaly_map import anomaly_maps_and_scores
+from util.config import ConfigError, load_config
+from util.logger import get_logger
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def list_images(path: Path) -> list[Path]:
+    """One image, or every image below a folder (sorted)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"--input {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"--input {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def output_names(files: list[Path], root: Path) -> list[str]:
+    """Output base names: the file stem, or the path below ``root`` joined by '__' when stems repeat."""
+    stems = [p.stem for p in files]
+    if len(set(stems)) == len(stems) or root.is_file():
+        return stems
+    return ["__".join(p.relative_to(root).with_suffix("").parts) for p in files]
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 with a blue-cyan-yellow-red ramp (jet-like)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    stops = np.array([0.0, 0.35, 0.65, 1.0])
+    colors = np.array([[0, 0, 160], [0, 220, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+    rgb = np.stack([np.interp(v[..., 0], stops, colors[:, c]) for c in range(3)], axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
+    """Blend the heat map of ``amap`` (scaled to [vmin, vmax]) over an RGB uint8 image."""
+    scaled = (amap - vmin) / max(vmax - vmin, 1e-12)
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat_colors(scaled).astype(np.float32)
+    return blended.round().astype(np.uint8)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-c", "--config", required=True, help="the config the model was trained with")
+    parser.add_argument("--checkpoint", required=True, help="net.pth or ckpt.pth of a run")
+    parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
+    parser.add_argument(
+        "--output", required=True, type=Path, help="folder for .npy maps, overlays and scores.csv"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--vmin", type=float, default=None, help="heat-map colour scale minimum")
+    parser.add_argument("--vmax", type=float, default=None, help="heat-map colour scale maximum")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as model.scan.backend=ref")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    """Predict every input image; returns the process exit code."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, [*args.overrides, f"model.checkpoint={args.checkpoint}"])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    log = get_logger()
+    files = list_images(args.input)
+    names = dict(zip(files, output_names(files, args.input), strict=True))
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, log).to(device).eval()
+    size = cfg.data.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    maps: list[np.ndarray] = []
+    scores: list[float] = []
+    for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch"):
+        chunk = files[start : start + args.batch_size]
+        imgs = torch.stack([load_image(p, size) for p in chunk]).to(device)
+        feats_t, feats_s = model(imgs)
+        batch_maps, batch_scores = anomaly_maps_and_scores(feats_t, feats_s, size, cfg.evaluator.sigma)
+        for path, amap, score in zip(chunk, batch_maps.cpu().numpy(), batch_scores.tolist(), strict=True):
+            np.save(args.output / f"{names[path]}.npy", amap.astype(np.float32))
+            maps.append(amap)
+            scores.append(score)
+
+    vmin = args.vmin if args.vmin is not None else float(min(m.min() for m in maps))
+    vmax = args.vmax if args.vmax is not None else float(max(m.max() for m in maps))
+    for path, amap in zip(files, maps, strict=True):
+        rgb = load_image(path, size, normalize=False).permute(1, 2, 0).numpy()
+        Image.fromarray(overlay((rgb * 255).round().astype(np.uint8), amap, vmin, vmax)).save(
+            args.output / f"{names[path]}.png"
+        )
+    with open(args.output / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score"])
+        writer.writerows([str(p), f"{s:.6f}"] for p, s in zip(files, scores, strict=True))
+    log.info(
+        "wrote %d maps, overlays and scores.csv to %s (colour scale %.4f..%.4f)",
+        len(files),
+        args.output,
+        vmin,
+        vmax,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

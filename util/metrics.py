@@ -1,0 +1,367 @@
+"""Exact anomaly-detection metrics (image/pixel AUROC, AP, F1-max and AU-PRO).
+
+All metrics are computed exactly over every distinct threshold (no binning), with ties handled as
+scikit-learn (``roc_auc_score``, ``average_precision_score``, ``precision_recall_curve``) and the
+MVTec AD evaluation script (AU-PRO) handle them.
+
+Implementation: instead of one argsort over all (~10^8) pixels, the scores are split into positives
+and negatives. The negatives are sorted in place (a fast SIMD sort, no index array) and every
+distinct positive score is located in them with ``searchsorted``. Every curve quantity the metrics
+need changes only at such locations:
+
+* AUROC is the Mann-Whitney statistic ``sum_pos (#neg < s + #neg <= s) / 2 / (P * N)``, which
+  equals the trapezoidal ROC area with tied scores.
+* AP and F1-max only change where the true-positive count changes, i.e. at distinct positive
+  scores, where ``tp = #pos >= s`` and ``fp = #neg >= s``.
+* AU-PRO: each anomalous pixel carries the weight ``1 / (R * |region|)`` so that PRO(t) is the
+  weighted count of anomalous pixels scoring ``>= t``. The trapezoid between two consecutive curve
+  points has width (negatives at the lower threshold) / N, so the area up to the FPR limit becomes a
+  weighted pair count between anomalous pixels and the negatives above the crossing threshold, plus
+  one interpolated partial trapezoid at the limit.
+
+Only the positives (usually a few percent of the pixels) are argsorted, which keeps memory at
+roughly one extra copy of the score maps and the run time dominated by a single ``np.sort``.
+
+Undefined metrics are returned as ``nan`` instead of raising: AUROC and AU-PRO need both classes
+(AU-PRO needs anomalous *and* normal pixels); AP and F1-max need at least one positive (with no
+negatives they are 1.0, as in scikit-learn).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "METRIC_NAMES",
+    "au_pro",
+    "average_over_classes",
+    "average_precision",
+    "compute_metrics",
+    "f1_max",
+    "format_table",
+    "roc_auc",
+]
+
+METRIC_NAMES: tuple[str, ...] = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+
+_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Convert a numpy array, torch tensor or array-like to a numpy array without copying if possible."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _as_scores(x: Any) -> np.ndarray:
+    """Scores as float32/float64 (kept if already one of those, so tie structure is preserved)."""
+    arr = _to_numpy(x)
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.float64)
+    if np.isnan(arr).any():
+        raise ValueError("scores/anomaly maps contain NaN")
+    return arr
+
+
+def _as_bool(x: Any) -> np.ndarray:
+    """Binary labels/masks as bool; non-bool inputs are thresholded at 0.5 (works for 0/1 and 0/255)."""
+    arr = _to_numpy(x)
+    return arr if arr.dtype == bool else arr > 0.5
+
+
+def _squeeze_channel(arr: np.ndarray, name: str) -> np.ndarray:
+    """Accept [N, H, W] or [N, 1, H, W]."""
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must have shape [N, H, W], got {arr.shape}")
+    return arr
+
+
+@dataclass
+class _Ranked:
+    """Rank statistics of the distinct positive scores against the sorted negatives."""
+
+    n_pos: int
+    n_neg: int
+    neg_sorted: np.ndarray  # ascending negative scores
+    pos_values: np.ndarray  # distinct positive scores, ascending
+    pos_first: np.ndarray  # index of each distinct value's first occurrence among the sorted positives
+    pos_counts: np.ndarray  # multiplicity of each distinct positive score
+    neg_lt: np.ndarray  # number of negatives < value
+    neg_le: np.ndarray  # number of negatives <= value
+    pos_weights: np.ndarray | None  # per-distinct-value sum of the AU-PRO weights (if requested)
+
+
+def _rank(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None = None) -> _Ranked:
+    """Split flat scores by the flat bool ``positive`` and rank the positives among the negatives.
+
+    ``weights`` (aligned with ``scores[positive]``) are summed per distinct positive score.
+    """
+    pos = scores[positive]
+    neg = scores[~positive]
+    neg.sort()
+    if weights is None:
+        pos.sort()
+    else:
+        order = np.argsort(pos, kind="stable")
+        pos = pos[order]
+        weights = weights[order]
+        del order
+    first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])[: pos.size]  # start of each run of equal scores
+    values = pos[first]
+    counts = np.diff(np.r_[first, pos.size])
+    pos_weights = np.add.reduceat(weights, first) if weights is not None and pos.size else None
+    return _Ranked(
+        n_pos=int(pos.size),
+        n_neg=int(neg.size),
+        neg_sorted=neg,
+        pos_values=values,
+        pos_first=first,
+        pos_counts=counts,
+        neg_lt=np.searchsorted(neg, values, side="left"),
+        neg_le=np.searchsorted(neg, values, side="right"),
+        pos_weights=pos_weights,
+    )
+
+
+def _rank_flat(scores: Any, labels: Any) -> _Ranked:
+    s = _as_scores(scores).reshape(-1)
+    y = _as_bool(labels).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in size: {s.shape} vs {y.shape}")
+    return _rank(s, y)
+
+
+def _roc_auc(r: _Ranked) -> float:
+    if r.n_pos == 0 or r.n_neg == 0:
+        return math.nan
+    # Each positive beats the negatives below it and ties count half: the trapezoidal ROC area.
+    twice_u = int(np.dot(r.pos_counts, r.neg_lt + r.neg_le))
+    return twice_u / (2 * r.n_pos * r.n_neg)
+
+
+def _tp_fp(r: _Ranked) -> tuple[np.ndarray, np.ndarray]:
+    """True/false positive counts when thresholding at each distinct positive score (``>=``)."""
+    tp = (r.n_pos - r.pos_first).astype(np.float64)
+    fp = (r.n_neg - r.neg_lt).astype(np.float64)
+    return tp, fp
+
+
+def _average_precision(r: _Ranked) -> float:
+    if r.n_pos == 0:
+        return math.nan
+    tp, fp = _tp_fp(r)
+    # Recall increases by count/P exactly at the distinct positive scores.
+    return float(np.dot(r.pos_counts, tp / (tp + fp)) / r.n_pos)
+
+
+def _f1_max(r: _Ranked) -> float:
+    if r.n_pos == 0:
+        return math.nan
+    tp, fp = _tp_fp(r)
+    # F1 = 2PR/(P+R) = 2tp/(tp+fp+P); for fixed tp it is largest at the highest threshold, which is a
+    # distinct positive score, so the maximum over all thresholds is attained among those.
+    return float(np.max(2.0 * tp / (tp + fp + r.n_pos)))
+
+
+def _au_pro(r: _Ranked, fpr_limit: float) -> float:
+    n_neg = r.n_neg
+    if r.n_pos == 0 or n_neg == 0 or r.pos_weights is None:
+        return math.nan
+    # Smallest false-positive count whose FPR exceeds the limit; the threshold reaching it is the
+    # crossing point where the curve is cut and interpolated.
+    c_cross = math.floor(fpr_limit * n_neg) + 1
+    while c_cross > 1 and (c_cross - 1) / n_neg > fpr_limit:
+        c_cross -= 1
+    while c_cross <= n_neg and c_cross / n_neg <= fpr_limit:
+        c_cross += 1
+
+    w = r.pos_weights
+    if c_cross > n_neg:
+        # The limit is never exceeded: integrate the whole curve.
+        j0 = 0
+        partial = 0.0
+    else:
+        v_cross = r.neg_sorted[n_neg - c_cross]
+        j0 = int(np.searchsorted(r.neg_sorted, v_cross, side="right"))  # negatives <= v_cross
+        j1 = int(np.searchsorted(r.neg_sorted, v_cross, side="left"))  # negatives < v_cross
+        fpr_prev = (n_neg - j0) / n_neg
+        fpr_next = (n_neg - j1) / n_neg
+        cw = np.r_[0.0, np.cumsum(w)]
+        total = cw[-1]
+        pro_next = total - cw[np.searchsorted(r.pos_values, v_cross, side="left")]
+        pro_prev = total - cw[np.searchsorted(r.pos_values, v_cross, side="right")]
+        dx = fpr_limit - fpr_prev
+        y_cross = pro_prev + (pro_next - pro_prev) * dx / (fpr_next - fpr_prev)
+        partial = 0.5 * (pro_prev + y_cross) * dx
+    # Full trapezoids: each negative above the crossing threshold adds width 1/N and height
+    # (PRO(>= v) + PRO(> v)) / 2, i.e. a weighted pair count with the anomalous pixels.
+    above_le = np.maximum(r.neg_le - j0, 0)
+    above_lt = np.maximum(r.neg_lt - j0, 0)
+    full = float(np.dot(w, (above_le + above_lt).astype(np.float64))) / (2.0 * n_neg)
+    return float((full + partial) / fpr_limit)
+
+
+def _region_weights(masks: np.ndarray) -> np.ndarray:
+    """AU-PRO weight ``1 / (R * |region|)`` of each anomalous pixel, in ``masks[masks]`` order.
+
+    Regions are the 8-connected components of each image's mask; R counts them over all images.
+    """
+    parts = []
+    n_regions = 0
+    for mask in masks:
+        if not mask.any():
+            continue
+        lab, n = ndimage.label(mask, structure=_CONNECTIVITY)
+        sizes = np.bincount(lab.ravel())
+        parts.append(1.0 / sizes[lab[mask]])
+        n_regions += n
+    if not parts:
+        return np.zeros(0, dtype=np.float64)
+    weights = np.concatenate(parts)
+    weights /= n_regions
+    return weights
+
+
+def _prepare_maps(anomaly_maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
+    maps = _squeeze_channel(_as_scores(anomaly_maps), "anomaly_maps")
+    gts = _squeeze_channel(_as_bool(masks), "masks")
+    if maps.shape != gts.shape:
+        raise ValueError(f"anomaly_maps {maps.shape} and masks {gts.shape} differ in shape")
+    return maps, gts
+
+
+def _rank_pixels(maps: np.ndarray, gts: np.ndarray, with_pro: bool) -> _Ranked:
+    weights = _region_weights(gts) if with_pro else None
+    return _rank(maps.reshape(-1), gts.reshape(-1), weights)
+
+
+def roc_auc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve as ``sklearn.metrics.roc_auc_score``; nan if one class is absent."""
+    return _roc_auc(_rank_flat(scores, labels))
+
+
+def average_precision(scores: Any, labels: Any) -> float:
+    """Average precision as in ``sklearn.metrics.average_precision_score``; nan without positives."""
+    return _average_precision(_rank_flat(scores, labels))
+
+
+def f1_max(scores: Any, labels: Any) -> float:
+    """Maximum F1 over all distinct thresholds (``precision_recall_curve``); nan without positives."""
+    return _f1_max(_rank_flat(scores, labels))
+
+
+def au_pro(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD definition).
+
+    Regions are 8-connected components of each mask; one global threshold sweep over all images;
+    the curve starts at (0, 0), is cut at ``fpr_limit`` by linear interpolation and the trapezoidal
+    area is divided by ``fpr_limit``. Returns nan without anomalous or without normal pixels.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    maps, gts = _prepare_maps(anomaly_maps, masks)
+    return _au_pro(_rank_pixels(maps, gts, with_pro=True), fpr_limit)
+
+
+def compute_metrics(
+    anomaly_maps: Any,
+    masks: Any,
+    labels: Any,
+    metrics: Sequence[str] | None = None,
+    scores: Any = None,
+) -> dict[str, float]:
+    """Compute the requested metrics (default: all of ``METRIC_NAMES``) as fractions in [0, 1].
+
+    anomaly_maps: [N, H, W] float scores; masks: [N, H, W] bool/0-1 ground truth; labels: [N] image
+    labels (1 = anomalous); scores: optional [N] image scores, default the maximum of each map.
+    Image metrics (``I-*``) rank ``scores`` against ``labels``; pixel metrics (``P-*``, ``AUPRO``) use
+    every pixel of all maps. Keys follow the order of ``METRIC_NAMES``; undefined metrics are nan.
+    """
+    if metrics is None:
+        wanted = set(METRIC_NAMES)
+    else:
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; valid names: {', '.join(METRIC_NAMES)}")
+        wanted = set(metrics)
+
+    maps, gts = _prepare_maps(anomaly_maps, masks)
+    results: dict[str, float] = {}
+
+    if wanted & {"I-AUROC", "I-AP", "I-F1max"}:
+        img_scores = maps.reshape(len(maps), -1).max(axis=1) if scores is None else scores
+        img = _rank_flat(img_scores, labels)
+        if img.n_pos + img.n_neg != len(maps):
+            raise ValueError(f"expected {len(maps)} image labels/scores, got {img.n_pos + img.n_neg}")
+        results["I-AUROC"] = _roc_auc(img)
+        results["I-AP"] = _average_precision(img)
+        results["I-F1max"] = _f1_max(img)
+        del img
+
+    if wanted & {"P-AUROC", "P-AP", "P-F1max", "AUPRO"}:
+        pix = _rank_pixels(maps, gts, with_pro="AUPRO" in wanted)
+        results["P-AUROC"] = _roc_auc(pix)
+        results["P-AP"] = _average_precision(pix)
+        results["P-F1max"] = _f1_max(pix)
+        if "AUPRO" in wanted:
+            results["AUPRO"] = _au_pro(pix, 0.3)
+
+    return {name: results[name] for name in METRIC_NAMES if name in wanted}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _columns(per_class: Mapping[str, Mapping[str, float]]) -> list[str]:
+    present = {k for row in per_class.values() for k in row}
+    return [m for m in METRIC_NAMES if m in present]
+
+
+def _with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, float]:
+    out = {c: float(row.get(c, math.nan)) for c in columns}
+    out["mAD"] = _nanmean([out[c] for c in columns])
+    return out
+
+
+def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Mean of each metric over classes (nan entries ignored) plus ``mAD``, the mean of those means."""
+    if not per_class:
+        raise ValueError("per_class is empty")
+    columns = _columns(per_class)
+    mean = {c: _nanmean([float(row.get(c, math.nan)) for row in per_class.values()]) for c in columns}
+    return _with_mad(mean, columns)
+
+
+def format_table(per_class: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table: one row per class and a final ``mean`` row, metrics x100 with 2 decimals.
+
+    ``mAD`` is the mean of a row's metrics (nan entries ignored).
+    """
+    columns = _columns(per_class)
+    rows = {name: _with_mad(row, columns) for name, row in per_class.items()}
+    rows["mean"] = average_over_classes(per_class)
+    header = ["class", *columns, "mAD"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---", *["---:"] * (len(header) - 1)]) + "|",
+    ]
+    for name, row in rows.items():
+        cells = [name, *(f"{100.0 * row[c]:.2f}" for c in [*columns, "mAD"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
