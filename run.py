@@ -1,8 +1,8 @@
 """Train or evaluate an anomaly detector from a config file.
 
-    python run.py -c configs/mambaad_mvtec.py                      # train (+ periodic tests)
-    python run.py -c configs/mambaad_mvtec.py trainer.epochs=100   # any key can be overridden
-    python run.py -c configs/mambaad_mvtec.py -m test model.checkpoint=runs/.../net.pth
+python run.py -c configs/mambaad_mvtec.py                      # train (+ periodic tests)
+python run.py -c configs/mambaad_mvtec.py trainer.epochs=100   # any key can be overridden
+python run.py -c configs/mambaad_mvtec.py -m test model.checkpoint=runs/.../net.pth
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from util.config import ConfigError, config_to_dict, load_config
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments: config file, mode, and ``key=value`` overrides."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-c", "--config", required=True, help="config file, e.g. configs/mambaad_mvtec.py")
     parser.add_argument("-m", "--mode", choices=("train", "test"), default="train")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -1,0 +1,26 @@
+"""Demo: MambaAD on the embedded synthetic data set, small enough for a 2-core CPU in minutes.
+
+The data (three classes with scratches, holes and stains, with pixel masks) is generated
+into ``datasets/demo`` on first use. The teacher starts from random weights unless
+``model.teacher.checkpoint=PATH`` names a local ResNet34 file, so scores are below what
+ImageNet features give, yet well above chance.
+"""
+
+from configs.defaults import MambaADDefaults
+from util.config import Section
+
+
+class MambaADDemo(MambaADDefaults):
+    """Paper architecture at a reduced input size and schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data.root = "datasets/demo"
+        self.data.synthetic = True
+        self.data.synthetic_args = Section(image_size=128, n_train=60, n_test_good=15, n_test_bad=15, seed=0)
+        self.data.image_size = 64
+        self.data.batch_size = 8
+        self.data.num_workers = 0
+        self.model.teacher.pretrained = False
+        self.trainer.epochs = 8
+        self.trainer.log_every = 10

@@ -1,0 +1,373 @@
+"""Mamba decoder of MambaAD ("MambaUPNet"): LSS stages of HSS blocks with hybrid scans.
+
+Module and parameter names follow the authors' ADer checkpoints
+(``net_s.layers_up.{i}.blocks.{j}.smm_blocks.{m}.self_attention.*``, ``conv1b3`` ...)
+so their state dicts load strictly. Everything runs channels-last inside a stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from model.ops.selective_scan import selective_scan_fn
+from model.scan import direction_permutations, scan_decode, scan_encode
+
+SCAN_METHODS = ("sweep", "scan", "zorder", "zigzag", "hilbert")
+NUM_DIRECTIONS = (2, 4, 8)
+
+
+@lru_cache(maxsize=64)
+def _cached_permutations(method: str, h: int, w: int, num_directions: int) -> torch.Tensor:
+    """CPU permutation table ``[K, L]``, computed once per (method, size, K) for all SS2D modules."""
+    return direction_permutations(method, h, w, num_directions).to(torch.long)
+
+
+class ScanIndex(nn.Module):
+    """Scan order of one SS2D.
+
+    ``index_flat`` / ``index_flat_inv`` ([1, 1, L], persistent) are the base curve order at
+    the construction size and its inverse, exactly as the official checkpoints store them;
+    forward uses the ``[K, L]`` direction table ``perms`` (non-persistent), rebuilt and
+    cached for any other input size.
+    """
+
+    def __init__(self, method: str, size: int, num_directions: int) -> None:
+        super().__init__()
+        self.method = method
+        self.size = int(size)
+        self.num_directions = int(num_directions)
+        perms = _cached_permutations(method, self.size, self.size, self.num_directions).clone()
+        self.register_buffer("perms", perms, persistent=False)
+        self.register_buffer("index_flat", perms[0].reshape(1, 1, -1).clone())
+        self.register_buffer("index_flat_inv", torch.argsort(perms[0]).reshape(1, 1, -1))
+        self._other_sizes: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def permutations(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Direction table ``[K, h*w]`` on ``device`` for an ``h x w`` input."""
+        if h == self.size and w == self.size and self.perms.device == device:
+            return self.perms
+        key = (h, w, str(device))
+        if key not in self._other_sizes:
+            table = _cached_permutations(self.method, h, w, self.num_directions)
+            self._other_sizes[key] = table.to(device)
+        return self._other_sizes[key]
+
+    def matches_index(self) -> bool:
+        """Whether the stored ``index_flat``/``index_flat_inv`` (e.g. from a checkpoint) match ``perms``."""
+        base = self.perms[0].to(self.index_flat.device)
+        inv = torch.argsort(base)
+        return bool(
+            self.index_flat.numel() == base.numel()
+            and torch.equal(self.index_flat.reshape(-1), base)
+            and torch.equal(self.index_flat_inv.reshape(-1), inv)
+        )
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, size={self.size}, num_directions={self.num_directions}"
+
+
+class PatchExpand2D(nn.Module):
+    """Channels-last 2x upsampling: Linear(2C -> 4C) then pixel-shuffle to C channels, LayerNorm."""
+
+    def __init__(self, dim: int, dim_scale: int = 2) -> None:
+        super().__init__()
+        self.dim_scale = dim_scale
+        self.expand = nn.Linear(2 * dim, 2 * dim * dim_scale, bias=False)
+        self.norm = nn.LayerNorm(2 * dim // dim_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, 2*dim] -> [B, 2H, 2W, dim]``."""
+        b, h, w, c = x.shape
+        s = self.dim_scale
+        x = self.expand(x).reshape(b, h, w, s, s, c // s)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, c // s)
+        return self.norm(x)
+
+
+class SS2D(nn.Module):
+    """2-D selective-scan mixer: K-direction hybrid scan around a Mamba S6 scan.
+
+    The per-direction projections are stacked parameters (``x_proj_weight [K, R+2N, D]``,
+    ``dt_projs_weight [K, D, R]``, ``dt_projs_bias [K, D]``) and the S6 state matrices are
+    merged over directions (``A_logs [K*D, N]``, ``Ds [K*D]``), as in the official code.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 3,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        size: int = 8,
+        scan_method: str = "hilbert",
+        num_directions: int = 8,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if scan_method not in SCAN_METHODS:
+            raise ValueError(f"scan_method must be one of {SCAN_METHODS}, got {scan_method!r}")
+        if num_directions not in NUM_DIRECTIONS:
+            raise ValueError(f"num_directions must be one of {NUM_DIRECTIONS}, got {num_directions}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.num_directions = num_directions
+        self.scan_backend = scan_backend
+        k, d, r, n = num_directions, self.d_inner, self.dt_rank, d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * d, bias=False)
+        self.conv2d = nn.Conv2d(d, d, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d, bias=True)
+
+        bound = 1.0 / math.sqrt(d)
+        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d).uniform_(-bound, bound))
+        dt_std = dt_scale * r**-0.5
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r).uniform_(-dt_std, dt_std))
+        log_dt = torch.rand(k, d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
+        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+
+        a = torch.arange(1, n + 1, dtype=torch.float32).repeat(k * d, 1)
+        self.A_logs = nn.Parameter(torch.log(a))
+        self.A_logs._no_weight_decay = True
+        self.Ds = nn.Parameter(torch.ones(k * d))
+        self.Ds._no_weight_decay = True
+
+        self.out_norm = nn.LayerNorm(d)
+        self.out_proj = nn.Linear(d, d_model, bias=False)
+        self.scans = ScanIndex(scan_method, size, num_directions)
+
+    def forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D, H, W]`` -> summed directional scan outputs ``[B, D, H*W]`` (fp32)."""
+        b, d, h, w = x.shape
+        k, length = self.num_directions, h * w
+        perms = self.scans.permutations(h, w, x.device)
+        xs = scan_encode(x, perms)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        out = selective_scan_fn(
+            xs.float().reshape(b, k * d, length),
+            dts.float().reshape(b, k * d, length),
+            -torch.exp(self.A_logs.float()),
+            bs.float().contiguous(),
+            cs.float().contiguous(),
+            D=self.Ds.float(),
+            delta_bias=self.dt_projs_bias.float().reshape(-1),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        return scan_decode(out.reshape(b, k, d, length), perms, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last ``[B, H, W, C] -> [B, H, W, C]``."""
+        b, h, w, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        y = self.forward_core(x).transpose(1, 2).reshape(b, h, w, self.d_inner)
+        y = self.out_norm(y) * F.silu(z)
+        return self.out_proj(y)
+
+
+class HSSBlock(nn.Module):
+    """Hybrid State Space block: ``x + DropPath(SS2D(LayerNorm(x)))``, channels-last."""
+
+    def __init__(self, hidden_dim: int, drop_path: float = 0.0, **ss2d_kwargs: object) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden_dim)
+        self.self_attention = SS2D(d_model=hidden_dim, **ss2d_kwargs)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.self_attention(self.ln_1(x)))
+
+
+def _conv_in_silu(dim: int, kernel_size: int = 1, depthwise: bool = False) -> nn.Sequential:
+    """Conv (1x1 with bias, or depth-wise k x k without bias) + InstanceNorm2d + SiLU."""
+    if depthwise:
+        conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+    else:
+        conv = nn.Conv2d(dim, dim, 1)
+    return nn.Sequential(conv, nn.InstanceNorm2d(dim), nn.SiLU())
+
+
+class LSSModule(nn.Module):
+    """Locality-enhanced State Space module: HSS cascade + 5x5 and 7x7 local branches.
+
+    ``out = finalconv11(cat(HSS^M(x), local5(x), local7(x))) + x``. ``conv1b3``/``conv1a3``
+    wrap the 7x7 branch (ADer naming); ``conv33`` is unused in forward and exists only so
+    the authors' ADer checkpoints load strictly.
+    """
+
+    def __init__(
+        self, hidden_dim: int, depth: int = 2, drop_path: float = 0.0, **ss2d_kwargs: object
+    ) -> None:
+        super().__init__()
+        self.smm_blocks = nn.ModuleList(
+            HSSBlock(hidden_dim, drop_path=drop_path, **ss2d_kwargs) for _ in range(depth)
+        )
+        self.conv1b3 = _conv_in_silu(hidden_dim)
+        self.conv1a3 = _conv_in_silu(hidden_dim)
+        self.conv1b5 = _conv_in_silu(hidden_dim)
+        self.conv1a5 = _conv_in_silu(hidden_dim)
+        self.conv33 = _conv_in_silu(hidden_dim, 3, depthwise=True)
+        self.conv55 = _conv_in_silu(hidden_dim, 5, depthwise=True)
+        self.conv77 = _conv_in_silu(hidden_dim, 7, depthwise=True)
+        self.finalconv11 = nn.Conv2d(3 * hidden_dim, hidden_dim, kernel_size=1)
+        self.apply(self._init_conv)
+
+    @staticmethod
+    def _init_conv(m: nn.Module) -> None:
+        """Official init of every Conv2d in the module (SS2D's depth-wise conv included)."""
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last ``[B, H, W, C] -> [B, H, W, C]``."""
+        glob = x
+        for blk in self.smm_blocks:
+            glob = blk(glob)
+        xc = x.permute(0, 3, 1, 2).contiguous()
+        local7 = self.conv1a3(self.conv77(self.conv1b3(xc)))
+        local5 = self.conv1a5(self.conv55(self.conv1b5(xc)))
+        out = self.finalconv11(torch.cat((glob.permute(0, 3, 1, 2), local5, local7), dim=1))
+        return out.permute(0, 2, 3, 1) + x
+
+
+def lss_layout(depth: int) -> tuple[int, int]:
+    """``(number of LSS modules, HSS blocks per module)`` for a stage of ``depth`` HSS blocks."""
+    if depth > 0 and depth % 3 == 0:
+        return depth // 3, 3
+    if depth > 0 and depth % 2 == 0:
+        return depth // 2, 2
+    raise ValueError(f"decoder stage depth must be a positive multiple of 2 or 3, got {depth}")
+
+
+def drop_path_schedule(depths: Sequence[int], drop_path_rate: float) -> list[list[float]]:
+    """Per stage, the drop-path rate of each LSS module (shared by its HSS blocks).
+
+    Rates are ``linspace(0, rate, sum(depths))`` reversed and sliced per stage; the official
+    code then gives LSS module ``j`` the ``j``-th entry of its stage's slice (not the entry of
+    its first HSS block) -- reproduced here on purpose.
+    """
+    dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()[::-1]
+    out = []
+    for i, depth in enumerate(depths):
+        n_modules, _ = lss_layout(depth)
+        start = sum(depths[:i])
+        out.append(dpr[start : start + depth][:n_modules])
+    return out
+
+
+class LSSLayer(nn.Module):
+    """One decoder stage: optional PatchExpand2D (``upsample``) then LSS modules (``blocks``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        drop_paths: Sequence[float],
+        upsample: bool,
+        **ss2d_kwargs: object,
+    ) -> None:
+        super().__init__()
+        n_modules, per_module = lss_layout(depth)
+        self.blocks = nn.ModuleList(
+            LSSModule(dim, depth=per_module, drop_path=drop_paths[j], **ss2d_kwargs) for j in range(n_modules)
+        )
+        self.upsample = PatchExpand2D(dim) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample is not None:
+            x = self.upsample(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+class MambaDecoder(nn.Module):
+    """Student decoder: 4 LSS stages halving channels and doubling resolution.
+
+    ``forward([B, dims[0], h, w])`` returns the outputs of stages 1..3, largest first, as
+    ``[B, C, H, W]`` maps (``dims[3]`` at ``8h``, ``dims[2]`` at ``4h``, ``dims[1]`` at ``2h``).
+    ``image_size`` only fixes the size of the stored ``index_flat`` buffers (stage ``i`` is
+    built for ``image_size / 32 * 2**i``); forward adapts to the actual input size.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int] = (512, 256, 128, 64),
+        depths: Sequence[int] = (3, 4, 6, 3),
+        d_state: int = 16,
+        drop_path_rate: float = 0.2,
+        scan_method: str = "hilbert",
+        num_directions: int = 8,
+        scan_backend: str = "auto",
+        image_size: int = 256,
+    ) -> None:
+        super().__init__()
+        dims, depths = [int(c) for c in dims], [int(d) for d in depths]
+        if len(dims) != len(depths):
+            raise ValueError(f"dims {dims} and depths {depths} must have the same length")
+        for prev, cur in itertools.pairwise(dims):
+            if prev != 2 * cur:
+                raise ValueError(f"each decoder stage must halve the channels, got dims {dims}")
+        if image_size % 32 or image_size < 64:
+            raise ValueError(
+                f"image_size must be a multiple of 32 and at least 64 (the 1/32-scale bottleneck needs "
+                f"2x2 cells for its instance norms), got {image_size}; set data.image_size accordingly"
+            )
+        self.dims, self.depths = dims, depths
+        schedule = drop_path_schedule(depths, drop_path_rate)
+        base = image_size // 32
+        self.layers_up = nn.ModuleList(
+            LSSLayer(
+                dim,
+                depth,
+                drop_paths=schedule[i],
+                upsample=i != 0,
+                d_state=d_state,
+                size=base * 2**i,
+                scan_method=scan_method,
+                num_directions=num_directions,
+                scan_backend=scan_backend,
+            )
+            for i, (dim, depth) in enumerate(zip(dims, depths))
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Official init: truncated-normal (std .02) Linear weights, zero biases, LayerNorm 1/0."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.permute(0, 2, 3, 1)
+        outs: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers_up):
+            x = layer(x)
+            if i != 0:
+                outs.insert(0, x.permute(0, 3, 1, 2).contiguous())
+        return outs

@@ -1,0 +1,139 @@
+"""MambaAD: frozen CNN teacher, Half-FPN bottleneck, Mamba student decoder.
+
+Submodule names (``net_t``, ``mff_oce``, ``net_s``) are the official checkpoint prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.hfpn import HalfFPN
+from model.mamba_decoder import MambaDecoder
+from model.teacher import build_teacher
+
+INDEX_BUFFER_NAMES = ("index_flat", "index_flat_inv")
+_NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+)
+
+
+class MambaAD(nn.Module):
+    """Teacher features ``net_t(x)`` vs. student reconstruction ``net_s(mff_oce(net_t(x)))``."""
+
+    def __init__(
+        self,
+        teacher: str = "resnet34",
+        teacher_pretrained: bool = False,
+        teacher_checkpoint: str | Path | None = None,
+        depths: Sequence[int] = (3, 4, 6, 3),
+        scan_method: str = "hilbert",
+        num_directions: int = 8,
+        d_state: int = 16,
+        drop_path_rate: float = 0.2,
+        scan_backend: str = "auto",
+        image_size: int = 256,
+        log: Callable[[str], object] = print,
+    ) -> None:
+        super().__init__()
+        self.net_t = build_teacher(
+            teacher, pretrained=teacher_pretrained, checkpoint=teacher_checkpoint, log=log
+        )
+        channels = list(self.net_t.feature_info.channels())
+        if len(channels) != 3:
+            raise ValueError(f"teacher must yield 3 feature maps, got channels {channels}")
+        self.mff_oce = HalfFPN(channels)
+        dims = [self.mff_oce.out_channels, *channels[::-1]]
+        self.net_s = MambaDecoder(
+            dims=dims,
+            depths=depths,
+            d_state=d_state,
+            drop_path_rate=drop_path_rate,
+            scan_method=scan_method,
+            num_directions=num_directions,
+            scan_backend=scan_backend,
+            image_size=image_size,
+        )
+        self.frozen_layers = ("net_t",)
+        self.train(True)
+
+    def train(self, mode: bool = True) -> MambaAD:
+        """Set train/eval mode for the student parts; the teacher always stays frozen in eval."""
+        self.training = mode
+        for name, module in self.named_children():
+            if name in self.frozen_layers:
+                module.eval()
+                for p in module.parameters():
+                    p.requires_grad_(False)
+            else:
+                module.train(mode)
+        return self
+
+    def forward(self, imgs: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Return ``(teacher_feats, student_feats)``, each largest map first; teacher detached."""
+        with torch.no_grad():
+            feats_t = [f.detach() for f in self.net_t(imgs)]
+        feats_s = self.net_s(self.mff_oce(feats_t))
+        return feats_t, feats_s
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that receive gradients (bottleneck + decoder)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self, weight_decay: float, official: bool = False) -> list[dict]:
+        """Two AdamW groups: ``[{decay}, {no decay}]`` over the trainable parameters.
+
+        Default rule (spec): no decay for biases (incl. ``dt_projs_bias``), every norm
+        layer's weight/bias, ``A_logs``, ``Ds`` and anything flagged ``_no_weight_decay``.
+        ``official=True`` reproduces ADer's optimiser split instead: no decay only for 1-D
+        tensors and names ending in ``.bias`` (so ``A_logs``/``dt_projs_bias`` are decayed).
+        """
+        norm_params = {id(p) for m in self.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters()}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if official:
+                skip = p.ndim <= 1 or name.endswith(".bias")
+            else:
+                leaf = name.rsplit(".", 1)[-1]
+                skip = (
+                    id(p) in norm_params
+                    or leaf == "bias"
+                    or leaf.endswith("_bias")
+                    or leaf in ("A_logs", "Ds")
+                    or getattr(p, "_no_weight_decay", False)
+                )
+            (no_decay if skip else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def _index_buffer_count(module: nn.Module) -> int:
+    return sum(
+        b.numel() for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in INDEX_BUFFER_NAMES
+    )
+
+
+def count_parameters(model: MambaAD, include_index_buffers: bool = True) -> dict[str, int]:
+    """Parameter counts: ``total``, ``teacher``, ``bottleneck``, ``decoder`` (plus ``trainable``).
+
+    With ``include_index_buffers`` the scan permutation buffers (``index_flat``,
+    ``index_flat_inv``) are counted in ``decoder``/``total``, as the official model stored
+    them as non-trainable parameters and its reported 25.7 M includes them.
+    """
+    parts = {"teacher": model.net_t, "bottleneck": model.mff_oce, "decoder": model.net_s}
+    counts = {key: sum(p.numel() for p in m.parameters()) for key, m in parts.items()}
+    if include_index_buffers:
+        counts = {key: n + _index_buffer_count(parts[key]) for key, n in counts.items()}
+    counts["total"] = sum(counts.values())
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts

@@ -1,0 +1,183 @@
+# ruff: noqa: N803  (A, B, C, D are the standard names of the S6 parameters, as in mamba-ssm)
+"""Mamba S6 selective scan with interchangeable backends (spec section 2).
+
+Shapes follow mamba-ssm's ``selective_scan_fn`` with ``z=None`` and no returned state:
+``u, delta: [b, K*d, L]``, ``A: [K*d, N]``, ``B, C: [b, K, N, L]`` (group ``k`` is shared by
+channels ``k*d .. k*d+d-1``), ``D, delta_bias: [K*d]``; the result is ``[b, K*d, L]`` fp32::
+
+    delta = softplus(delta + delta_bias)            (if delta_softplus)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t   = sum_n C_t[n] * h_t[n] + D * u_t
+
+Backends: ``ref`` (step-by-step loop, the test oracle), ``chunked`` (exact pure-PyTorch
+parallel scan, CPU or GPU) and ``mamba_ssm`` (the CUDA kernel, CUDA tensors only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_PURE_BACKENDS = ("chunked", "ref")
+
+
+def _mamba_ssm_kernel():
+    """The mamba-ssm CUDA op, or None when the package or its extension is missing."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
+    except ImportError:
+        return None
+    return kernel
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine (``mamba_ssm`` only with CUDA and the package)."""
+    names = list(_PURE_BACKENDS)
+    if torch.cuda.is_available() and _mamba_ssm_kernel() is not None:
+        names.insert(0, "mamba_ssm")
+    return names
+
+
+def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    """fp32, time-major views: u, delta [L, b, K, d]; A [K, d, N]; B [L, b, K, 1, N]; C [L, b, K, N, 1].
+
+    Time-major layout makes every time step (and every run of steps) one contiguous block.
+    """
+    b, channels, length = u.shape
+    groups = B.shape[1]
+    if channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} groups of B/C")
+    u = u.float()
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    u_t = u.permute(2, 0, 1).reshape(length, b, groups, -1)
+    delta_t = delta.permute(2, 0, 1).reshape(length, b, groups, -1)
+    A = A.float().view(groups, channels // groups, -1)
+    B_t = B.float().permute(3, 0, 1, 2).unsqueeze(3)
+    C_t = C.float().permute(3, 0, 1, 2).unsqueeze(4)
+    return u_t, delta_t, A, B_t, C_t
+
+
+def _finish(y_t, u_t, D):
+    """Add the skip term and return to [b, K*d, L]."""
+    if D is not None:
+        y_t = y_t + D.float().view(u_t.shape[2:]) * u_t
+    return y_t.flatten(2).permute(1, 2, 0).contiguous()
+
+
+def _selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    """Definition: a loop over time, vectorised over batch, channels and states."""
+    u_t, delta_t, A, B_t, C_t = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    dA = torch.exp(delta_t[..., None] * A)  # [L, b, K, d, N]
+    dBu = (delta_t * u_t)[..., None] * B_t
+    h = torch.zeros_like(dA[0])
+    states = []
+    # unbind (not dA[t]) so that backward stacks the per-step grads once instead of
+    # materialising a full-size zero tensor for every step.
+    for dA_t, dBu_t in zip(dA.unbind(0), dBu.unbind(0)):
+        h = torch.addcmul(dBu_t, dA_t, h)
+        states.append(h)
+    y_t = torch.matmul(torch.stack(states), C_t).squeeze(-1)
+    return _finish(y_t, u_t, D)
+
+
+# Decay factors below 2**-60 are set to zero: their contribution is far below fp32 resolution,
+# and it keeps every product of two decays a normal float (denormal arithmetic is ~100x slower
+# on x86 CPUs, and the pairwise products of an odd-even scan would otherwise underflow there).
+_TINY = 2.0**-60
+
+
+def _flush_tiny(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(a < _TINY, 0.0, a)
+
+
+def _linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + x_t along dim 0 with h_{-1} = 0, by odd-even reduction.
+
+    Each level pairs neighbours ((a_e, x_e), (a_o, x_o)) -> (a_o*a_e, a_o*x_e + x_o), solves
+    the half-length problem for the odd positions and fills in the even ones. Only products
+    and sums of the inputs appear, so with 0 <= a <= 1 nothing can overflow; the work is
+    O(T) and the number of PyTorch calls O(log T).
+    """
+    length = a.shape[0]
+    if length == 1:
+        return x
+    if length % 2:
+        head = _linear_scan(a[:-1], x[:-1])
+        return torch.cat([head, torch.addcmul(x[-1:], a[-1:], head[-1:])])
+    a_e, a_o = a.unflatten(0, (-1, 2)).unbind(1)
+    x_e, x_o = x.unflatten(0, (-1, 2)).unbind(1)
+    h_o = _linear_scan(_flush_tiny(a_o * a_e), torch.addcmul(x_o, a_o, x_e))
+    h_before = torch.cat([torch.zeros_like(h_o[:1]), h_o[:-1]])
+    h_e = torch.addcmul(x_e, a_e, h_before)
+    return torch.stack([h_e, h_o], dim=1).flatten(0, 1)
+
+
+CHUNK = 32
+
+
+def _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk=CHUNK):
+    """Same result as the reference: an odd-even scan inside chunks of ``chunk`` steps, the
+    state carried from chunk to chunk; decay and input terms are built per chunk so the
+    working set stays small."""
+    u_t, delta_t, A, B_t, C_t = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    outputs = []
+    carry = None
+    # split once (not slice per chunk) so backward concatenates the chunk grads in one go.
+    pieces = (t.split(chunk) for t in (delta_t, u_t, B_t, C_t))
+    for d_c, u_c, b_c, c_c in zip(*pieces):
+        a = _flush_tiny(torch.exp(d_c[..., None] * A))
+        x = (d_c * u_c)[..., None] * b_c
+        if carry is not None:
+            x[0].addcmul_(a[0], carry)
+        h = _linear_scan(a, x)
+        carry = h[-1]
+        outputs.append(torch.matmul(h, c_c).squeeze(-1))
+    return _finish(torch.cat(outputs), u_t, D)
+
+
+def selective_scan_fn(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32), differentiable in every input.
+
+    ``backend``: ``auto`` (the CUDA kernel for CUDA tensors when mamba-ssm is installed,
+    otherwise ``chunked``), ``mamba_ssm``, ``chunked`` or ``ref``.
+    """
+    if backend == "auto":
+        use_kernel = u.is_cuda and _mamba_ssm_kernel() is not None
+        backend = "mamba_ssm" if use_kernel else "chunked"
+    if backend == "mamba_ssm":
+        kernel = _mamba_ssm_kernel()
+        if kernel is None or not u.is_cuda:
+            raise ValueError(
+                f"backend 'mamba_ssm' needs mamba-ssm and CUDA tensors; available: {available_backends()}"
+            )
+        return kernel(
+            u.float(),
+            delta.float(),
+            A.float(),
+            B.float(),
+            C.float(),
+            None if D is None else D.float(),
+            z=None,
+            delta_bias=None if delta_bias is None else delta_bias.float(),
+            delta_softplus=delta_softplus,
+            return_last_state=False,
+        )
+    if backend == "chunked":
+        return _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "ref":
+        return _selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    raise ValueError(f"unknown selective-scan backend {backend!r}; available: {available_backends()}")

@@ -1,0 +1,237 @@
+"""Hybrid-scan curves and the K scan directions used by the MambaAD decoder (spec section 1).
+
+A *curve order* lists the row-major flat indices of an ``h x w`` grid in visiting order.
+A *direction permutation* applies a curve to one of four views of the grid (identity,
+transpose, 90-degree rotation, rotation then transpose), optionally read backwards; the
+decoder runs the selective scan along each of the K permutations and sums the results
+after undoing them. On power-of-two squares the ``hilbert`` and ``zorder`` orders are
+identical to the official implementation (Skilling's Hilbert decoding as packaged in
+``numpy-hilbert-curve``; Morton order as in ``pyzorder``); other grid shapes use
+generalisations that the official code does not support.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+SCAN_METHODS = ("sweep", "scan", "zigzag", "zorder", "hilbert")
+NUM_DIRECTIONS = (2, 4, 8)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _sweep(h: int, w: int) -> np.ndarray:
+    return np.arange(h * w, dtype=np.int64)
+
+
+def _boustrophedon(h: int, w: int) -> np.ndarray:
+    grid = np.arange(h * w, dtype=np.int64).reshape(h, w)
+    grid[1::2] = grid[1::2, ::-1]
+    return grid.reshape(-1)
+
+
+def _zigzag(h: int, w: int) -> np.ndarray:
+    """Anti-diagonals r + c = s; even s runs up-right (column rising), odd s down-left (row rising)."""
+    rows, cols = np.divmod(np.arange(h * w, dtype=np.int64), w)
+    diag = rows + cols
+    along = np.where(diag % 2 == 0, cols, rows)
+    return np.lexsort((along, diag)).astype(np.int64)
+
+
+def _spread_bits(v: np.ndarray) -> np.ndarray:
+    """Insert a zero bit above every bit of ``v`` (bit i moves to bit 2i)."""
+    v = v.astype(np.uint64)
+    out = np.zeros_like(v)
+    for bit in range(32):
+        out |= ((v >> np.uint64(bit)) & np.uint64(1)) << np.uint64(2 * bit)
+    return out
+
+
+def _morton(h: int, w: int) -> np.ndarray:
+    """Morton order (column bits on even positions, row bits on odd), absent cells of the
+    enclosing power-of-two square skipped."""
+    rows, cols = np.divmod(np.arange(h * w, dtype=np.int64), w)
+    code = _spread_bits(cols) | (_spread_bits(rows) << np.uint64(1))
+    return np.argsort(code, kind="stable").astype(np.int64)
+
+
+def _hilbert_pow2(size: int) -> np.ndarray:
+    """Skilling's 2-D Hilbert decoding of indices 0..size^2-1 (axis 0 = column, axis 1 = row)."""
+    bits = size.bit_length() - 1
+    if bits == 0:
+        return np.zeros(1, dtype=np.int64)
+    idx = np.arange(size * size, dtype=np.int64)
+    # Transposed form: the index's bits, most significant first, alternate between axis 0 and axis 1.
+    axes = [np.zeros_like(idx), np.zeros_like(idx)]
+    for level in range(bits):
+        for dim in range(2):
+            bit = (idx >> (2 * level + 1 - dim)) & 1
+            axes[dim] |= bit << level
+    # Gray decode of the interleaved bit string.
+    top = axes[1] >> 1
+    axes[1] ^= axes[0]
+    axes[0] ^= top
+    # Undo the excess rotations/reflections, from the second-lowest bit upwards.
+    q = 2
+    while q != size:
+        low = q - 1
+        for dim in (1, 0):
+            set_ = (axes[dim] & q) != 0
+            swap = (axes[0] ^ axes[dim]) & low
+            swap = np.where(set_, 0, swap)
+            axes[0] = np.where(set_, axes[0] ^ low, axes[0] ^ swap)
+            if dim:
+                axes[dim] ^= swap
+        q <<= 1
+    return axes[0] + axes[1] * size
+
+
+def _gilbert_cells(h: int, w: int) -> list[tuple[int, int]]:
+    """Generalised Hilbert curve (Cervený's 'gilbert' construction) as (row, col) cells.
+
+    The rectangle is described by an origin and two edge vectors: ``a`` along the
+    direction of travel and ``b`` across it. Long rectangles are halved along ``a``;
+    otherwise the rectangle is split into a leg across ``b``, a long run along ``a`` and a
+    leg back, with split sizes nudged to even lengths so that every step is to a
+    4-neighbour whenever the parity of the grid allows it.
+    """
+    cells: list[tuple[int, int]] = []
+
+    def sign(v: int) -> int:
+        return (v > 0) - (v < 0)
+
+    def walk(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> None:
+        length = abs(ax + ay)
+        breadth = abs(bx + by)
+        ux, uy = sign(ax), sign(ay)
+        vx, vy = sign(bx), sign(by)
+        if breadth == 1 or length == 1:
+            n, sx, sy = (length, ux, uy) if breadth == 1 else (breadth, vx, vy)
+            for i in range(n):
+                cells.append((y + i * sy, x + i * sx))
+            return
+        hax, hay = ax // 2, ay // 2
+        hbx, hby = bx // 2, by // 2
+        if 2 * length > 3 * breadth:
+            if abs(hax + hay) % 2 and length > 2:
+                hax, hay = hax + ux, hay + uy
+            walk(x, y, hax, hay, bx, by)
+            walk(x + hax, y + hay, ax - hax, ay - hay, bx, by)
+            return
+        if abs(hbx + hby) % 2 and breadth > 2:
+            hbx, hby = hbx + vx, hby + vy
+        walk(x, y, hbx, hby, hax, hay)
+        walk(x + hbx, y + hby, ax, ay, bx - hbx, by - hby)
+        walk(
+            x + (ax - ux) + (hbx - vx),
+            y + (ay - uy) + (hby - vy),
+            -hbx,
+            -hby,
+            -(ax - hax),
+            -(ay - hay),
+        )
+
+    # A path from one corner to the far end of the travel axis exists with unit steps only
+    # when that axis is even or the grid has an odd number of cells; pick the axis accordingly.
+    along_w = w >= h
+    if (h * w) % 2 == 0 and (w % 2 == 1 if along_w else h % 2 == 1):
+        along_w = not along_w
+    if along_w:
+        walk(0, 0, w, 0, 0, h)
+    else:
+        walk(0, 0, 0, h, w, 0)
+    return cells
+
+
+def _hilbert(h: int, w: int) -> np.ndarray:
+    if h == w and _is_pow2(h):
+        return _hilbert_pow2(h).astype(np.int64)
+    cells = np.asarray(_gilbert_cells(h, w), dtype=np.int64).reshape(-1, 2)
+    return cells[:, 0] * w + cells[:, 1]
+
+
+_CURVES = {
+    "sweep": _sweep,
+    "scan": _boustrophedon,
+    "zigzag": _zigzag,
+    "zorder": _morton,
+    "hilbert": _hilbert,
+}
+
+
+@lru_cache(maxsize=256)
+def _curve_cached(method: str, h: int, w: int) -> np.ndarray:
+    if method not in _CURVES:
+        raise ValueError(f"unknown scan method {method!r}; expected one of {SCAN_METHODS}")
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be non-empty, got {h}x{w}")
+    order = np.ascontiguousarray(_CURVES[method](h, w), dtype=np.int64)
+    order.setflags(write=False)
+    return order
+
+
+def curve_order(method: str, h: int, w: int) -> np.ndarray:
+    """Row-major flat indices of an ``h x w`` grid in the visiting order of ``method``.
+
+    Methods: ``sweep`` (row-major), ``scan`` (odd rows reversed), ``zigzag`` (alternating
+    anti-diagonals), ``zorder`` (Morton), ``hilbert``. Returns a fresh int64 array.
+    """
+    return _curve_cached(method, int(h), int(w)).copy()
+
+
+def _base_grids(h: int, w: int) -> list[np.ndarray]:
+    grid = np.arange(h * w, dtype=np.int64).reshape(h, w)
+    rot = np.rot90(grid, 1)
+    return [grid, grid.T, rot, rot.T]
+
+
+@lru_cache(maxsize=256)
+def _directions_cached(method: str, h: int, w: int, num_directions: int) -> np.ndarray:
+    if num_directions not in NUM_DIRECTIONS:
+        raise ValueError(f"num_directions must be one of {NUM_DIRECTIONS}, got {num_directions}")
+    half = num_directions // 2
+    forward = [g.reshape(-1)[_curve_cached(method, *g.shape)] for g in _base_grids(h, w)[:half]]
+    perms = np.stack(forward + [p[::-1] for p in forward]).astype(np.int64)
+    perms.setflags(write=False)
+    return perms
+
+
+def direction_permutations(method: str, h: int, w: int, num_directions: int) -> torch.Tensor:
+    """LongTensor [K, h*w]: row k, position j holds the flat pixel index visited at step j.
+
+    Rows 0..K/2-1 are the base directions (identity, transpose, rot90, rot90 + transpose,
+    in that order, as many as needed); rows K/2..K-1 are the same sequences reversed.
+    """
+    return torch.from_numpy(_directions_cached(method, int(h), int(w), int(num_directions)).copy())
+
+
+def inverse_permutations(perms: torch.Tensor) -> torch.Tensor:
+    """Row-wise inverse: ``inv[k, perms[k, j]] = j``."""
+    inv = torch.empty_like(perms)
+    positions = torch.arange(perms.shape[-1], device=perms.device, dtype=perms.dtype)
+    inv.scatter_(-1, perms, positions.expand_as(perms).contiguous())
+    return inv
+
+
+def scan_encode(x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """Read a feature map along every direction: [B, C, H, W] -> [B, K, C, L] (one gather)."""
+    b, c = x.shape[:2]
+    k, length = perms.shape
+    flat = x.reshape(b, 1, c, length).expand(b, k, c, length)
+    index = perms.to(x.device).view(1, k, 1, length).expand(b, k, c, length)
+    return torch.gather(flat, 3, index)
+
+
+def scan_decode(y: torch.Tensor, perms: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Undo each direction and sum over them: [B, K, C, L] -> [B, C, H*W]."""
+    b, k, c, length = y.shape
+    if perms.shape != (k, length) or h * w != length:
+        raise ValueError(f"perms {tuple(perms.shape)} / grid {h}x{w} do not match sequences {tuple(y.shape)}")
+    inv = inverse_permutations(perms.to(y.device))
+    index = inv.view(1, k, 1, length).expand(b, k, c, length)
+    return torch.gather(y, 3, index).sum(dim=1)
