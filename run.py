@@ -44,10 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import TRAINERS
 
     trainer = TRAINERS.build(cfg.trainer.type, cfg, mode=args.mode)
-    if args.mode == "train":
-        trainer.train()
-    else:
-        trainer.test()
+    try:
+        if args.mode == "train":
+            trainer.train()
+        else:
+            trainer.test()
+    except KeyboardInterrupt:
+        hint = ""
+        if args.mode == "train" and (trainer.run_dir / "ckpt.pth").is_file():
+            again = " ".join([*args.overrides, f"trainer.resume={trainer.run_dir}"])
+            hint = f"; continue with: python run.py -c {args.config} {again}"
+        trainer.log.warning("interrupted%s", hint)
+        return 130
     trainer.log.info("done; results in %s", trainer.run_dir)
     return 0
 

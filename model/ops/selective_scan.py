@@ -21,6 +21,23 @@ import torch.nn.functional as F
 _PURE_BACKENDS = ("chunked", "ref")
 
 
+_denormals_flushed = False
+
+
+def _flush_denormals_on_cpu() -> None:
+    """Make CPU float math flush denormals to zero (process-wide, once).
+
+    Decays ``exp(delta * A)`` multiplied step after step underflow into denormal floats,
+    which x86 CPUs process 10-100x slower (measured here: a 64x64 training step went from
+    80 s to a few seconds). Values that small lie far below the fp32 resolution of any
+    output, so results do not change measurably.
+    """
+    global _denormals_flushed
+    if not _denormals_flushed:
+        torch.set_flush_denormal(True)
+        _denormals_flushed = True
+
+
 def _mamba_ssm_kernel():
     """The mamba-ssm CUDA op, or None when the package or its extension is missing."""
     try:
@@ -152,12 +169,18 @@ def selective_scan_fn(
 ) -> torch.Tensor:
     """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32), differentiable in every input.
 
-    ``backend``: ``auto`` (the CUDA kernel for CUDA tensors when mamba-ssm is installed,
-    otherwise ``chunked``), ``mamba_ssm``, ``chunked`` or ``ref``.
+    ``backend``: ``auto``, ``mamba_ssm``, ``chunked`` or ``ref``. ``auto`` takes the CUDA
+    kernel for CUDA tensors when mamba-ssm is installed, ``chunked`` for other GPU tensors,
+    and ``ref`` on the CPU, where its step loop over cache-sized tensors beats the parallel
+    scan's passes over whole sequences (see README, Selective-scan backends).
     """
+    if not u.is_cuda:
+        _flush_denormals_on_cpu()
     if backend == "auto":
-        use_kernel = u.is_cuda and _mamba_ssm_kernel() is not None
-        backend = "mamba_ssm" if use_kernel else "chunked"
+        if u.is_cuda:
+            backend = "mamba_ssm" if _mamba_ssm_kernel() is not None else "chunked"
+        else:
+            backend = "ref"
     if backend == "mamba_ssm":
         kernel = _mamba_ssm_kernel()
         if kernel is None or not u.is_cuda:
