@@ -123,7 +123,7 @@ def build_teacher(
     else:
         teacher = timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=False)
         log(
-            f"WARNING: teacher '{name}' has RANDOM weights (no checkpoint, pretrained=False). "
+            f"teacher '{name}' has RANDOM weights (no checkpoint, pretrained=False). "
             "Training and evaluation will run, but anomaly scores will be much worse than the "
             "paper's. To fix it, " + OFFLINE_HINT + ", or set model.teacher.pretrained=true "
             "on a machine with internet access."

@@ -115,3 +115,19 @@ def test_inheritance_and_saved_config_roundtrip(tmp_path: Path) -> None:
     other = load_config(child, ["data.batch_size=4"])
     other_dict = json.loads(json.dumps(other.to_dict(), default=str))
     assert set(diff_configs(saved, other_dict)) == {"data.batch_size", "data.batch_size_test", "optim.lr"}
+
+
+def test_config_class_can_fix_a_derived_key(tmp_path: Path) -> None:
+    child = tmp_path / "fixed.py"
+    child.write_text(
+        "from configs.defaults import MambaADDefaults\n"
+        "class Fixed(MambaADDefaults):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.data.num_workers = 0\n"
+        "        self.trainer.test_every = 7\n"
+    )
+    cfg = load_config(child, ["trainer.epochs=100"])
+    assert cfg.data.num_workers == 0 and cfg.trainer.test_every == 7
+    assert cfg.scheduler.milestones == [80]
+    assert load_config(child, ["data.num_workers=3"]).data.num_workers == 3

@@ -5,7 +5,8 @@ through inheritance). Its ``__init__`` sets plain values, grouped in :class:`Sec
 objects; its ``derive()`` computes values that depend on others (learning-rate scaling,
 schedule milestones, test epochs). :func:`load_config` instantiates the class, applies
 ``a.b.c=value`` overrides, then calls ``derive()``, so derived values always reflect the
-overrides, while a derived key the user set explicitly is left as the user set it.
+overrides, while a derived key set explicitly (on the command line or by a config class)
+keeps that value.
 """
 
 from __future__ import annotations
@@ -54,9 +55,13 @@ class BaseConfig(Section):
         """Compute values that depend on others; called after overrides are applied."""
 
     def set_derived(self, key: str, value: Any) -> None:
-        """Set a derived value at dotted ``key`` unless the user overrode that key."""
-        if key not in self._overridden:
-            parent, name = _resolve_parent(self, key, create=True)
+        """Fill the derived value at dotted ``key`` unless it was already set.
+
+        A key set on the command line, or given a value (not None) by a config class's
+        ``__init__``, keeps that value; derived keys are therefore declared as None.
+        """
+        parent, name = _resolve_parent(self, key, create=True)
+        if key not in self._overridden and getattr(parent, name, None) is None:
             setattr(parent, name, value)
 
     @property
