@@ -10,10 +10,14 @@ channels ``k*d .. k*d+d-1``), ``D, delta_bias: [K*d]``; the result is ``[b, K*d,
     y_t   = sum_n C_t[n] * h_t[n] + D * u_t
 
 Backends: ``ref`` (step-by-step loop, the test oracle), ``chunked`` (exact pure-PyTorch
-parallel scan, CPU or GPU) and ``mamba_ssm`` (the CUDA kernel, CUDA tensors only).
+parallel scan, CPU or GPU), ``cpu`` (fused Numba kernels for forward and backward that keep
+no per-step states, CPU tensors only, needs numba; see ``selective_scan_cpu``) and
+``mamba_ssm`` (the CUDA kernel, CUDA tensors only).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +51,20 @@ def _mamba_ssm_kernel():
     return kernel
 
 
+@functools.cache
+def _numba_available() -> bool:
+    """Whether the ``cpu`` backend can run (imports numba on the first call only)."""
+    from model.ops.selective_scan_cpu import NUMBA_AVAILABLE
+
+    return NUMBA_AVAILABLE
+
+
 def available_backends() -> list[str]:
-    """Backends usable on this machine (``mamba_ssm`` only with CUDA and the package)."""
+    """Backends usable on this machine (``mamba_ssm`` only with CUDA and the package,
+    ``cpu`` only with numba)."""
     names = list(_PURE_BACKENDS)
+    if _numba_available():
+        names.insert(0, "cpu")
     if torch.cuda.is_available() and _mamba_ssm_kernel() is not None:
         names.insert(0, "mamba_ssm")
     return names
@@ -169,10 +184,11 @@ def selective_scan_fn(
 ) -> torch.Tensor:
     """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32), differentiable in every input.
 
-    ``backend``: ``auto``, ``mamba_ssm``, ``chunked`` or ``ref``. ``auto`` takes the CUDA
-    kernel for CUDA tensors when mamba-ssm is installed, ``chunked`` for other GPU tensors,
-    and ``ref`` on the CPU, where its step loop over cache-sized tensors beats the parallel
-    scan's passes over whole sequences (see README, Selective-scan backends).
+    ``backend``: ``auto``, ``mamba_ssm``, ``cpu``, ``chunked`` or ``ref``. ``auto`` takes the
+    CUDA kernel for CUDA tensors when mamba-ssm is installed, ``chunked`` for other GPU
+    tensors, and on the CPU ``cpu`` when numba is installed, else ``ref``, whose step loop over
+    cache-sized tensors beats the parallel scan's passes over whole sequences (see README,
+    Selective-scan backends).
     """
     if not u.is_cuda:
         _flush_denormals_on_cpu()
@@ -180,7 +196,7 @@ def selective_scan_fn(
         if u.is_cuda:
             backend = "mamba_ssm" if _mamba_ssm_kernel() is not None else "chunked"
         else:
-            backend = "ref"
+            backend = "cpu" if _numba_available() else "ref"
     if backend == "mamba_ssm":
         kernel = _mamba_ssm_kernel()
         if kernel is None or not u.is_cuda:
@@ -199,6 +215,14 @@ def selective_scan_fn(
             delta_softplus=delta_softplus,
             return_last_state=False,
         )
+    if backend == "cpu":
+        from model.ops.selective_scan_cpu import selective_scan_cpu
+
+        if not _numba_available():
+            raise ValueError(
+                f"backend 'cpu' needs numba (pip install numba); available: {available_backends()}"
+            )
+        return selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "chunked":
         return _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "ref":

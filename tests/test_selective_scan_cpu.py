@@ -1,0 +1,164 @@
+"""Selective scan, backend ``cpu`` (Numba kernels): outputs and all gradients against ``ref``."""
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from model.ops import selective_scan as ss
+from model.ops import selective_scan_cpu as ss_cpu
+from model.ops.selective_scan import available_backends, selective_scan_fn
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+K, D_INNER, N = 8, 4, 16
+
+
+def _inputs(b, length, seed=0, k=K, d=D_INNER, n=N):
+    g = torch.Generator().manual_seed(seed)
+    channels = k * d
+    return {
+        "u": torch.randn(b, channels, length, generator=g),
+        "delta": torch.randn(b, channels, length, generator=g) * 0.5,
+        "A": -torch.rand(channels, n, generator=g) - 0.1,
+        "B": torch.randn(b, k, n, length, generator=g),
+        "C": torch.randn(b, k, n, length, generator=g),
+        "D": torch.randn(channels, generator=g),
+        "delta_bias": torch.randn(channels, generator=g) * 0.3,
+    }
+
+
+def _close(actual, expected, rel):
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = (actual - expected).abs().max()
+    assert err <= rel * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+def _run(backend, tensors, use_d=True, use_bias=True, softplus=True, grad_names=NAMES):
+    """Output and input grads of sum(y * w) for fixed random weights w."""
+    leaves = {k: v.clone().requires_grad_(k in grad_names) for k, v in tensors.items()}
+    y = selective_scan_fn(
+        leaves["u"],
+        leaves["delta"],
+        leaves["A"],
+        leaves["B"],
+        leaves["C"],
+        leaves["D"] if use_d else None,
+        leaves["delta_bias"] if use_bias else None,
+        delta_softplus=softplus,
+        backend=backend,
+    )
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * weight).sum().backward()
+    return y.detach(), {k: leaves[k].grad for k in NAMES}
+
+
+def _compare(tensors, use_d=True, use_bias=True, softplus=True, grad_names=NAMES):
+    y_ref, g_ref = _run("ref", tensors, use_d, use_bias, softplus, grad_names)
+    y_cpu, g_cpu = _run("cpu", tensors, use_d, use_bias, softplus, grad_names)
+    assert y_cpu.dtype == torch.float32 and y_cpu.shape == y_ref.shape
+    assert torch.isfinite(y_cpu).all()
+    _close(y_cpu, y_ref, 1e-5)
+    for name in NAMES:
+        used = (use_d or name != "D") and (use_bias or name != "delta_bias")
+        if not used or name not in grad_names:
+            assert g_cpu[name] is None and g_ref[name] is None, name
+            continue
+        assert g_cpu[name] is not None and torch.isfinite(g_cpu[name]).all(), name
+        # With L=1 the decay never reaches the output: autograd may leave A's grad unset.
+        expected = torch.zeros_like(g_cpu[name]) if g_ref[name] is None else g_ref[name]
+        _close(g_cpu[name], expected, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("b", "length", "use_d", "use_bias", "softplus"),
+    list(itertools.product((1, 3), (1, 7, 64, 130), (True, False), (True, False), (True, False))),
+)
+def test_matches_reference(b, length, use_d, use_bias, softplus):
+    tensors = _inputs(b, length, seed=length + b)
+    if not softplus:
+        tensors["delta"] = tensors["delta"].abs()
+    _compare(tensors, use_d, use_bias, softplus)
+
+
+def test_large_decay_and_zero_delta():
+    length = 80
+    tensors = _inputs(2, length, seed=3)
+    delta = torch.zeros(length)
+    delta[::3] = 50.0
+    tensors["delta"] = delta.expand_as(tensors["delta"]).clone()
+    tensors["A"] = tensors["A"] * 16.0
+    tensors["A"][:, 0] = -16.0
+    _compare(tensors, use_bias=False, softplus=False)
+
+
+def test_all_zero_delta_gives_skip_only():
+    t = _inputs(2, 10)
+    t["delta"] = torch.zeros_like(t["delta"])
+    y = selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], backend="cpu")
+    torch.testing.assert_close(y, t["D"][:, None] * t["u"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_give_fp32_output_and_grads_in_input_dtype(dtype):
+    t = {k: v.to(dtype) for k, v in _inputs(2, 20).items()}
+    outs = [
+        selective_scan_fn(*(t[n] for n in NAMES), delta_softplus=True, backend=be) for be in ("ref", "cpu")
+    ]
+    assert outs[1].dtype == torch.float32
+    _close(outs[1], outs[0], 1e-5)
+    _, grads = _run("cpu", t)
+    for name in NAMES:
+        assert grads[name].dtype == dtype and grads[name].shape == t[name].shape
+
+
+def test_grads_only_where_required():
+    _compare(_inputs(3, 33, seed=5), grad_names=("u", "B", "delta_bias"))
+    t = _inputs(1, 9)
+    with torch.no_grad():
+        y = selective_scan_fn(*(t[n] for n in NAMES), backend="cpu")
+    assert not y.requires_grad
+
+
+def test_non_contiguous_inputs():
+    t = _inputs(3, 21, seed=7)
+    views = {
+        "u": t["u"].transpose(1, 2).contiguous().transpose(1, 2),
+        "delta": t["delta"].transpose(0, 2).contiguous().transpose(0, 2),
+        "A": t["A"].t().contiguous().t(),
+        "B": t["B"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+        "C": torch.stack([t["C"], t["C"]], dim=-1)[..., 0],
+        "D": torch.stack([t["D"], t["D"]], dim=1)[:, 1],
+        "delta_bias": t["delta_bias"],
+    }
+    assert not any(views[n].is_contiguous() for n in NAMES[:-1])
+    leaves = {k: v.detach().requires_grad_(True) for k, v in views.items()}
+    y = selective_scan_fn(*(leaves[n] for n in NAMES), delta_softplus=True, backend="cpu")
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * weight).sum().backward()
+    y_ref, g_ref = _run("cpu", t)
+    torch.testing.assert_close(y.detach(), y_ref, rtol=0, atol=0)
+    for name in NAMES:
+        torch.testing.assert_close(leaves[name].grad, g_ref[name], rtol=0, atol=0)
+
+
+def test_auto_listing_and_errors(monkeypatch):
+    assert "cpu" in available_backends()
+    t = _inputs(1, 5)
+    args = [t[n] for n in NAMES]
+    torch.testing.assert_close(
+        selective_scan_fn(*args, backend="auto"), selective_scan_fn(*args, backend="cpu"), rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="expected"):
+        selective_scan_fn(*args[:2], args[2][:, :3], *args[3:], backend="cpu")
+    monkeypatch.setattr(ss, "_numba_available", lambda: False)
+    monkeypatch.setattr(ss_cpu, "NUMBA_AVAILABLE", False)
+    assert "cpu" not in available_backends()
+    with pytest.raises(ValueError, match="pip install numba"):
+        selective_scan_fn(*args, backend="cpu")
+    with pytest.raises(ValueError, match="pip install numba"):
+        ss_cpu.selective_scan_cpu(*args)
+    torch.testing.assert_close(
+        selective_scan_fn(*args, backend="auto"), selective_scan_fn(*args, backend="ref"), rtol=0, atol=0
+    )
