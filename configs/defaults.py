@@ -34,7 +34,9 @@ class MambaADDefaults(BaseConfig):
             type="mambaad",
             # pretrained=True downloads timm's ImageNet weights (online machines only);
             # checkpoint=PATH loads a local timm/torchvision file instead.
-            teacher=Section(name="resnet34", pretrained=True, checkpoint=None),
+            # calibrate_batches: a random teacher (neither of the above) gets BatchNorm statistics
+            # from this many training batches before training; 0 disables it.
+            teacher=Section(name="resnet34", pretrained=True, checkpoint=None, calibrate_batches=8),
             depths=[3, 4, 6, 3],
             scan=Section(method="hilbert", directions=8, backend="auto"),
             d_state=16,

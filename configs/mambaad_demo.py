@@ -1,7 +1,9 @@
 """Demo: MambaAD on the embedded synthetic data set, small enough for a 2-core CPU in minutes.
 
 The data (three classes with scratches, holes and stains, with pixel masks) is generated
-into ``datasets/demo`` on first use. The teacher starts from random weights unless
+into ``datasets/demo`` on first use. Images are scaled to 64x64 and training is short (6
+epochs, about 7 minutes on 2 CPU cores). The teacher starts from random weights (with
+BatchNorm statistics estimated on the training images) unless
 ``model.teacher.checkpoint=PATH`` names a local ResNet34 file, so scores are below what
 ImageNet features give, yet well above chance.
 """
@@ -22,5 +24,6 @@ class MambaADDemo(MambaADDefaults):
         self.data.batch_size = 8
         self.data.num_workers = 0
         self.model.teacher.pretrained = False
-        self.trainer.epochs = 8
+        self.trainer.epochs = 6  # lr decays x0.1 after epoch 5 (80 %)
+        self.trainer.test_every = 6  # one evaluation, at the end
         self.trainer.log_every = 10

@@ -5,7 +5,7 @@ Submodule names (``net_t``, ``mff_oce``, ``net_s``) are the official checkpoint 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from model.hfpn import HalfFPN
 from model.mamba_decoder import MambaDecoder
-from model.teacher import build_teacher
+from model.teacher import build_teacher, calibrate_batchnorm
 
 INDEX_BUFFER_NAMES = ("index_flat", "index_flat_inv")
 _NORM_TYPES = (
@@ -74,6 +74,20 @@ class MambaAD(nn.Module):
             else:
                 module.train(mode)
         return self
+
+    @property
+    def teacher_is_random(self) -> bool:
+        """True when the teacher was built without pretrained or checkpoint weights."""
+        return bool(getattr(self.net_t, "is_random", False))
+
+    def calibrate_teacher(self, images: Iterable[torch.Tensor], max_batches: int = 8) -> int:
+        """Estimate a random teacher's BatchNorm statistics on training images (no-op otherwise).
+
+        Returns the number of batches used (0 when the teacher has real weights).
+        """
+        if not self.teacher_is_random:
+            return 0
+        return calibrate_batchnorm(self.net_t, images, max_batches)
 
     def forward(self, imgs: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Return ``(teacher_feats, student_feats)``, each largest map first; teacher detached."""

@@ -7,7 +7,7 @@ ImageNet weights matter a great deal. This machine is offline, hence the explici
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -121,7 +121,12 @@ def build_teacher(
             ) from exc
         log(f"teacher: loaded timm pretrained weights for {name}")
     else:
-        teacher = timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=False)
+        # Residual branches must not start as zero: timm zero-inits their last BN, which with
+        # random weights would leave only strided 1x1 shortcuts (subsampling, blind between pixels).
+        teacher = timm.create_model(
+            name, features_only=True, out_indices=out_indices, pretrained=False, zero_init_last=False
+        )
+        teacher.is_random = True
         log(
             f"teacher '{name}' has RANDOM weights (no checkpoint, pretrained=False). "
             "Training and evaluation will run, but anomaly scores will be much worse than the "
@@ -129,3 +134,31 @@ def build_teacher(
             "on a machine with internet access."
         )
     return freeze(teacher)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(teacher: nn.Module, images: Iterable[torch.Tensor], max_batches: int = 8) -> int:
+    """Re-estimate the BatchNorm statistics of a (random) teacher on real images, then freeze it.
+
+    Random weights with BN statistics at their defaults (mean 0, variance 1) give features of
+    arbitrary scale per channel; averaging the batch statistics of a few training batches
+    normalises every channel, which makes random-feature distillation work far better. The
+    statistics live in the state dict, so saved runs reload them. Returns the batches used.
+    """
+    norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    teacher.train()
+    used = 0
+    try:
+        for used, batch in enumerate(images, start=1):
+            teacher(batch)
+            if used >= max_batches:
+                break
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        freeze(teacher)
+    return used

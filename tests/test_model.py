@@ -14,7 +14,7 @@ from model.hfpn import HalfFPN
 from model.mamba_decoder import SS2D, LSSModule, MambaDecoder, drop_path_schedule, lss_layout
 from model.mambaad import MambaAD, count_parameters
 from model.scan import direction_permutations
-from model.teacher import build_teacher
+from model.teacher import build_teacher, calibrate_batchnorm
 
 QUIET = {"log": lambda s: None}
 TINY = {"depths": (2, 2, 2, 2), "num_directions": 2, "scan_method": "sweep", "image_size": 64}
@@ -451,3 +451,39 @@ def test_invalid_dims_and_scan_args() -> None:
         SS2D(d_model=8, size=4, scan_method="spiral")
     with pytest.raises(ValueError, match="num_directions"):
         SS2D(d_model=8, size=4, num_directions=3)
+
+
+def test_random_teacher_gets_calibrated_batchnorm_and_stays_frozen() -> None:
+    torch.manual_seed(0)
+    teacher = build_teacher("resnet18", log=lambda *_: None)
+    assert teacher.is_random
+    # residual branches are live (timm would zero-init their last BN gamma)
+    assert all(float(blk.bn2.weight.abs().sum()) > 0 for blk in teacher.layer1)
+    images = [torch.randn(4, 3, 64, 64) * 2 + 1 for _ in range(3)]
+    before = [f.detach() for f in teacher(images[0])]
+    assert calibrate_batchnorm(teacher, images, max_batches=2) == 2
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert float(teacher.bn1.running_mean.abs().sum()) > 0
+    after = teacher(images[2])
+    # first stage: BN now normalises real activations (pre-ReLU mean ~0, var ~1 per channel)
+    stem = teacher.bn1(teacher.conv1(images[2]))
+    assert stem.mean(dim=(0, 2, 3)).abs().max() < 0.3
+    assert (stem.var(dim=(0, 2, 3)) - 1).abs().max() < 0.5
+    assert any(not torch.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_calibration_is_a_no_op_for_loaded_teachers(tmp_path) -> None:
+    ref = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    model = MambaAD(
+        teacher="resnet18",
+        teacher_checkpoint=str(path),
+        depths=(2, 2, 2, 2),
+        image_size=64,
+        log=lambda *_: None,
+    )
+    assert not model.teacher_is_random
+    mean_before = model.net_t.bn1.running_mean.clone()
+    assert model.calibrate_teacher([torch.randn(2, 3, 64, 64)]) == 0
+    assert torch.equal(model.net_t.bn1.running_mean, mean_before)

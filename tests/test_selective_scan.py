@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from model.ops.selective_scan import available_backends, selective_scan_fn
-
-NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+from tests.scan_helpers import NAMES, assert_close_rel, run_backend
 
 
 def _inputs(b, k, d, length, n, seed=0, delta=None, a_scale=1.0):
@@ -25,31 +24,6 @@ def _inputs(b, k, d, length, n, seed=0, delta=None, a_scale=1.0):
     if delta is not None:
         tensors["delta"] = delta.expand(b, channels, length).clone()
     return tensors
-
-
-def _close(actual, expected, rel):
-    scale = expected.abs().max().clamp_min(1e-6)
-    err = (actual - expected).abs().max()
-    assert err <= rel * scale, f"max error {err:.3g} vs scale {scale:.3g}"
-
-
-def _run(backend, tensors, use_d, use_bias, softplus):
-    leaves = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
-    y = selective_scan_fn(
-        leaves["u"],
-        leaves["delta"],
-        leaves["A"],
-        leaves["B"],
-        leaves["C"],
-        leaves["D"] if use_d else None,
-        leaves["delta_bias"] if use_bias else None,
-        delta_softplus=softplus,
-        backend=backend,
-    )
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    (y * weight).sum().backward()
-    grads = {k: leaves[k].grad for k in NAMES}
-    return y.detach(), grads
 
 
 def test_hand_computed_case():
@@ -85,17 +59,17 @@ def test_chunked_matches_reference(b, k, d, length, n, use_d, use_bias, softplus
     tensors = _inputs(b, k, d, length, n, seed=length)
     if not softplus:
         tensors["delta"] = tensors["delta"].abs()
-    y_ref, g_ref = _run("ref", tensors, use_d, use_bias, softplus)
-    y_chk, g_chk = _run("chunked", tensors, use_d, use_bias, softplus)
+    y_ref, g_ref = run_backend("ref", tensors, use_d, use_bias, softplus)
+    y_chk, g_chk = run_backend("chunked", tensors, use_d, use_bias, softplus)
     assert y_chk.dtype == torch.float32 and y_chk.shape == (b, k * d, length)
-    _close(y_chk, y_ref, 1e-5)
+    assert_close_rel(y_chk, y_ref, 1e-5)
     for name in NAMES:
         if not (use_d or name != "D") or not (use_bias or name != "delta_bias"):
             assert g_ref[name] is None and g_chk[name] is None
             continue
         # With L=1 the decay never reaches the output: autograd may leave A's grad unset (zero).
         got = torch.zeros_like(g_ref[name]) if g_chk[name] is None else g_chk[name]
-        _close(got, g_ref[name], 1e-4)
+        assert_close_rel(got, g_ref[name], 1e-4)
 
 
 def test_large_decay_and_zero_delta():
@@ -104,13 +78,13 @@ def test_large_decay_and_zero_delta():
     delta[..., ::3] = 50.0
     tensors = _inputs(b, k, d, length, n, delta=delta, a_scale=16.0)
     tensors["A"][:, 0] = -16.0
-    y_ref, g_ref = _run("ref", tensors, True, False, False)
-    y_chk, g_chk = _run("chunked", tensors, True, False, False)
+    y_ref, g_ref = run_backend("ref", tensors, True, False, False)
+    y_chk, g_chk = run_backend("chunked", tensors, True, False, False)
     assert torch.isfinite(y_chk).all()
-    _close(y_chk, y_ref, 1e-5)
+    assert_close_rel(y_chk, y_ref, 1e-5)
     for name in ("u", "delta", "A", "B", "C", "D"):
         assert torch.isfinite(g_chk[name]).all()
-        _close(g_chk[name], g_ref[name], 1e-4)
+        assert_close_rel(g_chk[name], g_ref[name], 1e-4)
 
 
 def test_all_zero_delta_gives_skip_only():
@@ -126,7 +100,7 @@ def test_bf16_inputs_give_fp32_output():
     outs = [selective_scan_fn(*args, delta_softplus=True, backend=be) for be in ("ref", "chunked")]
     for y in outs:
         assert y.dtype == torch.float32
-    _close(outs[1], outs[0], 1e-5)
+    assert_close_rel(outs[1], outs[0], 1e-5)
 
 
 def test_backends_listing_and_errors():

@@ -10,8 +10,8 @@ pytest.importorskip("numba")
 from model.ops import selective_scan as ss
 from model.ops import selective_scan_cpu as ss_cpu
 from model.ops.selective_scan import available_backends, selective_scan_fn
+from tests.scan_helpers import NAMES, assert_close_rel, run_backend
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 K, D_INNER, N = 8, 4, 16
 
 
@@ -29,37 +29,12 @@ def _inputs(b, length, seed=0, k=K, d=D_INNER, n=N):
     }
 
 
-def _close(actual, expected, rel):
-    scale = expected.abs().max().clamp_min(1e-6)
-    err = (actual - expected).abs().max()
-    assert err <= rel * scale, f"max error {err:.3g} vs scale {scale:.3g}"
-
-
-def _run(backend, tensors, use_d=True, use_bias=True, softplus=True, grad_names=NAMES):
-    """Output and input grads of sum(y * w) for fixed random weights w."""
-    leaves = {k: v.clone().requires_grad_(k in grad_names) for k, v in tensors.items()}
-    y = selective_scan_fn(
-        leaves["u"],
-        leaves["delta"],
-        leaves["A"],
-        leaves["B"],
-        leaves["C"],
-        leaves["D"] if use_d else None,
-        leaves["delta_bias"] if use_bias else None,
-        delta_softplus=softplus,
-        backend=backend,
-    )
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    (y * weight).sum().backward()
-    return y.detach(), {k: leaves[k].grad for k in NAMES}
-
-
 def _compare(tensors, use_d=True, use_bias=True, softplus=True, grad_names=NAMES):
-    y_ref, g_ref = _run("ref", tensors, use_d, use_bias, softplus, grad_names)
-    y_cpu, g_cpu = _run("cpu", tensors, use_d, use_bias, softplus, grad_names)
+    y_ref, g_ref = run_backend("ref", tensors, use_d, use_bias, softplus, grad_names)
+    y_cpu, g_cpu = run_backend("cpu", tensors, use_d, use_bias, softplus, grad_names)
     assert y_cpu.dtype == torch.float32 and y_cpu.shape == y_ref.shape
     assert torch.isfinite(y_cpu).all()
-    _close(y_cpu, y_ref, 1e-5)
+    assert_close_rel(y_cpu, y_ref, 1e-5)
     for name in NAMES:
         used = (use_d or name != "D") and (use_bias or name != "delta_bias")
         if not used or name not in grad_names:
@@ -68,7 +43,7 @@ def _compare(tensors, use_d=True, use_bias=True, softplus=True, grad_names=NAMES
         assert g_cpu[name] is not None and torch.isfinite(g_cpu[name]).all(), name
         # With L=1 the decay never reaches the output: autograd may leave A's grad unset.
         expected = torch.zeros_like(g_cpu[name]) if g_ref[name] is None else g_ref[name]
-        _close(g_cpu[name], expected, 1e-4)
+        assert_close_rel(g_cpu[name], expected, 1e-4)
 
 
 @pytest.mark.parametrize(
@@ -107,8 +82,8 @@ def test_half_inputs_give_fp32_output_and_grads_in_input_dtype(dtype):
         selective_scan_fn(*(t[n] for n in NAMES), delta_softplus=True, backend=be) for be in ("ref", "cpu")
     ]
     assert outs[1].dtype == torch.float32
-    _close(outs[1], outs[0], 1e-5)
-    _, grads = _run("cpu", t)
+    assert_close_rel(outs[1], outs[0], 1e-5)
+    _, grads = run_backend("cpu", t)
     for name in NAMES:
         assert grads[name].dtype == dtype and grads[name].shape == t[name].shape
 
@@ -137,7 +112,7 @@ def test_non_contiguous_inputs():
     y = selective_scan_fn(*(leaves[n] for n in NAMES), delta_softplus=True, backend="cpu")
     weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     (y * weight).sum().backward()
-    y_ref, g_ref = _run("cpu", t)
+    y_ref, g_ref = run_backend("cpu", t)
     torch.testing.assert_close(y.detach(), y_ref, rtol=0, atol=0)
     for name in NAMES:
         torch.testing.assert_close(leaves[name].grad, g_ref[name], rtol=0, atol=0)

@@ -133,6 +133,8 @@ class ADTrainer:
             self._resume(Path(cfg.trainer.resume))
         else:
             save_config(cfg, self.run_dir / "config.json")
+            if mode == "train" and not cfg.model.checkpoint:
+                self._calibrate_teacher()
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
 
     # ------------------------------------------------------------------ building
@@ -157,8 +159,10 @@ class ADTrainer:
     def _build_loader(self, split: str) -> DataLoader:
         cfg = self.cfg.data
         if getattr(cfg, "synthetic", False):
-            from data.synthetic import generate_demo_dataset
+            from data.synthetic import MARKER, generate_demo_dataset
 
+            if not (Path(cfg.root) / MARKER).is_file():
+                self.log.info("generating the demo data set into %s (first run only)", cfg.root)
             generate_demo_dataset(cfg.root, **dict(cfg.synthetic_args.items()))
         dataset = DATASETS.build(
             cfg.type,
@@ -191,6 +195,17 @@ class ADTrainer:
             "model %s: %.2f M parameters (%.2f M trainable)", self.cfg.model.type, n_all / 1e6, n_train / 1e6
         )
         return model
+
+    def _calibrate_teacher(self) -> None:
+        """Give a random-weight teacher BatchNorm statistics of the training images."""
+        calibrate = getattr(self.model, "calibrate_teacher", None)
+        batches = self.cfg.model.teacher.calibrate_batches
+        if calibrate is None or not batches:
+            return
+        images = (batch["img"].to(self.device) for batch in self.train_loader)
+        used = calibrate(images, batches)
+        if used:
+            self.log.info("random teacher: BatchNorm statistics estimated on %d training batches", used)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
