@@ -72,6 +72,10 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
     rows = list(csv.DictReader((full / "metrics.csv").read_text().splitlines()))
     assert {r["class"] for r in rows} == {"washer", "weave", "mean"}
     assert {r["epoch"] for r in rows} == {"2", "3"}
+    seven = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+    for row in rows:
+        values = [float(row[m]) for m in seven]
+        assert float(row["mAD"]) == pytest.approx(np.nanmean(values), abs=1e-5)
     assert "results (epoch 3" in (full / "log.txt").read_text()
 
     # 2 epochs, then resume to 3: same weights and metrics as the uninterrupted run

@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from util.metrics import (
     METRIC_NAMES,
+    add_mad,
     au_pro,
     average_over_classes,
     average_precision,
@@ -224,3 +225,10 @@ def test_format_table_and_average() -> None:
     bottle_cells = [c.strip() for c in lines[2].strip("|").split("|")]
     bottle = matrix[0]
     assert bottle_cells == ["bottle", *(f"{100 * v:.2f}" for v in [*bottle, bottle.mean()])]
+
+
+def test_add_mad_orders_metrics_and_averages_them() -> None:
+    row = {"P-AUROC": 0.5, "I-AUROC": 1.0, "AUPRO": float("nan")}
+    out = add_mad(row)
+    assert list(out) == ["I-AUROC", "P-AUROC", "AUPRO", "mAD"]
+    assert out["mAD"] == pytest.approx(0.75)

@@ -70,13 +70,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def build_model(cfg: BaseConfig, log: logging.Logger) -> torch.nn.Module:
-    """The configured model, with ``model.checkpoint`` weights loaded strictly when given."""
+    """The configured model, with ``model.checkpoint`` weights loaded strictly when given.
+
+    A full checkpoint holds the teacher too, so the teacher is then neither downloaded nor
+    read from ``model.teacher.checkpoint``.
+    """
     m = cfg.model
+    full = bool(m.checkpoint)
     model = MODELS.build(
         m.type,
         teacher=m.teacher.name,
-        teacher_pretrained=m.teacher.pretrained,
-        teacher_checkpoint=m.teacher.checkpoint,
+        teacher_pretrained=m.teacher.pretrained and not full,
+        teacher_checkpoint=None if full else m.teacher.checkpoint,
         depths=tuple(m.depths),
         scan_method=m.scan.method,
         num_directions=m.scan.directions,
@@ -84,18 +89,26 @@ def build_model(cfg: BaseConfig, log: logging.Logger) -> torch.nn.Module:
         drop_path_rate=m.drop_path,
         scan_backend=m.scan.backend,
         image_size=m.image_size,
-        log=log.warning,
+        log=log.info if full else log.warning,
     )
     if m.checkpoint:
         state = extract_state_dict(load_file(m.checkpoint), m.checkpoint)
+        hint = "Check model.teacher.name, model.depths and model.scan.* against the run that saved it."
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
             raise RuntimeError(
-                f"model.checkpoint={m.checkpoint} does not match the configured model: {err}. "
-                "Check model.teacher.name, model.depths and model.scan.* against the run that saved it."
+                f"model.checkpoint={m.checkpoint} does not match the configured model: {details}. {hint}"
             ) from err
-        log.info("loaded model weights from %s", m.checkpoint)
+        if result.missing_keys or result.unexpected_keys:
+            missing, unexpected = result.missing_keys, result.unexpected_keys
+            raise RuntimeError(
+                f"model.checkpoint={m.checkpoint} does not match the configured model: "
+                f"{len(missing)} missing keys (e.g. {', '.join(missing[:3]) or '-'}), "
+                f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3]) or '-'}). {hint}"
+            )
+        log.info("loaded model weights (teacher included) from %s", m.checkpoint)
     return model
 
 
@@ -119,13 +132,7 @@ class ADTrainer:
         self.loss_fn = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
         self.evaluator = EVALUATORS.build(cfg.evaluator.type)
         self.optimizer = self._build_optimizer() if mode == "train" else None
-        self.scheduler = (
-            torch.optim.lr_scheduler.MultiStepLR(
-                self.optimizer, milestones=list(cfg.scheduler.milestones), gamma=cfg.scheduler.gamma
-            )
-            if self.optimizer is not None
-            else None
-        )
+        self.scheduler = self._build_scheduler() if self.optimizer is not None else None
         self.start_epoch = 1
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -216,6 +223,15 @@ class ADTrainer:
             "optimizer AdamW lr %.6g (base %.6g x batch %d / 16)", o.lr, o.base_lr, self.cfg.data.batch_size
         )
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        sch = self.cfg.scheduler
+        if sch.type != "step":
+            raise ValueError(f"scheduler.type={sch.type!r} is not supported; use 'step'")
+        self.log.info("lr x%g after epoch(s) %s", sch.gamma, ", ".join(str(m) for m in sch.milestones))
+        return torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(sch.milestones), gamma=sch.gamma
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, epoch: int) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from util.metrics import METRIC_NAMES, average_over_classes, compute_metrics
+from util.metrics import METRIC_NAMES, add_mad, average_over_classes, compute_metrics
 
 
 class ADEvaluator:
@@ -52,15 +52,17 @@ class ADEvaluator:
         self.num_samples += len(cls_names)
 
     def compute(self) -> dict[str, dict[str, float]]:
-        """``{class: {metric: value}}`` for each class seen, plus a ``"mean"`` entry."""
+        """``{class: {metric: value, ..., "mAD": value}}`` per class seen, plus a ``"mean"`` entry."""
         per_class: dict[str, dict[str, float]] = {}
         for cls in sorted(self._maps):
-            per_class[cls] = compute_metrics(
-                np.concatenate(self._maps[cls]),
-                np.concatenate(self._masks[cls]),
-                np.concatenate(self._labels[cls]),
-                metrics=self.metrics,
-                scores=np.concatenate(self._scores[cls]),
+            per_class[cls] = add_mad(
+                compute_metrics(
+                    np.concatenate(self._maps[cls]),
+                    np.concatenate(self._masks[cls]),
+                    np.concatenate(self._labels[cls]),
+                    metrics=self.metrics,
+                    scores=np.concatenate(self._scores[cls]),
+                )
             )
         if not per_class:
             raise RuntimeError("the evaluator received no test samples")

@@ -339,6 +339,11 @@ def _with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, flo
     return out
 
 
+def add_mad(row: Mapping[str, float]) -> dict[str, float]:
+    """``row``'s metrics in canonical order plus ``mAD``, their mean (nan entries ignored)."""
+    return _with_mad(row, [m for m in METRIC_NAMES if m in row])
+
+
 def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Mean of each metric over classes (nan entries ignored) plus ``mAD``, the mean of those means."""
     if not per_class:
