@@ -11,8 +11,10 @@ channels ``k*d .. k*d+d-1``), ``D, delta_bias: [K*d]``; the result is ``[b, K*d,
 
 Backends: ``ref`` (step-by-step loop, the test oracle), ``chunked`` (exact pure-PyTorch
 parallel scan, CPU or GPU), ``cpu`` (fused Numba kernels for forward and backward that keep
-no per-step states, CPU tensors only, needs numba; see ``selective_scan_cpu``) and
-``mamba_ssm`` (the CUDA kernel, CUDA tensors only).
+no per-step states, CPU tensors only, needs numba; see ``selective_scan_cpu``), ``triton``
+(Triton kernels for forward and backward, CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``; see ``selective_scan_triton``) and ``mamba_ssm`` (the CUDA kernel,
+CUDA tensors only).
 """
 
 from __future__ import annotations
@@ -59,12 +61,22 @@ def _numba_available() -> bool:
     return NUMBA_AVAILABLE
 
 
+@functools.cache
+def _triton_available() -> bool:
+    """Whether the ``triton`` backend can run: triton imports and CUDA (or its interpreter) is there."""
+    from model.ops.selective_scan_triton import INTERPRET, TRITON_AVAILABLE
+
+    return TRITON_AVAILABLE and (INTERPRET or torch.cuda.is_available())
+
+
 def available_backends() -> list[str]:
     """Backends usable on this machine (``mamba_ssm`` only with CUDA and the package,
-    ``cpu`` only with numba)."""
+    ``triton`` only with triton and CUDA or its interpreter, ``cpu`` only with numba)."""
     names = list(_PURE_BACKENDS)
     if _numba_available():
         names.insert(0, "cpu")
+    if _triton_available():
+        names.insert(0, "triton")
     if torch.cuda.is_available() and _mamba_ssm_kernel() is not None:
         names.insert(0, "mamba_ssm")
     return names
@@ -184,17 +196,20 @@ def selective_scan_fn(
 ) -> torch.Tensor:
     """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32), differentiable in every input.
 
-    ``backend``: ``auto``, ``mamba_ssm``, ``cpu``, ``chunked`` or ``ref``. ``auto`` takes the
-    CUDA kernel for CUDA tensors when mamba-ssm is installed, ``chunked`` for other GPU
-    tensors, and on the CPU ``cpu`` when numba is installed, else ``ref``, whose step loop over
-    cache-sized tensors beats the parallel scan's passes over whole sequences (see README,
-    Selective-scan backends).
+    ``backend``: ``auto``, ``mamba_ssm``, ``triton``, ``cpu``, ``chunked`` or ``ref``. ``auto``
+    takes for CUDA tensors the mamba-ssm kernel when installed, else ``triton`` when triton is
+    installed, else ``chunked``; on the CPU ``cpu`` when numba is installed, else ``ref``, whose
+    step loop over cache-sized tensors beats the parallel scan's passes over whole sequences
+    (see README, Selective-scan backends).
     """
     if not u.is_cuda:
         _flush_denormals_on_cpu()
     if backend == "auto":
         if u.is_cuda:
-            backend = "mamba_ssm" if _mamba_ssm_kernel() is not None else "chunked"
+            if _mamba_ssm_kernel() is not None:
+                backend = "mamba_ssm"
+            else:
+                backend = "triton" if _triton_available() else "chunked"
         else:
             backend = "cpu" if _numba_available() else "ref"
     if backend == "mamba_ssm":
@@ -223,6 +238,15 @@ def selective_scan_fn(
                 f"backend 'cpu' needs numba (pip install numba); available: {available_backends()}"
             )
         return selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "triton":
+        from model.ops.selective_scan_triton import selective_scan_triton
+
+        if not _triton_available():
+            raise ValueError(
+                "backend 'triton' needs triton and CUDA (or TRITON_INTERPRET=1); "
+                f"available: {available_backends()}"
+            )
+        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "chunked":
         return _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "ref":

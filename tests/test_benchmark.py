@@ -1,0 +1,63 @@
+"""tools/benchmark.py end to end at a tiny size: JSON structure and positive numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from model.ops.selective_scan import available_backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(value):
+    """Every measured number in the report (stage indices excluded)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield value
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            if key != "stage":
+                yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def test_stage_shapes_follow_the_paper_model():
+    shapes = _load_benchmark().stage_shapes(256)
+    assert [(s["L"], s["d_inner"]) for s in shapes] == [(64, 1024), (256, 512), (1024, 256), (4096, 128)]
+
+
+def test_benchmark_quick_run(tmp_path, capsys):
+    bench = _load_benchmark()
+    backends = [b for b in ("cpu", "ref") if b in available_backends()]
+    if "ref" not in backends:
+        pytest.skip("ref backend missing")
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--image-size", "64", "--repeats", "1", "--out", str(out), "--backends", *backends]
+    bench.main(args)
+    report = json.loads(out.read_text())
+    assert {"machine", "image_size", "scan", "inference", "speedup_vs_ref", "train_cpu"} <= set(report)
+    assert report["image_size"] == 64
+    assert {"cpu_count", "torch", "device", "date"} <= set(report["machine"])
+    assert len(report["scan"]) == 4 * len(backends)
+    for row in report["scan"]:
+        assert "skipped" in row or {"forward_s", "forward_backward_s"} <= set(row)
+    assert [r["backend"] for r in report["inference"]] == backends
+    assert all("images_per_s" in r for r in report["inference"])
+    assert {"seconds_per_step", "peak_rss_mib"} <= set(report["train_cpu"])
+    assert all(v > 0 for v in _numbers(report))
+    table = capsys.readouterr().out
+    assert table.startswith("| measurement |") and "speed-up vs ref" in table

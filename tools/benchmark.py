@@ -1,0 +1,348 @@
+"""Speed of the selective-scan backends and of the whole model, side by side in one run.
+
+    python tools/benchmark.py --out bench.json [--quick] [--backends cpu ref] [--image-size 256]
+
+Measures (median of ``--repeats`` runs after one warm-up): (1) the scan op at every decoder
+stage shape, forward and forward+backward, per backend; (2) full-model inference images/s at
+batch 1 per backend and the best backend's speed-up over ``ref``; (3) one training step
+(forward, backward, AdamW) at batch 4 with the fastest CPU backend, time and peak RSS, in a
+subprocess so the memory peak belongs to that configuration alone; (4) on CUDA, training
+images/s at batch 16 with and without bf16 autocast and the peak GPU memory. Writes a JSON
+and prints a markdown table. Slow pure-PyTorch backends are skipped where one call would
+take too long or too much memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.mambaad import MambaAD
+from model.ops.selective_scan import available_backends, selective_scan_fn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STAGE_DIMS = (512, 256, 128, 64)
+K_DIRECTIONS = 8
+D_STATE = 16
+# Rough peak bytes of a ref/chunked backward per state element (b*K*d*L*N): states, decays,
+# inputs and their grads.
+_PURE_BYTES_PER_STATE = 40
+_MAX_BYTES = 8 * 2**30
+_MAX_SECONDS = 60.0
+# one warm-up slower than this: keep it as the only measurement
+_SLOW_SECONDS = 10.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], repeats: int, device: torch.device) -> float | None:
+    """Median seconds of ``fn`` after a warm-up; None when the warm-up exceeds ``_MAX_SECONDS``."""
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    if first > _MAX_SECONDS:
+        return None
+    if first > _SLOW_SECONDS:
+        return first
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def stage_shapes(image_size: int) -> list[dict[str, int]]:
+    """Scan-op shapes of the four decoder stages (batch 1)."""
+    shapes = []
+    for i, dim in enumerate(STAGE_DIMS):
+        side = image_size // 32 * 2**i
+        shapes.append({"stage": i, "L": side * side, "d_inner": 2 * dim, "K": K_DIRECTIONS, "N": D_STATE})
+    return shapes
+
+
+def _scan_inputs(shape: dict[str, int], device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    channels, length, n = shape["K"] * shape["d_inner"], shape["L"], shape["N"]
+    tensors = [
+        torch.randn(1, channels, length, generator=g),
+        torch.randn(1, channels, length, generator=g) * 0.5,
+        -torch.rand(channels, n, generator=g) - 0.1,
+        torch.randn(1, shape["K"], n, length, generator=g),
+        torch.randn(1, shape["K"], n, length, generator=g),
+        torch.randn(channels, generator=g),
+        torch.randn(channels, generator=g) * 0.3,
+    ]
+    return [t.to(device).requires_grad_(True) for t in tensors]
+
+
+def bench_scan(backend: str, shape: dict[str, int], repeats: int, device: torch.device) -> dict:
+    """Forward and forward+backward seconds of one scan call, or a skip reason."""
+    states = shape["K"] * shape["d_inner"] * shape["L"] * shape["N"]
+    if backend in ("ref", "chunked") and states * _PURE_BYTES_PER_STATE > _MAX_BYTES:
+        return {"skipped": "memory"}
+    inputs = _scan_inputs(shape, device)
+
+    def forward():
+        with torch.no_grad():
+            return selective_scan_fn(*inputs, delta_softplus=True, backend=backend)
+
+    def forward_backward():
+        selective_scan_fn(*inputs, delta_softplus=True, backend=backend).sum().backward()
+
+    fwd = time_call(forward, repeats, device)
+    if fwd is None:
+        return {"skipped": "time"}
+    fwd_bwd = time_call(forward_backward, repeats, device) if fwd * 3 < _MAX_SECONDS else None
+    if fwd_bwd is None:
+        return {"forward_s": fwd, "skipped": "time (backward)"}
+    return {"forward_s": fwd, "forward_backward_s": fwd_bwd}
+
+
+def build_model(image_size: int, backend: str, device: torch.device) -> MambaAD:
+    """The paper model with a random teacher (speed does not depend on the weights)."""
+    model = MambaAD(
+        teacher="resnet34",
+        teacher_pretrained=False,
+        image_size=image_size,
+        scan_backend=backend,
+        log=lambda *a: None,
+    )
+    return model.to(device)
+
+
+def bench_inference(backend: str, image_size: int, repeats: int, device: torch.device) -> dict:
+    """Images/s of ``model(x)`` at batch 1 in eval mode without grad."""
+    model = build_model(image_size, backend, device).eval()
+    x = torch.randn(1, 3, image_size, image_size, device=device)
+
+    def run():
+        with torch.no_grad():
+            model(x)
+
+    seconds = time_call(run, repeats, device)
+    if seconds is None:
+        return {"skipped": "time"}
+    return {"seconds_per_image": seconds, "images_per_s": 1.0 / seconds}
+
+
+def _train_step_fn(model: MambaAD, x: torch.Tensor, autocast: bool) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            feats_t, feats_s = model(x)
+            loss = sum(F.mse_loss(s.float(), t.float()) for t, s in zip(feats_t, feats_s))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def train_child(backend: str, image_size: int, batch: int, repeats: int) -> dict:
+    """Run in a fresh process: training-step seconds and this process's peak RSS."""
+    device = torch.device("cpu")
+    model = build_model(image_size, backend, device).train()
+    x = torch.randn(batch, 3, image_size, image_size)
+    seconds = time_call(_train_step_fn(model, x, autocast=False), repeats, device)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds_per_step": seconds, "peak_rss_mib": peak_kib / 1024}
+
+
+def bench_train_cpu(backend: str, image_size: int, batch: int, repeats: int) -> dict:
+    """Training step at ``batch`` on the CPU, measured in a subprocess (per-configuration RSS)."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--train-child",
+        backend,
+        "--image-size",
+        str(image_size),
+        "--batch",
+        str(batch),
+        "--repeats",
+        str(repeats),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training benchmark failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result["children_max_rss_mib"] = children_kib / 1024
+    if result["seconds_per_step"] is None:
+        return {"backend": backend, "batch": batch, "skipped": "time"}
+    return {"backend": backend, "batch": batch, **result}
+
+
+def bench_train_cuda(image_size: int, batch: int, repeats: int) -> dict:
+    """Training images/s at ``batch`` on the GPU, fp32 and bf16 autocast, with peak memory."""
+    device = torch.device("cuda")
+    out = {"batch": batch}
+    for name, autocast in (("fp32", False), ("bf16_autocast", True)):
+        model = build_model(image_size, "auto", device).train()
+        x = torch.randn(batch, 3, image_size, image_size, device=device)
+        torch.cuda.reset_peak_memory_stats(device)
+        seconds = time_call(_train_step_fn(model, x, autocast), repeats, device)
+        out[name] = {
+            "images_per_s": None if seconds is None else batch / seconds,
+            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+        }
+        del model, x
+        torch.cuda.empty_cache()
+    return out
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def markdown_table(report: dict) -> str:
+    """One table with every measurement."""
+    lines = ["| measurement | backend | shape | value |", "|---|---|---|---|"]
+    for row in report["scan"]:
+        shape = f"stage {row['stage']}: L={row['L']}, K*d={row['K'] * row['d_inner']}, N={row['N']}"
+        shape += f" ({row['device']})"
+        if "forward_s" in row:
+            lines.append(
+                f"| scan forward (ms) | {row['backend']} | {shape} | {_fmt(row['forward_s'] * 1e3)} |"
+            )
+        if "forward_backward_s" in row:
+            value = _fmt(row["forward_backward_s"] * 1e3)
+            lines.append(f"| scan fwd+bwd (ms) | {row['backend']} | {shape} | {value} |")
+        if "skipped" in row:
+            lines.append(f"| scan | {row['backend']} | {shape} | skipped ({row['skipped']}) |")
+    size = report["image_size"]
+    for row in report["inference"]:
+        value = f"skipped ({row['skipped']})" if "skipped" in row else _fmt(row["images_per_s"])
+        lines.append(
+            f"| inference images/s, batch 1 | {row['backend']} | {size}x{size} ({row['device']}) | {value} |"
+        )
+    if report.get("speedup_vs_ref"):
+        s = report["speedup_vs_ref"]
+        lines.append(f"| inference speed-up vs ref | {s['backend']} | {size}x{size} | {s['ratio']:.1f}x |")
+    train = report.get("train_cpu")
+    if train:
+        shape = f"{size}x{size}, batch {train['batch']}"
+        if "skipped" in train:
+            lines.append(f"| CPU train step | {train['backend']} | {shape} | skipped ({train['skipped']}) |")
+        else:
+            lines.append(
+                f"| CPU train step (s) | {train['backend']} | {shape} | {_fmt(train['seconds_per_step'])} |"
+            )
+            lines.append(
+                f"| CPU train peak RSS (MiB) | {train['backend']} | {shape} | {train['peak_rss_mib']:.0f} |"
+            )
+    cuda = report.get("train_cuda")
+    if cuda:
+        shape = f"{size}x{size}, batch {cuda['batch']}"
+        for name in ("fp32", "bf16_autocast"):
+            lines.append(
+                f"| GPU train images/s ({name}) | auto | {shape} | {_fmt(cuda[name]['images_per_s'])} |"
+            )
+            mem = f"{cuda[name]['peak_memory_mib']:.0f}"
+            lines.append(f"| GPU train peak memory MiB ({name}) | auto | {shape} | {mem} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """All measurements for the parsed command line."""
+    image_size = args.image_size or (128 if args.quick else 256)
+    repeats = args.repeats or (2 if args.quick else 5)
+    backends = args.backends or available_backends()
+    unknown = sorted(set(backends) - set(available_backends()))
+    if unknown:
+        raise SystemExit(f"backends not available here: {unknown}; available: {available_backends()}")
+    gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def device_for(backend: str) -> torch.device:
+        return torch.device("cpu") if backend == "cpu" else gpu
+
+    report: dict = {"machine": machine_info(), "image_size": image_size, "repeats": repeats}
+    report["scan"] = []
+    for shape in stage_shapes(image_size):
+        for backend in backends:
+            result = bench_scan(backend, shape, repeats, device_for(backend))
+            report["scan"].append({"backend": backend, "device": device_for(backend).type, **shape, **result})
+    report["inference"] = []
+    for backend in backends:
+        result = bench_inference(backend, image_size, repeats, device_for(backend))
+        report["inference"].append({"backend": backend, "device": device_for(backend).type, **result})
+    measured = {r["backend"]: r["images_per_s"] for r in report["inference"] if "images_per_s" in r}
+    if "ref" in measured and measured:
+        best = max(measured, key=measured.get)
+        report["speedup_vs_ref"] = {"backend": best, "ratio": measured[best] / measured["ref"]}
+    cpu_backends = [b for b in ("cpu", "chunked", "ref") if b in backends]
+    if cpu_backends and not args.no_train:
+        report["train_cpu"] = bench_train_cpu(cpu_backends[0], image_size, 4, max(1, min(repeats, 3)))
+    if torch.cuda.is_available() and not args.no_train:
+        report["train_cuda"] = bench_train_cuda(image_size, 16, repeats)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench.json", help="JSON file to write")
+    parser.add_argument("--quick", action="store_true", help="image size 128 and 2 repeats by default")
+    parser.add_argument("--backends", nargs="+", help="scan backends (default: all available)")
+    parser.add_argument("--image-size", type=int, help="input size (default 256, 128 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement (median reported)")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
+    parser.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--train-child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark, write the JSON, print the table; returns the report."""
+    args = parse_args(argv)
+    if args.train_child:
+        torch.set_flush_denormal(True)
+        print(json.dumps(train_child(args.train_child, args.image_size, args.batch, args.repeats)))
+        return {}
+    report = run(args)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(markdown_table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
