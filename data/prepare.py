@@ -1,0 +1,345 @@
+"""Parsers that turn the published layouts of AD data sets into the ``meta.json`` format, and a checker.
+
+Each parser takes the data root and returns ``(meta, notes)``: the meta dict (paths relative to the
+root) and informational notes (e.g. ignored non-image files). :func:`validate_meta` then opens every
+listed file, so that a broken download is found once, before training, with a fix for every problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from data.meta import NORMAL_SPECIE, DataError, Meta, build_mvtec_meta, mvtec_classes
+
+PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+Parsed = tuple[Meta, list[str]]
+
+LAYOUTS = {
+    "mvtec": "<root>/<cls>/train/good/*.png, <cls>/test/{good,<defect>}/*.png, "
+    "<cls>/ground_truth/<defect>/<id>_mask.png",
+    "mpdd": "MVTec layout: <root>/<cls>/train/good, <cls>/test/{good,<defect>}, <cls>/ground_truth/<defect>",
+    "medical": "MVTec layout: <root>/<cls>/train/good, <cls>/test/{good,<defect>}, "
+    "<cls>/ground_truth/<defect>",
+    "btad": "<root>/<cls>/train/ok/*, <cls>/test/{ok,ko}/*, <cls>/ground_truth/ko/<stem>.{png,bmp}",
+    "visa": "<root>/<cls>/Data/Images/{Normal,Anomaly}/*.JPG, <cls>/Data/Masks/Anomaly/*.png and "
+    "<root>/split_csv/1cls.csv (object,split,label,image,mask)",
+    "realiad": "<root>/<cls>/{OK,NG/<defect>}/S####/*.jpg (+ _mask.png) and "
+    "<root>/realiad_jsons/<cls>.json (or --json-dir)",
+    "mvtec3d": "<root>/<cls>/{train,validation}/good/rgb/*.png, <cls>/test/<defect>/{rgb,gt}/*.png",
+    "folder": "<root>/train/good/*, <root>/test/{good,<defect>}/*, optional <root>/ground_truth/<defect>/* "
+    "(or <root>/<cls>/train/good/... for several classes)",
+}
+
+
+def _layout_error(dataset: str, root: Path, why: str) -> DataError:
+    return DataError(f"{why}; --dataset {dataset} expects {LAYOUTS[dataset]} under --root {root}")
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _make_item(root: Path, img: Path, mask: Path | None, cls_name: str, specie: str, anomaly: int) -> dict:
+    return {
+        "img_path": _rel(root, img),
+        "mask_path": _rel(root, mask) if mask is not None else "",
+        "cls_name": cls_name,
+        "specie_name": specie,
+        "anomaly": anomaly,
+    }
+
+
+def _files(folder: Path, notes: list[str]) -> list[Path]:
+    """Files in ``folder`` that Pillow can read by extension; others are skipped with a note."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix.lower() in PILLOW_EXTENSIONS:
+            out.append(p)
+        else:
+            notes.append(f"ignored non-image file {p}")
+    return out
+
+
+def _mask_for(gt_dir: Path, stem: str) -> Path | None:
+    """The mask of image ``stem``: ``<stem>_mask.<ext>`` first, then ``<stem>.<ext>``."""
+    by_stem = {p.stem: p for p in reversed(_files(gt_dir, []))}
+    return by_stem.get(f"{stem}_mask") or by_stem.get(stem)
+
+
+def _scan_class(
+    root: Path,
+    cls_dir: Path,
+    cls_name: str,
+    normal: str,
+    meta: Meta,
+    notes: list[str],
+    train_dirs: list[Path],
+) -> None:
+    """MVTec-like class folder with ``normal`` as the name of the normal specie; missing masks stay ""."""
+    meta["train"][cls_name] = [
+        _make_item(root, p, None, cls_name, NORMAL_SPECIE, 0) for d in train_dirs for p in _files(d, notes)
+    ]
+    test_dir = cls_dir / "test"
+    items = []
+    species = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
+    for specie in species:
+        is_normal = specie == normal
+        for img in _files(test_dir / specie, notes):
+            mask = None if is_normal else _mask_for(cls_dir / "ground_truth" / specie, img.stem)
+            name = NORMAL_SPECIE if is_normal else specie
+            items.append(_make_item(root, img, mask, cls_name, name, 0 if is_normal else 1))
+    meta["test"][cls_name] = items
+
+
+def _require_dir(dataset: str, root: Path) -> None:
+    if not root.is_dir():
+        raise _layout_error(dataset, root, f"data root {root} does not exist")
+
+
+def prepare_mvtec(root: Path, dataset: str = "mvtec") -> Parsed:
+    """MVTec AD, MPDD and the medical sets: reuse :func:`build_mvtec_meta`."""
+    _require_dir(dataset, root)
+    if not mvtec_classes(root):
+        raise _layout_error(dataset, root, f"no class folder with train/good in {root}")
+    return build_mvtec_meta(root), []
+
+
+def prepare_btad(root: Path) -> Parsed:
+    """BTAD: ``ok``/``ko`` instead of ``good``/<defect>; masks named like their image (png or bmp)."""
+    _require_dir("btad", root)
+    classes = sorted(p.name for p in root.iterdir() if (p / "train" / "ok").is_dir())
+    if not classes:
+        raise _layout_error("btad", root, f"no class folder with train/ok in {root}")
+    meta: Meta = {"train": {}, "test": {}}
+    notes: list[str] = []
+    for cls_name in classes:
+        cls_dir = root / cls_name
+        _scan_class(root, cls_dir, cls_name, "ok", meta, notes, [cls_dir / "train" / "ok"])
+    return meta, notes
+
+
+def prepare_visa(root: Path) -> Parsed:
+    """VisA from its official split file ``split_csv/1cls.csv`` (paths in it are relative to the root)."""
+    _require_dir("visa", root)
+    csv_path = root / "split_csv" / "1cls.csv"
+    if not csv_path.is_file():
+        raise _layout_error("visa", root, f"split file {csv_path} not found")
+    meta: Meta = {"train": {}, "test": {}}
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = {"object", "split", "label", "image", "mask"}
+        if not need <= set(reader.fieldnames or []):
+            raise _layout_error("visa", root, f"{csv_path} lacks columns {sorted(need)}")
+        for row in reader:
+            split = row["split"].strip().lower()
+            if split not in ("train", "test"):
+                continue
+            anomaly = int(row["label"].strip().lower() == "anomaly")
+            cls_name = row["object"].strip()
+            meta["train"].setdefault(cls_name, [])
+            meta["test"].setdefault(cls_name, [])
+            meta[split][cls_name].append(
+                {
+                    "img_path": row["image"].strip(),
+                    "mask_path": row["mask"].strip() if anomaly else "",
+                    "cls_name": cls_name,
+                    "specie_name": "anomaly" if anomaly else NORMAL_SPECIE,
+                    "anomaly": anomaly,
+                }
+            )
+    return meta, []
+
+
+_VIEW_RE = re.compile(r"_(C\d+)(?:_|\.|$)")
+_SAMPLE_RE = re.compile(r"^S\d+$")
+
+
+def prepare_realiad(root: Path, json_dir: Path | None = None, views: list[str] | None = None) -> Parsed:
+    """Real-IAD from its per-class JSON files; keeps camera ``view`` and ``sample_id``; filters views."""
+    _require_dir("realiad", root)
+    json_dir = json_dir or root / "realiad_jsons"
+    jsons = sorted(json_dir.glob("*.json")) if json_dir.is_dir() else []
+    if not jsons:
+        raise _layout_error("realiad", root, f"no per-class JSON files in {json_dir}")
+    wanted = {v.strip().upper() for v in views} if views else None
+    meta: Meta = {"train": {}, "test": {}}
+    notes: list[str] = []
+    for jpath in jsons:
+        cls_name = jpath.stem
+        try:
+            data = json.loads(jpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(
+                f"{jpath} is not valid JSON ({err}); re-download the Real-IAD JSON files"
+            ) from err
+        for split in ("train", "test"):
+            items = []
+            for i, rec in enumerate(data.get(split, [])):
+                if not isinstance(rec, dict) or not rec.get("image_path"):
+                    raise DataError(f"{jpath}: {split}[{i}] lacks 'image_path'; re-download the JSON files")
+                img = f"{cls_name}/{rec['image_path']}"
+                name = Path(img).name
+                m = _VIEW_RE.search(name)
+                view = m.group(1) if m else ""
+                if wanted is not None and view not in wanted:
+                    continue
+                sample = next((p for p in Path(img).parts if _SAMPLE_RE.match(p)), "")
+                specie = str(rec.get("anomaly_class", "OK"))
+                anomaly = int(specie != "OK")
+                mask = rec.get("mask_path") or ""
+                items.append(
+                    {
+                        "img_path": img,
+                        "mask_path": f"{cls_name}/{mask}" if anomaly and mask else "",
+                        "cls_name": cls_name,
+                        "specie_name": NORMAL_SPECIE if not anomaly else specie,
+                        "anomaly": anomaly,
+                        "view": view,
+                        "sample_id": sample,
+                    }
+                )
+            meta[split][cls_name] = items
+    return meta, notes
+
+
+def prepare_mvtec3d(root: Path) -> Parsed:
+    """MVTec 3D-AD, RGB only: train + validation ``good/rgb`` for training, ``test/<defect>/{rgb,gt}``."""
+    _require_dir("mvtec3d", root)
+    classes = sorted(p.name for p in root.iterdir() if (p / "train" / "good" / "rgb").is_dir())
+    if not classes:
+        raise _layout_error("mvtec3d", root, f"no class folder with train/good/rgb in {root}")
+    meta: Meta = {"train": {}, "test": {}}
+    notes: list[str] = []
+    for cls_name in classes:
+        cls_dir = root / cls_name
+        meta["train"][cls_name] = [
+            _make_item(root, p, None, cls_name, NORMAL_SPECIE, 0)
+            for split in ("train", "validation")
+            for p in _files(cls_dir / split / NORMAL_SPECIE / "rgb", notes)
+        ]
+        items = []
+        test_dir = cls_dir / "test"
+        for specie in sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []:
+            normal = specie == NORMAL_SPECIE
+            for img in _files(test_dir / specie / "rgb", notes):
+                gt = test_dir / specie / "gt" / img.name
+                mask = None if normal else (gt if gt.is_file() else None)
+                items.append(_make_item(root, img, mask, cls_name, specie, 0 if normal else 1))
+        meta["test"][cls_name] = items
+    return meta, notes
+
+
+def prepare_folder(root: Path) -> Parsed:
+    """Custom data: ``train/good``, ``test/<any>`` (``good`` normal), optional ``ground_truth/<any>``.
+
+    One class named after ``root`` when ``root/train/good`` exists, else one class per sub-folder that has
+    ``train/good``. Any file Pillow reads by extension is taken; other files are skipped with a note.
+    """
+    _require_dir("folder", root)
+    if (root / "train" / NORMAL_SPECIE).is_dir():
+        class_dirs = [(root.resolve().name, root)]
+    else:
+        class_dirs = [(c, root / c) for c in mvtec_classes(root)]
+    if not class_dirs:
+        raise _layout_error("folder", root, f"neither {root}/train/good nor <cls>/train/good found")
+    meta: Meta = {"train": {}, "test": {}}
+    notes: list[str] = []
+    for cls_name, cls_dir in class_dirs:
+        _scan_class(root, cls_dir, cls_name, NORMAL_SPECIE, meta, notes, [cls_dir / "train" / NORMAL_SPECIE])
+    return meta, notes
+
+
+PARSERS: dict[str, Callable[..., Parsed]] = {
+    "mvtec": lambda root, **_: prepare_mvtec(root, "mvtec"),
+    "mpdd": lambda root, **_: prepare_mvtec(root, "mpdd"),
+    "medical": lambda root, **_: prepare_mvtec(root, "medical"),
+    "btad": lambda root, **_: prepare_btad(root),
+    "visa": lambda root, **_: prepare_visa(root),
+    "realiad": lambda root, json_dir=None, views=None, **_: prepare_realiad(root, json_dir, views),
+    "mvtec3d": lambda root, **_: prepare_mvtec3d(root),
+    "folder": lambda root, **_: prepare_folder(root),
+}
+
+
+def _size(path: Path) -> tuple[tuple[int, int] | None, str]:
+    """The decoded (width, height) of ``path``, or None and the reason it could not be read."""
+    if not path.is_file():
+        return None, "does not exist"
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size, ""
+    except Exception as err:  # Pillow raises many types for corrupt files
+        return None, f"cannot be decoded ({type(err).__name__}: {err})"
+
+
+def validate_meta(root: Path, meta: Meta, progress: bool = True) -> list[str]:
+    """Every problem of ``meta`` against the files under ``root``, each naming the file and the fix."""
+    problems: list[str] = []
+    for cls_name in sorted(set(meta["train"]) | set(meta["test"])):
+        if not meta["train"].get(cls_name):
+            problems.append(
+                f"class {cls_name!r} has no training images; add normal images to its training folder "
+                f"or remove the class"
+            )
+    items = [(split, it) for split in ("train", "test") for c in sorted(meta[split]) for it in meta[split][c]]
+    for split, it in tqdm(items, desc="checking images", unit="img", disable=not progress):
+        img = root / it["img_path"]
+        size, why = _size(img)
+        if size is None:
+            problems.append(f"image {img} {why}; re-download or remove it and rerun prepare_data")
+        if split != "test" or not it["anomaly"]:
+            continue
+        if not it["mask_path"]:
+            problems.append(
+                f"anomalous image {img} has no mask; add it to the ground-truth folder (same stem) or move "
+                f"the image to the normal folder"
+            )
+            continue
+        mask = root / it["mask_path"]
+        msize, why = _size(mask)
+        if msize is None:
+            problems.append(f"mask {mask} {why}; re-download or replace it")
+        elif size is not None and msize != size:
+            problems.append(
+                f"mask {mask} is {msize[0]}x{msize[1]} but image {img} is {size[0]}x{size[1]}; resize or "
+                f"replace the mask"
+            )
+    return problems
+
+
+def count_table(meta: Meta) -> str:
+    """Per-class counts: train normal, test normal, test anomalous, masks; plus a total row."""
+    header = ("class", "train normal", "test normal", "test anomalous", "masks")
+    rows: list[tuple[Any, ...]] = []
+    for cls_name in sorted(set(meta["train"]) | set(meta["test"])):
+        train, test = meta["train"].get(cls_name, []), meta["test"].get(cls_name, [])
+        rows.append(
+            (
+                cls_name,
+                sum(1 for it in train if not it["anomaly"]),
+                sum(1 for it in test if not it["anomaly"]),
+                sum(1 for it in test if it["anomaly"]),
+                sum(1 for it in test if it["mask_path"]),
+            )
+        )
+    rows.append(("total", *(sum(r[i] for r in rows) for i in range(1, 5))))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    lines = [
+        " | ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Write ``meta.json`` for a data set in one of the published layouts, and check every file it lists.
+
+    python tools/prepare_data.py --dataset mvtec --root data/mvtec
+    python tools/prepare_data.py --dataset folder --root my_data --out /tmp/meta.json
+    python tools/prepare_data.py --dataset realiad --root data/realiad --views C1,C2
+    python tools/prepare_data.py --dataset mvtec --root data/mvtec --check
+
+``--check`` only validates an existing meta.json. Problems are all listed, each with the file and
+the fix, and the exit status is non-zero when there are any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.meta import DataError, write_meta
+from data.prepare import LAYOUTS, PARSERS, count_table, validate_meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, write, validate and print the count table; return the process exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True, choices=sorted(PARSERS))
+    ap.add_argument("--root", required=True, type=Path, help="data set root folder")
+    ap.add_argument("--out", type=Path, help="meta.json path (default: ROOT/meta.json)")
+    ap.add_argument("--check", action="store_true", help="only validate the existing meta.json")
+    ap.add_argument("--json-dir", type=Path, help="realiad: per-class JSON folder (ROOT/realiad_jsons)")
+    ap.add_argument("--views", help="realiad: comma-separated camera views to keep, e.g. C1,C2")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = ap.parse_args(argv)
+    out = args.out or args.root / "meta.json"
+    try:
+        if args.check:
+            if not out.is_file():
+                raise DataError(
+                    f"{out} not found; run without --check to create it (--dataset {args.dataset} "
+                    f"expects {LAYOUTS[args.dataset]} under --root)"
+                )
+            meta = json.loads(out.read_text(encoding="utf-8"))
+        else:
+            views = [v for v in args.views.split(",") if v] if args.views else None
+            meta, notes = PARSERS[args.dataset](args.root, json_dir=args.json_dir, views=views)
+            for note in notes:
+                print(f"note: {note}")
+            write_meta(out.parent, meta, out.name)
+            print(f"wrote {out}")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(count_table(meta))
+    problems = validate_meta(args.root, meta, progress=not args.no_progress)
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print("all files present and readable")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
