@@ -16,6 +16,9 @@ from data.meta import DataError, load_meta, select_classes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# uint8 -> normalised float as one multiply-subtract: x * _SCALE - _SHIFT == (x / 255 - mean) / std
+_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, np.float32))).reshape(3, 1, 1)
+_SHIFT = (np.asarray(IMAGENET_MEAN, np.float32) / np.asarray(IMAGENET_STD, np.float32)).reshape(3, 1, 1)
 
 _RESAMPLE = Image.Resampling.BILINEAR
 
@@ -94,11 +97,8 @@ def _read_rgb(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, 
 def load_image(path: str | Path, image_size: int | tuple[int, int], normalize: bool = True) -> torch.Tensor:
     """One image as float32 [3, H, W]: ImageNet-normalised, or in [0, 1] with ``normalize=False``."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    arr = _read_rgb(str(path), size)[0].transpose(2, 0, 1).astype(np.float32) / 255.0
-    if normalize:
-        mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
-        std = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
-        arr = (arr - mean) / std
+    arr = _read_rgb(str(path), size)[0].transpose(2, 0, 1).astype(np.float32)
+    arr = arr * _SCALE - _SHIFT if normalize else arr / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -141,9 +141,6 @@ class DefaultAD(Dataset):
             raise DataError(
                 f"no {split} images for class(es) {', '.join(self.cls_names)} in {Path(root) / meta_file}"
             )
-        std = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1) / std
 
     def __len__(self) -> int:
         return len(self.items)
@@ -154,8 +151,8 @@ class DefaultAD(Dataset):
         rgb, src_size = _read_rgb(img_path, self.image_size)
         # numpy, not torch: small torch ops pay thread-pool overhead in every data-loader worker
         img = rgb.transpose(2, 0, 1).astype(np.float32, order="C")
-        img *= self._scale
-        img -= self._shift
+        img *= _SCALE
+        img -= _SHIFT
         if mask_path:
             mim = _open(mask_path, "mask")
             if mim.size != src_size:

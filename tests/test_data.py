@@ -322,3 +322,20 @@ def test_default_ad_mask_size_mismatch_raises(tmp_path: Path) -> None:
     root = write_single(tmp_path, rgb(8, 8), np.zeros((8, 6), np.uint8) + 255)
     with pytest.raises(DataError, match=r"mask .*000_mask\.png is 6x8 but its image .*000\.png is 8x8"):
         read_test_item(root)
+
+
+def test_load_image_matches_the_dataset_pipeline(tmp_path: Path) -> None:
+    from data.default_ad import load_image
+    from data.synthetic import generate_demo_dataset
+
+    root = generate_demo_dataset(
+        tmp_path / "d", image_size=32, n_train=2, n_test_good=1, n_test_bad=1, classes=["wood"]
+    )
+    ds = DefaultAD(root, "test", image_size=24, log=lambda *_: None)
+    item = ds[0]
+    assert torch.equal(load_image(item["img_path"], 24), item["img"])
+    raw = load_image(item["img_path"], (24, 24), normalize=False)
+    assert float(raw.min()) >= 0.0 and float(raw.max()) <= 1.0
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert torch.allclose((raw - mean) / std, item["img"], atol=1e-5)

@@ -30,9 +30,6 @@ from util.anomaly_map import anomaly_maps_and_scores
 from util.config import ConfigError, load_config
 from util.logger import get_logger
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
 
 def list_images(path: Path) -> list[Path]:
     """One image, or every image below a folder (sorted)."""
