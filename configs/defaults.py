@@ -29,6 +29,8 @@ class MambaADDefaults(BaseConfig):
             batch_size_test=None,  # derived: batch_size
             num_workers=None,  # derived: min(4, CPU count)
             synthetic=False,  # True: generate the embedded demo data set into root first
+            cache=None,  # None, "memory" or "npy": keep decoded, resized images between epochs
+            views=None,  # multi-view data (Real-IAD): camera views to use, e.g. ["C1", "C2"]; None = all
         )
         self.model = Section(
             type="mambaad",

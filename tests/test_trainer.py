@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.ad_trainer import build_model
+from model.build import build_model
 from util.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

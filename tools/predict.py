@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.default_ad import load_image
 from data.meta import IMAGE_EXTENSIONS
-from trainer.ad_trainer import build_model, resolve_device
+from model.build import build_model
+from trainer.ad_trainer import resolve_device
 from util.anomaly_map import anomaly_maps_and_scores
 from util.config import ConfigError, load_config
 from util.logger import get_logger

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import random
 import time
@@ -25,10 +24,10 @@ from tqdm import tqdm
 
 from data import DATASETS
 from loss import LOSSES
-from model import MODELS
+from model.build import build_model
 from trainer import EVALUATORS
 from util.anomaly_map import anomaly_maps_and_scores
-from util.checkpoint import atomic_save, extract_state_dict, load_file
+from util.checkpoint import atomic_save, load_file
 from util.config import BaseConfig, config_to_dict, diff_configs, save_config
 from util.logger import get_logger
 from util.metrics import format_table
@@ -69,49 +68,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_model(cfg: BaseConfig, log: logging.Logger) -> torch.nn.Module:
-    """The configured model, with ``model.checkpoint`` weights loaded strictly when given.
-
-    A full checkpoint holds the teacher too, so the teacher is then neither downloaded nor
-    read from ``model.teacher.checkpoint``.
-    """
-    m = cfg.model
-    full = bool(m.checkpoint)
-    model = MODELS.build(
-        m.type,
-        teacher=m.teacher.name,
-        teacher_pretrained=m.teacher.pretrained and not full,
-        teacher_checkpoint=None if full else m.teacher.checkpoint,
-        depths=tuple(m.depths),
-        scan_method=m.scan.method,
-        num_directions=m.scan.directions,
-        d_state=m.d_state,
-        drop_path_rate=m.drop_path,
-        scan_backend=m.scan.backend,
-        image_size=m.image_size,
-        log=log.info if full else log.warning,
-    )
-    if m.checkpoint:
-        state = extract_state_dict(load_file(m.checkpoint), m.checkpoint)
-        hint = "Check model.teacher.name, model.depths and model.scan.* against the run that saved it."
-        try:
-            result = model.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches
-            details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
-            raise RuntimeError(
-                f"model.checkpoint={m.checkpoint} does not match the configured model: {details}. {hint}"
-            ) from err
-        if result.missing_keys or result.unexpected_keys:
-            missing, unexpected = result.missing_keys, result.unexpected_keys
-            raise RuntimeError(
-                f"model.checkpoint={m.checkpoint} does not match the configured model: "
-                f"{len(missing)} missing keys (e.g. {', '.join(missing[:3]) or '-'}), "
-                f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3]) or '-'}). {hint}"
-            )
-        log.info("loaded model weights (teacher included) from %s", m.checkpoint)
-    return model
-
-
 class ADTrainer:
     """Builds data, model, loss, optimiser and evaluator from a config; trains and tests."""
 
@@ -130,7 +86,8 @@ class ADTrainer:
         self.test_loader = self._build_loader("test")
         self.model = self._build_model().to(self.device)
         self.loss_fn = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
-        self.evaluator = EVALUATORS.build(cfg.evaluator.type)
+        options = {k: v for k, v in cfg.evaluator.items() if k not in ("type", "sigma")}
+        self.evaluator = EVALUATORS.build(cfg.evaluator.type, **options)
         self.optimizer = self._build_optimizer() if mode == "train" else None
         self.scheduler = self._build_scheduler() if self.optimizer is not None else None
         self.start_epoch = 1
@@ -179,6 +136,8 @@ class ADTrainer:
             image_size=cfg.image_size,
             meta_file=cfg.meta_file,
             log=self.log.info,
+            # optional dataset features are passed only when set, so data sets without them still build
+            **{k: getattr(cfg, k) for k in ("cache", "views") if getattr(cfg, k, None) is not None},
         )
         self.log.info("%s set: %d images, classes: %s", split, len(dataset), ", ".join(dataset.cls_names))
         train = split == "train"
@@ -332,7 +291,10 @@ class ADTrainer:
             imgs = batch["img"].to(self.device, non_blocking=True)
             feats_t, feats_s = self.model(imgs)
             maps, scores = anomaly_maps_and_scores(feats_t, feats_s, size, self.cfg.evaluator.sigma)
-            self.evaluator.update(maps, scores, batch["img_mask"], batch["anomaly"], batch["cls_name"])
+            extra = {"sample_ids": batch["sample_id"]} if "sample_id" in batch else {}
+            self.evaluator.update(
+                maps, scores, batch["img_mask"], batch["anomaly"], batch["cls_name"], **extra
+            )
         results = self.evaluator.compute()
         label = f"epoch {epoch}" if epoch is not None else "test"
         per_class = {k: v for k, v in results.items() if k != "mean"}
