@@ -4,8 +4,13 @@ from configs.defaults import MambaADDefaults
 
 
 class MambaADCoco(MambaADDefaults):
-    """Paper setting on COCO-AD; expects `datasets/coco/meta.json` (see README, Data)."""
+    """Paper setting on COCO-AD split 0; expects `datasets/coco/meta_20_0.json` (see README, Data).
+
+    COCO-AD has four splits (`tools/prepare_data.py --dataset coco` writes `meta_20_0.json` ...
+    `meta_20_3.json`); select another with `data.meta_file=meta_20_1.json`. One class, `coco`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.data.root = "datasets/coco"
+        self.data.meta_file = "meta_20_0.json"

@@ -4,8 +4,15 @@ from configs.defaults import MambaADDefaults
 
 
 class MambaADRealiad(MambaADDefaults):
-    """Paper setting on Real-IAD; expects `datasets/realiad/meta.json` (see README, Data)."""
+    """Paper setting on Real-IAD; expects `datasets/realiad/meta.json` (see README, Data).
+
+    All five camera views are used (`data.views=None`); `data.views=['C1','C2']` keeps only those.
+    Test items carry their sample id, so sample-level metrics can be computed. Real-IAD has about
+    150k JPEGs: `data.cache=npy` stores them decoded once (about 30 GB at 256 px, under
+    `datasets/realiad/.cache`), so that later epochs skip JPEG decoding.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.data.root = "datasets/realiad"
+        self.data.views = None

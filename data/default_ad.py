@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.cache import CACHE_MODES, ImageCache, cache_key
 from data.meta import DataError, load_meta, select_classes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,11 +105,48 @@ def load_image(path: str | Path, image_size: int | tuple[int, int], normalize: b
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def _cache_folder(root: str, cache_dir: str | Path | None, log: Callable[[str], Any]) -> Path:
+    """``cache_dir``, else ``<root>/.cache``, else (read-only root) a per-root folder under ``~/.cache``."""
+    if cache_dir is not None:
+        folder = Path(cache_dir)
+        if not _writable_dir(folder):
+            raise DataError(f"cache folder {folder} cannot be written; choose another cache_dir")
+        return folder
+    folder = Path(root) / ".cache"
+    if _writable_dir(folder):
+        return folder
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    fallback = Path.home() / ".cache" / "mambaad" / digest
+    if not _writable_dir(fallback):
+        raise DataError(f"neither {folder} nor {fallback} can be written; pass a writable cache_dir")
+    log(f"data root {root} is read-only; caching decoded images in {fallback}")
+    return fallback
+
+
 class DefaultAD(Dataset):
     """Images, pixel masks and labels of the classes listed in ``root/meta.json`` (all classes by default).
 
     Each item is a dict with ``img`` (float32 [3,H,W], ImageNet-normalised), ``img_mask`` (float32
-    [1,H,W] of 0/1), ``cls_name``, ``specie_name``, ``anomaly`` (0/1) and ``img_path``.
+    [1,H,W] of 0/1), ``cls_name``, ``specie_name``, ``anomaly`` (0/1) and ``img_path``; plus
+    ``sample_id`` (str) when the meta items carry sample ids (Real-IAD: the views of one physical
+    sample share it, for sample-level metrics).
+
+    ``views`` keeps only the listed camera views (items with a ``view`` field, e.g. ``["C1", "C3"]``).
+    ``cache`` keeps decoded, resized images between epochs (:mod:`data.cache`): ``"memory"`` in RAM
+    (filled here, in the main process; forked DataLoader workers share it, spawned ones get a copy
+    each), ``"npy"`` as memory-mapped uint8 files in ``cache_dir`` (default ``<root>/.cache``, or a
+    folder under ``~/.cache/mambaad`` when the root is read-only).
     """
 
     def __init__(
@@ -117,6 +157,9 @@ class DefaultAD(Dataset):
         image_size: int | tuple[int, int] = 256,
         meta_file: str = "meta.json",
         log: Callable[[str], Any] = print,
+        views: list[str] | None = None,
+        cache: str | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise DataError(f"split must be 'train' or 'test', got {split!r}")
@@ -126,6 +169,13 @@ class DefaultAD(Dataset):
         self.image_size = (int(h), int(w))
         meta = select_classes(load_meta(root, meta_file, log=log), cls_names)
         self.cls_names: list[str] = sorted(meta["train"])
+        meta_path = Path(root) / meta_file
+        raw = [it for cls_name in self.cls_names for it in meta[split].get(cls_name, [])]
+        if isinstance(views, str):  # "C1,C2" from a command line
+            views = [v for v in views.split(",") if v.strip()]
+        views = [str(v).strip().upper() for v in views] if views else None
+        raw = _select_views(raw, views, meta_path)
+        self.sample_ids: list[str] | None = _sample_ids(raw, meta_path)
         self.items: list[tuple[str, str, str, str, int]] = [
             (
                 os.path.join(self.root, it["img_path"]),
@@ -134,40 +184,76 @@ class DefaultAD(Dataset):
                 str(it["specie_name"]),
                 int(it["anomaly"]),
             )
-            for cls_name in self.cls_names
-            for it in meta[split].get(cls_name, [])
+            for it in raw
         ]
         if not self.items:
             raise DataError(
-                f"no {split} images for class(es) {', '.join(self.cls_names)} in {Path(root) / meta_file}"
+                f"no {split} images for class(es) {', '.join(self.cls_names)} in {meta_path}"
+                + (f" with views {', '.join(views)}" if views else "")
             )
+        self.cache: ImageCache | None = None
+        if cache is not None:
+            self.cache = self._build_cache(cache, cache_dir, meta_path, cls_names, views, log)
+
+    def _build_cache(
+        self,
+        mode: str,
+        cache_dir: str | Path | None,
+        meta_path: Path,
+        cls_names: list[str] | None,
+        views: list[str] | None,
+        log: Callable[[str], Any],
+    ) -> ImageCache:
+        if mode not in CACHE_MODES:
+            raise DataError(f"data.cache must be None, 'memory' or 'npy', got {mode!r}")
+        h, w = self.image_size
+        has_masks = any(it[1] for it in self.items)
+        if mode == "memory":
+            return ImageCache.build(mode, self._decode, len(self.items), self.image_size, has_masks, log=log)
+        folder = _cache_folder(self.root, cache_dir, log)
+        selection = json.dumps([meta_path.name, sorted(cls_names or []), sorted(views or [])])
+        name = f"{self.split}_{h}x{w}_{hashlib.sha256(selection.encode()).hexdigest()[:10]}"
+        key = cache_key(meta_path.read_bytes(), self.split, [it[:2] for it in self.items], self.image_size)
+        return ImageCache.build(
+            mode, self._decode, len(self.items), self.image_size, has_masks, key, folder, name, log
+        )
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Item ``index`` read from disk: RGB uint8 [H, W, 3] and bool mask [H, W] (None if normal)."""
+        img_path, mask_path = self.items[index][:2]
+        h, w = self.image_size
+        rgb, src_size = _read_rgb(img_path, self.image_size)
+        if not mask_path:
+            return rgb, None
+        mim = _open(mask_path, "mask")
+        if mim.size != src_size:
+            raise DataError(
+                f"mask {mask_path} is {mim.size[0]}x{mim.size[1]} but its image {img_path} is "
+                f"{src_size[0]}x{src_size[1]} (width x height); fix or replace the mask"
+            )
+        binary = _binarise_mask(mim)
+        if binary.shape != (h, w):
+            soft = Image.fromarray(binary.astype(np.float32), mode="F").resize((w, h), _RESAMPLE)
+            binary = np.asarray(soft) > 0.5
+        return rgb, binary
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         img_path, mask_path, cls_name, specie, anomaly = self.items[index]
         h, w = self.image_size
-        rgb, src_size = _read_rgb(img_path, self.image_size)
+        if self.cache is not None:
+            rgb, binary = self.cache.get(index)
+            binary = binary if mask_path else None
+        else:
+            rgb, binary = self._decode(index)
         # numpy, not torch: small torch ops pay thread-pool overhead in every data-loader worker
         img = rgb.transpose(2, 0, 1).astype(np.float32, order="C")
         img *= _SCALE
         img -= _SHIFT
-        if mask_path:
-            mim = _open(mask_path, "mask")
-            if mim.size != src_size:
-                raise DataError(
-                    f"mask {mask_path} is {mim.size[0]}x{mim.size[1]} but its image {img_path} is "
-                    f"{src_size[0]}x{src_size[1]} (width x height); fix or replace the mask"
-                )
-            binary = _binarise_mask(mim)
-            if binary.shape != (h, w):
-                soft = Image.fromarray(binary.astype(np.float32), mode="F").resize((w, h), _RESAMPLE)
-                binary = np.asarray(soft) > 0.5
-            mask = binary.astype(np.float32)[None]
-        else:
-            mask = np.zeros((1, h, w), np.float32)
-        return {
+        mask = np.zeros((1, h, w), np.float32) if binary is None else binary.astype(np.float32)[None]
+        out = {
             "img": torch.from_numpy(img),
             "img_mask": torch.from_numpy(mask),
             "cls_name": cls_name,
@@ -175,3 +261,42 @@ class DefaultAD(Dataset):
             "anomaly": anomaly,
             "img_path": img_path,
         }
+        if self.sample_ids is not None:
+            out["sample_id"] = self.sample_ids[index]
+        return out
+
+
+def _select_views(
+    items: list[dict[str, Any]], views: list[str] | None, meta_path: Path
+) -> list[dict[str, Any]]:
+    """Items whose ``view`` is in ``views`` (upper-case names, matched case-insensitively); None keeps all."""
+    if not views:
+        return items
+    if any("view" not in it for it in items):
+        raise DataError(
+            f"data.views={list(views)} but the items of {meta_path} have no 'view' field; only multi-view "
+            f"data sets (Real-IAD: tools/prepare_data.py --dataset realiad) have views; set data.views=None"
+        )
+    available = sorted({str(it["view"]) for it in items})
+    wanted = {v.upper() for v in views}
+    unknown = sorted(v for v in wanted if v not in {a.upper() for a in available})
+    if unknown:
+        raise DataError(
+            f"view(s) {', '.join(unknown)} not in {meta_path}; available views: "
+            f"{', '.join(available) or 'none'}"
+        )
+    return [it for it in items if str(it["view"]).upper() in wanted]
+
+
+def _sample_ids(items: list[dict[str, Any]], meta_path: Path) -> list[str] | None:
+    """The items' ``sample_id`` strings, or None when no item has one; a partial set is an error."""
+    having = sum(1 for it in items if it.get("sample_id"))
+    if having == 0:
+        return None
+    if having != len(items):
+        first = next(it for it in items if not it.get("sample_id"))
+        raise DataError(
+            f"{meta_path}: {having} of {len(items)} items have a 'sample_id' but {first['img_path']} has "
+            f"none; give every item one or none (regenerate with tools/prepare_data.py)"
+        )
+    return [str(it["sample_id"]) for it in items]

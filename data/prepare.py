@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
 
-from data.meta import NORMAL_SPECIE, DataError, Meta, build_mvtec_meta, mvtec_classes
+from data.coco import ANNOTATIONS, prepare_coco
+from data.meta import ITEM_KEYS, NORMAL_SPECIE, DataError, Meta, mvtec_classes
 
 PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 Parsed = tuple[Meta, list[str]]
@@ -32,8 +35,10 @@ LAYOUTS = {
     "visa": "<root>/<cls>/Data/Images/{Normal,Anomaly}/*.JPG, <cls>/Data/Masks/Anomaly/*.png and "
     "<root>/split_csv/1cls.csv (object,split,label,image,mask)",
     "realiad": "<root>/<cls>/{OK,NG/<defect>}/S####/*.jpg (+ _mask.png) and "
-    "<root>/realiad_jsons/<cls>.json (or --json-dir)",
+    "<root>/realiad_jsons/<cls>.json (or <root>/<cls>.json, or --json-dir)",
     "mvtec3d": "<root>/<cls>/{train,validation}/good/rgb/*.png, <cls>/test/<defect>/{rgb,gt}/*.png",
+    "coco": "<root>/annotations/instances_{train,val}2017.json, <root>/train2017/*.jpg, <root>/val2017/*.jpg "
+    "(COCO 2017)",
     "folder": "<root>/train/good/*, <root>/test/{good,<defect>}/*, optional <root>/ground_truth/<defect>/* "
     "(or <root>/<cls>/train/good/... for several classes)",
 }
@@ -94,7 +99,7 @@ def _scan_class(
     test_dir = cls_dir / "test"
     items = []
     species = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
-    for specie in species:
+    for specie in (s for s in species if not s.startswith(".")):  # skip .ipynb_checkpoints and the like
         is_normal = specie == normal
         for img in _files(test_dir / specie, notes):
             mask = None if is_normal else _mask_for(cls_dir / "ground_truth" / specie, img.stem)
@@ -109,11 +114,21 @@ def _require_dir(dataset: str, root: Path) -> None:
 
 
 def prepare_mvtec(root: Path, dataset: str = "mvtec") -> Parsed:
-    """MVTec AD, MPDD and the medical sets: reuse :func:`build_mvtec_meta`."""
+    """MVTec AD, MPDD and the medical sets: classes with ``train/good``; a missing mask stays "".
+
+    Unlike :func:`data.meta.build_mvtec_meta` (which stops at the first missing mask), missing masks
+    are left for :func:`validate_meta` to report together with every other problem.
+    """
     _require_dir(dataset, root)
-    if not mvtec_classes(root):
+    classes = mvtec_classes(root)
+    if not classes:
         raise _layout_error(dataset, root, f"no class folder with train/good in {root}")
-    return build_mvtec_meta(root), []
+    meta: Meta = {"train": {}, "test": {}}
+    notes: list[str] = []
+    for cls_name in classes:
+        cls_dir = root / cls_name
+        _scan_class(root, cls_dir, cls_name, NORMAL_SPECIE, meta, notes, [cls_dir / "train" / NORMAL_SPECIE])
+    return meta, notes
 
 
 def prepare_btad(root: Path) -> Parsed:
@@ -169,8 +184,13 @@ _SAMPLE_RE = re.compile(r"^S\d+$")
 def prepare_realiad(root: Path, json_dir: Path | None = None, views: list[str] | None = None) -> Parsed:
     """Real-IAD from its per-class JSON files; keeps camera ``view`` and ``sample_id``; filters views."""
     _require_dir("realiad", root)
-    json_dir = json_dir or root / "realiad_jsons"
-    jsons = sorted(json_dir.glob("*.json")) if json_dir.is_dir() else []
+    if json_dir is None:  # the official realiad_jsons/ folder, else JSON files next to the classes
+        json_dir = root / "realiad_jsons" if (root / "realiad_jsons").is_dir() else root
+    jsons = (
+        sorted(p for p in json_dir.glob("*.json") if not p.name.startswith("meta"))
+        if json_dir.is_dir()
+        else []
+    )
     if not jsons:
         raise _layout_error("realiad", root, f"no per-class JSON files in {json_dir}")
     wanted = {v.strip().upper() for v in views} if views else None
@@ -195,7 +215,10 @@ def prepare_realiad(root: Path, json_dir: Path | None = None, views: list[str] |
                 view = m.group(1) if m else ""
                 if wanted is not None and view not in wanted:
                     continue
-                sample = next((p for p in Path(img).parts if _SAMPLE_RE.match(p)), "")
+                parts = Path(img).parts
+                # the sample folder's path (e.g. audio/NG/AK/S0002): unique across classes and OK/NG
+                sample = next((i for i, p in enumerate(parts) if _SAMPLE_RE.match(p)), None)
+                sample_id = "/".join(parts[: sample + 1]) if sample is not None else ""
                 specie = str(rec.get("anomaly_class", "OK"))
                 anomaly = int(specie != "OK")
                 mask = rec.get("mask_path") or ""
@@ -207,7 +230,7 @@ def prepare_realiad(root: Path, json_dir: Path | None = None, views: list[str] |
                         "specie_name": NORMAL_SPECIE if not anomaly else specie,
                         "anomaly": anomaly,
                         "view": view,
-                        "sample_id": sample,
+                        "sample_id": sample_id,
                     }
                 )
             meta[split][cls_name] = items
@@ -261,6 +284,15 @@ def prepare_folder(root: Path) -> Parsed:
     return meta, notes
 
 
+def _prepare_coco(root: Path, split: int) -> Parsed:
+    """COCO-AD split ``split`` (:mod:`data.coco`); writes the split's test masks under ``root``."""
+    _require_dir("coco", root)
+    missing = [name for name in ANNOTATIONS.values() if not (root / name).is_file()]
+    if missing:
+        raise _layout_error("coco", root, f"{', '.join(missing)} not found")
+    return prepare_coco(root, split)
+
+
 PARSERS: dict[str, Callable[..., Parsed]] = {
     "mvtec": lambda root, **_: prepare_mvtec(root, "mvtec"),
     "mpdd": lambda root, **_: prepare_mvtec(root, "mpdd"),
@@ -270,6 +302,7 @@ PARSERS: dict[str, Callable[..., Parsed]] = {
     "realiad": lambda root, json_dir=None, views=None, **_: prepare_realiad(root, json_dir, views),
     "mvtec3d": lambda root, **_: prepare_mvtec3d(root),
     "folder": lambda root, **_: prepare_folder(root),
+    "coco": lambda root, split=0, **_: _prepare_coco(root, split),
 }
 
 
@@ -285,9 +318,60 @@ def _size(path: Path) -> tuple[tuple[int, int] | None, str]:
         return None, f"cannot be decoded ({type(err).__name__}: {err})"
 
 
-def validate_meta(root: Path, meta: Meta, progress: bool = True) -> list[str]:
-    """Every problem of ``meta`` against the files under ``root``, each naming the file and the fix."""
-    problems: list[str] = []
+def _item_problems(root: Path, split: str, it: dict[str, Any]) -> list[str]:
+    """Problems of one meta item: its image (and, for an anomalous test image, its mask) on disk."""
+    problems = []
+    img = root / it["img_path"]
+    size, why = _size(img)
+    if size is None:
+        problems.append(f"image {img} {why}; re-download or remove it and rerun prepare_data")
+    if split != "test" or not it["anomaly"]:
+        return problems
+    if not it["mask_path"]:
+        problems.append(
+            f"anomalous image {img} has no mask; add it to the ground-truth folder (same stem) or move "
+            f"the image to the normal folder"
+        )
+        return problems
+    mask = root / it["mask_path"]
+    msize, why = _size(mask)
+    if msize is None:
+        problems.append(f"mask {mask} {why}; re-download or replace it")
+    elif size is not None and msize != size:
+        problems.append(
+            f"mask {mask} is {msize[0]}x{msize[1]} but image {img} is {size[0]}x{size[1]}; resize or "
+            f"replace the mask"
+        )
+    return problems
+
+
+def structure_problems(meta: Any) -> list[str]:
+    """Problems of the meta dict's shape (so that ``--check`` on a hand-edited file never crashes)."""
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(s), dict) for s in ("train", "test")):
+        return ["the meta file's top level must map 'train' and 'test' to {class: [item, ...]}; rebuild it"]
+    problems = []
+    for split in ("train", "test"):
+        for cls_name, items in meta[split].items():
+            if not isinstance(items, list):
+                problems.append(f"[{split!r}][{cls_name!r}] must be a list of items; rebuild the meta file")
+                continue
+            for i, it in enumerate(items):
+                missing = [k for k in ITEM_KEYS if not isinstance(it, dict) or k not in it]
+                if missing:
+                    problems.append(
+                        f"[{split!r}][{cls_name!r}][{i}] lacks {', '.join(missing)}; rebuild the meta file"
+                    )
+    return problems
+
+
+def validate_meta(root: Path, meta: Meta, progress: bool = True, workers: int | None = None) -> list[str]:
+    """Every problem of ``meta`` against the files under ``root``, each naming the file and the fix.
+
+    Files are decoded by ``workers`` threads (default: the CPU count, at most 8), in meta order.
+    """
+    problems = structure_problems(meta)
+    if problems:
+        return problems
     for cls_name in sorted(set(meta["train"]) | set(meta["test"])):
         if not meta["train"].get(cls_name):
             problems.append(
@@ -295,28 +379,12 @@ def validate_meta(root: Path, meta: Meta, progress: bool = True) -> list[str]:
                 f"or remove the class"
             )
     items = [(split, it) for split in ("train", "test") for c in sorted(meta[split]) for it in meta[split][c]]
-    for split, it in tqdm(items, desc="checking images", unit="img", disable=not progress):
-        img = root / it["img_path"]
-        size, why = _size(img)
-        if size is None:
-            problems.append(f"image {img} {why}; re-download or remove it and rerun prepare_data")
-        if split != "test" or not it["anomaly"]:
-            continue
-        if not it["mask_path"]:
-            problems.append(
-                f"anomalous image {img} has no mask; add it to the ground-truth folder (same stem) or move "
-                f"the image to the normal folder"
-            )
-            continue
-        mask = root / it["mask_path"]
-        msize, why = _size(mask)
-        if msize is None:
-            problems.append(f"mask {mask} {why}; re-download or replace it")
-        elif size is not None and msize != size:
-            problems.append(
-                f"mask {mask} is {msize[0]}x{msize[1]} but image {img} is {size[0]}x{size[1]}; resize or "
-                f"replace the mask"
-            )
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        checked = pool.map(lambda job: _item_problems(root, *job), items)
+        for found in tqdm(
+            checked, total=len(items), desc="checking images", unit="img", disable=not progress
+        ):
+            problems.extend(found)
     return problems
 
 

@@ -4,6 +4,10 @@
     python tools/prepare_data.py --dataset folder --root my_data --out /tmp/meta.json
     python tools/prepare_data.py --dataset realiad --root data/realiad --views C1,C2
     python tools/prepare_data.py --dataset mvtec --root data/mvtec --check
+    python tools/prepare_data.py --dataset coco --root data/coco --split 0
+
+``--dataset coco`` writes one meta per COCO-AD split, ``meta_20_<split>.json`` (all four by default),
+and the split's test masks ``val2017_mask_ad_20_<split>/`` into the root; ``--out`` is then a folder.
 
 ``--check`` only validates an existing meta.json. Problems are all listed, each with the file and
 the fix, and the exit status is non-zero when there are any.
@@ -18,22 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.coco import NUM_SPLITS, meta_name
 from data.meta import DataError, write_meta
-from data.prepare import LAYOUTS, PARSERS, count_table, validate_meta
+from data.prepare import LAYOUTS, PARSERS, count_table, structure_problems, validate_meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, write, validate and print the count table; return the process exit status."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=sorted(PARSERS))
-    ap.add_argument("--root", required=True, type=Path, help="data set root folder")
-    ap.add_argument("--out", type=Path, help="meta.json path (default: ROOT/meta.json)")
-    ap.add_argument("--check", action="store_true", help="only validate the existing meta.json")
-    ap.add_argument("--json-dir", type=Path, help="realiad: per-class JSON folder (ROOT/realiad_jsons)")
-    ap.add_argument("--views", help="realiad: comma-separated camera views to keep, e.g. C1,C2")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = ap.parse_args(argv)
-    out = args.out or args.root / "meta.json"
+def _targets(args: argparse.Namespace) -> list[tuple[Path, dict]]:
+    """(meta path, parser keyword arguments) for each meta file the command produces or checks."""
+    if args.dataset != "coco":
+        views = [v for v in args.views.split(",") if v] if args.views else None
+        return [(args.out or args.root / "meta.json", {"json_dir": args.json_dir, "views": views})]
+    folder = args.out or args.root
+    return [(folder / meta_name(s), {"split": s}) for s in sorted(set(args.split or range(NUM_SPLITS)))]
+
+
+def _run_one(args: argparse.Namespace, out: Path, kwargs: dict) -> int:
+    """Write (or, with --check, read) one meta file, print its counts and validate it."""
     try:
         if args.check:
             if not out.is_file():
@@ -41,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{out} not found; run without --check to create it (--dataset {args.dataset} "
                     f"expects {LAYOUTS[args.dataset]} under --root)"
                 )
-            meta = json.loads(out.read_text(encoding="utf-8"))
+            try:
+                meta = json.loads(out.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataError(
+                    f"{out} is not valid JSON ({err}); run without --check to rebuild it"
+                ) from err
         else:
-            views = [v for v in args.views.split(",") if v] if args.views else None
-            meta, notes = PARSERS[args.dataset](args.root, json_dir=args.json_dir, views=views)
+            meta, notes = PARSERS[args.dataset](args.root, **kwargs)
             for note in notes:
                 print(f"note: {note}")
             write_meta(out.parent, meta, out.name)
@@ -52,15 +60,39 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(count_table(meta))
-    problems = validate_meta(args.root, meta, progress=not args.no_progress)
+    problems = structure_problems(meta)
+    if not problems:
+        print(count_table(meta))
+        problems = validate_meta(args.root, meta, progress=not args.no_progress)
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
-        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        print(f"{len(problems)} problem(s) found in {out}", file=sys.stderr)
         return 1
     print("all files present and readable")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, write, validate and print the count table; return the process exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True, choices=sorted(PARSERS))
+    ap.add_argument("--root", required=True, type=Path, help="data set root folder")
+    ap.add_argument(
+        "--out", type=Path, help="meta.json path (default: ROOT/meta.json; coco: folder, default ROOT)"
+    )
+    ap.add_argument("--check", action="store_true", help="only validate the existing meta file(s)")
+    ap.add_argument("--json-dir", type=Path, help="realiad: per-class JSON folder (ROOT/realiad_jsons)")
+    ap.add_argument("--views", help="realiad: comma-separated camera views to keep, e.g. C1,C2")
+    ap.add_argument(
+        "--split", type=int, action="append", choices=range(NUM_SPLITS), help="coco: split(s) (default: all)"
+    )
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = ap.parse_args(argv)
+    status = 0
+    for out, kwargs in _targets(args):
+        status = max(status, _run_one(args, out, kwargs))
+    return status
 
 
 if __name__ == "__main__":
