@@ -1,13 +1,17 @@
-"""The evaluator scores each class on exactly its own images and averages classes."""
+"""The streaming evaluator scores each class on exactly its own images and averages classes."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-from trainer.evaluator import ADEvaluator
-from util.metrics import METRIC_NAMES, compute_metrics
+from trainer.evaluator import ADEvaluator, sample_metrics
+from util.metrics import METRIC_NAMES, SAMPLE_METRIC_NAMES, compute_metrics, format_table
+from util.metrics_ader import compute_metrics_ader
 
 
 def _batch(rng: np.random.Generator, n: int, cls_names: list[str]) -> tuple:
@@ -28,25 +32,121 @@ def _batch(rng: np.random.Generator, n: int, cls_names: list[str]) -> tuple:
     )
 
 
-def test_per_class_metrics_match_direct_computation_over_batches() -> None:
+def _batches() -> list[tuple]:
     rng = np.random.default_rng(0)
-    batches = [_batch(rng, 6, ["a", "b", "a", "b", "a", "b"]), _batch(rng, 4, ["b", "a", "b", "b"])]
-    ev = ADEvaluator()
+    return [
+        _batch(rng, 6, ["a", "b", "a", "b", "a", "b"]),
+        _batch(rng, 4, ["b", "a", "b", "b"]),
+        _batch(rng, 5, ["a", "a", "b", "a", "b"]),
+    ]
+
+
+def _class_data(batches: list[tuple], cls: str) -> tuple[np.ndarray, ...]:
+    sel = [np.array([c == cls for c in b[4]]) for b in batches]
+    pick = [(b, s) for b, s in zip(batches, sel, strict=True)]
+    maps = np.concatenate([b[0].numpy()[s] for b, s in pick])
+    masks = np.concatenate([b[2].numpy()[s] for b, s in pick])[:, 0] > 0.5
+    labels = np.concatenate([b[3].numpy()[s] for b, s in pick])
+    return maps, masks, labels
+
+
+@pytest.mark.parametrize("map_dtype", ["float32", "float16"])
+def test_per_class_metrics_match_direct_computation(map_dtype: str) -> None:
+    batches = _batches()
+    ev = ADEvaluator(map_dtype=map_dtype)
     for batch in batches:
         ev.update(*batch)
     results = ev.compute()
-    assert set(results) == {"a", "b", "mean"} and ev.num_samples == 10
+    assert set(results) == {"a", "b", "mean"} and ev.num_samples == 15
     for cls in ("a", "b"):
-        sel = [np.array([c == cls for c in b[4]]) for b in batches]
-        maps = np.concatenate([b[0].numpy()[s] for b, s in zip(batches, sel, strict=True)])
-        masks = np.concatenate([b[2].numpy()[s] for b, s in zip(batches, sel, strict=True)])[:, 0] > 0.5
-        labels = np.concatenate([b[3].numpy()[s] for b, s in zip(batches, sel, strict=True)])
-        expected = compute_metrics(maps, masks, labels)
+        maps, masks, labels = _class_data(batches, cls)
+        # float16 storage: the metrics are exact for the stored (rounded) maps
+        expected = compute_metrics(maps.astype(map_dtype), masks, labels, scores=maps.max(axis=(1, 2)))
         for name in METRIC_NAMES:
-            assert results[cls][name] == pytest.approx(expected[name], abs=1e-9)
+            assert results[cls][name] == pytest.approx(expected[name], abs=1e-12), name
         assert results[cls]["mAD"] == pytest.approx(np.mean([expected[m] for m in METRIC_NAMES]))
     for name in METRIC_NAMES:
         assert results["mean"][name] == pytest.approx((results["a"][name] + results["b"][name]) / 2)
     ev.reset()
     with pytest.raises(RuntimeError, match="no test samples"):
         ev.compute()
+
+
+def test_spilled_maps_give_the_same_results_and_are_removed(tmp_path) -> None:
+    batches = _batches()
+    in_ram, spilled = ADEvaluator(), ADEvaluator(spill_dir=str(tmp_path / "spill"), spill_mb=0.001)
+    for batch in batches:
+        in_ram.update(*batch)
+        spilled.update(*batch)
+    assert list((tmp_path / "spill").rglob("*.maps"))
+    assert spilled.compute() == in_ram.compute()
+    spilled.reset()
+    assert not list((tmp_path / "spill").rglob("*.maps"))
+
+
+def test_ader_mode_uses_the_ader_functions() -> None:
+    batches = _batches()
+    ev = ADEvaluator(mode="ader", map_dtype="float32")
+    for batch in batches:
+        ev.update(*batch)
+    results = ev.compute()
+    maps, masks, labels = _class_data(batches, "a")
+    expected = compute_metrics_ader(maps, masks, labels, scores=maps.max(axis=(1, 2)))
+    for name in METRIC_NAMES:
+        assert results["a"][name] == pytest.approx(expected[name], abs=1e-12), name
+
+
+def test_sample_level_metrics_take_the_max_over_views() -> None:
+    rng = np.random.default_rng(3)
+    n_samples, views = 12, 5
+    batches, ids = [], []
+    for s in range(0, n_samples * views, 10):
+        maps, scores, masks, _, names = _batch(rng, 10, ["x"] * 10)
+        sample = [(s + j) // views for j in range(10)]
+        # one anomalous view in every third sample: the sample label is the max over its views
+        labels = torch.tensor([int(k % 3 == 0 and (s + j) % views == 2) for j, k in enumerate(sample)])
+        batches.append((maps, scores, masks, labels, names))
+        ids.append([f"S{k:03d}" for k in sample])
+    ev = ADEvaluator(map_dtype="float32")
+    for batch, sample_ids in zip(batches, ids, strict=True):
+        ev.update(*batch, sample_ids=sample_ids)
+    row = ev.compute()["x"]
+    scores = np.concatenate([b[1].numpy() for b in batches]).reshape(n_samples, views).max(1)
+    labels = np.concatenate([b[3].numpy() for b in batches]).reshape(n_samples, views).max(1)
+    assert row["S-AUROC"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert row["S-AP"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    assert list(row)[len(METRIC_NAMES)] == "mAD"  # sample metrics follow mAD and are not part of it
+    assert row["mAD"] == pytest.approx(np.mean([row[m] for m in METRIC_NAMES]))
+    table = format_table({"x": row})
+    assert all(name in table.splitlines()[0] for name in SAMPLE_METRIC_NAMES)
+    direct = sample_metrics(np.array([0.1, 0.9, 0.2, 0.3]), np.array([0, 1, 0, 0]), ["p", "p", "q", "q"])
+    assert direct["S-AUROC"] == 1.0 and direct["S-F1max"] == 1.0
+
+
+def test_bad_options_and_inputs_are_reported() -> None:
+    with pytest.raises(ValueError, match=r"evaluator\.mode"):
+        ADEvaluator(mode="fast")
+    with pytest.raises(ValueError, match=r"evaluator\.map_dtype"):
+        ADEvaluator(map_dtype="int8")
+    ev = ADEvaluator()
+    maps, scores, masks, labels, names = _batch(np.random.default_rng(0), 4, ["a"] * 4)
+    with pytest.raises(ValueError, match="float32"):
+        ev.update(maps * 1e6, scores, masks, labels, names)
+    with pytest.raises(ValueError, match="sample_ids has 3 entries"):
+        ev.update(maps, scores, masks, labels, names, sample_ids=["1", "2", "3"])
+    ev.update(maps, scores, masks, labels, names)
+    with pytest.raises(ValueError, match="share a size"):
+        ev.update(maps[:, :8, :8], scores, masks[:, :, :8, :8], labels, names)
+
+
+def test_masks_are_stored_packed_and_only_for_anomalous_images() -> None:
+    batches = _batches()
+    ev = ADEvaluator()
+    for batch in batches:
+        ev.update(*batch)
+    store = ev._stores["a"]
+    _, masks, _ = _class_data(batches, "a")
+    assert np.array_equal(store.masks(), masks)
+    assert len(store.mask_bits) == int(masks.reshape(len(masks), -1).any(1).sum())
+    assert all(bits.dtype == np.uint8 and bits.size == 16 * 16 // 8 for bits in store.mask_bits.values())
+    assert store.maps().dtype == np.float16 and not math.isnan(float(store.maps().max()))

@@ -13,6 +13,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from util.metrics import (
     METRIC_NAMES,
+    SAMPLE_METRIC_NAMES,
+    _split,
     add_mad,
     au_pro,
     average_over_classes,
@@ -232,3 +234,36 @@ def test_add_mad_orders_metrics_and_averages_them() -> None:
     out = add_mad(row)
     assert list(out) == ["I-AUROC", "P-AUROC", "AUPRO", "mAD"]
     assert out["mAD"] == pytest.approx(0.75)
+
+
+def test_sample_columns_follow_mad_and_are_not_averaged_into_it() -> None:
+    row = {**dict.fromkeys(METRIC_NAMES, 0.5), "S-AUROC": 1.0, "S-AP": 0.0, "S-F1max": 0.25}
+    out = add_mad(row)
+    assert list(out) == [*METRIC_NAMES, "mAD", *SAMPLE_METRIC_NAMES]
+    assert out["mAD"] == pytest.approx(0.5)
+    plain = {name: dict.fromkeys(METRIC_NAMES, 0.7) for name in ("a",)}
+    assert "S-AUROC" not in format_table(plain)
+    lines = format_table({"a": row, "b": dict.fromkeys(METRIC_NAMES, 0.7)}).splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "class",
+        *METRIC_NAMES,
+        "mAD",
+        *SAMPLE_METRIC_NAMES,
+    ]
+    assert lines[2].split("|")[-2].strip() == "25.00" and lines[3].split("|")[-2].strip() == "nan"
+    mean = average_over_classes({"a": row, "b": dict.fromkeys(METRIC_NAMES, 0.7)})
+    assert mean["S-AUROC"] == 1.0 and mean["mAD"] == pytest.approx(0.6)
+
+
+def test_chunked_split_and_float16_maps_match_float32() -> None:
+    rng = np.random.default_rng(9)
+    scores = rng.random(1000).astype(np.float16)
+    positive = rng.random(1000) < 0.3
+    pos, neg = _split(scores, positive, chunk=7)
+    assert pos.dtype == np.float32 and np.array_equal(pos, scores[positive].astype(np.float32))
+    assert np.array_equal(neg, scores[~positive].astype(np.float32))
+    maps, masks, labels = random_case(2, decimals=3)
+    half = maps.astype(np.float16)
+    assert compute_metrics(half, masks, labels) == pytest.approx(
+        compute_metrics(half.astype(np.float32), masks, labels), abs=1e-12
+    )

@@ -1,34 +1,170 @@
-"""Accumulates anomaly maps per class and computes the seven metrics of spec section 4."""
+"""Streaming per-class evaluation: the seven metrics of spec section 4, lean enough for Real-IAD.
+
+Batches are split by class as they arrive. Each class keeps its anomaly maps in ``map_dtype``
+(float16 by default: 2 bytes a pixel) and its masks as packed bits (only for images that have
+an anomaly). Once the maps held in RAM by all classes would exceed ``spill_mb``, the class that
+receives data moves its maps to an append-only file under ``spill_dir`` (a temporary folder by
+default) and is read back as a memory map. ``compute`` scores one class at a time, so the whole
+test set is never concatenated and peak memory is about one class's maps in float32 plus the
+in-RAM buffers.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from util.metrics import METRIC_NAMES, add_mad, average_over_classes, compute_metrics
+from util.metrics import (
+    METRIC_NAMES,
+    add_mad,
+    average_over_classes,
+    average_precision,
+    compute_metrics,
+    f1_max,
+    roc_auc,
+)
+
+MODES = ("exact", "ader")
+MAP_DTYPES = ("float16", "float32")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.is_floating_point() and x.dtype != torch.float64:
+            x = x.float()
+        return x.cpu().numpy()
+    return np.asarray(x)
+
+
+class _ClassStore:
+    """Everything one class needs for its metrics, appended batch by batch."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+        self.shape: tuple[int, int] | None = None
+        self.chunks: list[np.ndarray] = []  # maps held in RAM
+        self.ram_bytes = 0
+        self.file: Any = None  # open handle of the spill file, once spilled
+        self.path: Path | None = None
+        self.n = 0
+        self.mask_bits: dict[int, np.ndarray] = {}  # packed masks of images with an anomaly
+        self.labels: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        self.sample_ids: list[str] = []
+        self.img_paths: list[str] = []
+
+    def add_maps(self, maps: np.ndarray) -> None:
+        if self.shape is None:
+            self.shape = maps.shape[1:]
+        elif maps.shape[1:] != self.shape:
+            raise ValueError(
+                f"anomaly maps of one class must share a size: got {maps.shape[1:]}, expected {self.shape}"
+            )
+        if self.file is not None:
+            self.file.write(maps.tobytes())
+        else:
+            self.chunks.append(maps)
+            self.ram_bytes += maps.nbytes
+        self.n += len(maps)
+
+    def spill(self, folder: Path) -> int:
+        """Move the in-RAM maps to a file in ``folder``; returns the bytes freed."""
+        self.path = Path(tempfile.mkstemp(suffix=".maps", dir=folder)[1])
+        self.file = open(self.path, "wb")  # noqa: SIM115 - kept open while batches arrive
+        for chunk in self.chunks:
+            self.file.write(chunk.tobytes())
+        freed, self.ram_bytes, self.chunks = self.ram_bytes, 0, []
+        return freed
+
+    def maps(self) -> np.ndarray:
+        """All maps [N, H, W] in ``dtype``: a memory map once spilled, else one array."""
+        if self.file is not None:
+            self.file.flush()
+            return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n, *self.shape))
+        if len(self.chunks) > 1:
+            self.chunks = [np.concatenate(self.chunks)]
+        return self.chunks[0]
+
+    def masks(self) -> np.ndarray:
+        """All masks [N, H, W] as bool."""
+        out = np.zeros((self.n, *self.shape), dtype=bool)
+        size = self.shape[0] * self.shape[1]
+        for i, bits in self.mask_bits.items():
+            out[i] = np.unpackbits(bits, count=size).reshape(self.shape).view(bool)
+        return out
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class ADEvaluator:
     """Per-class metrics (fractions in [0, 1]) plus their mean over classes.
 
-    Maps are kept per class as float32 and masks as bool, so each class is scored on
-    exactly its own images; the mean row averages classes, not images.
+    mode: ``exact`` (every threshold, as scikit-learn / the MVTec AU-PRO definition) or ``ader``
+    (the official code's 50-bin pixel histograms and 21-threshold pixel F1-max, to compare with
+    published tables; see :mod:`util.metrics_ader`). map_dtype: ``float16`` or ``float32`` storage
+    of the maps. spill_dir / spill_mb: where and beyond how many MB of maps in RAM (all classes
+    together) maps move to disk; ``spill_mb=None`` keeps everything in RAM. plots: write ROC / PR /
+    PRO curves per class when ``compute`` gets an ``out_dir``. With ``sample_ids`` (multi-view data)
+    the sample-level S-AUROC / S-AP / S-F1max are added (sample score and label = max over views).
     """
 
-    def __init__(self, metrics: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Sequence[str] | None = None,
+        mode: str = "exact",
+        map_dtype: str = "float16",
+        spill_dir: str | None = None,
+        spill_mb: float | None = 512,
+        plots: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"evaluator.mode={mode!r} is not supported; use one of {', '.join(MODES)}")
+        if map_dtype not in MAP_DTYPES:
+            raise ValueError(f"evaluator.map_dtype={map_dtype!r} is not supported; use float16 or float32")
         self.metrics = tuple(metrics or METRIC_NAMES)
+        self.mode = mode
+        self.map_dtype = np.dtype(map_dtype)
+        self.spill_dir = spill_dir
+        self.spill_bytes = math.inf if spill_mb is None else float(spill_mb) * 2**20
+        self.plots = plots
+        self._tmp: Path | None = None
+        self._stores: dict[str, _ClassStore] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Forget every accumulated sample."""
-        self._maps: dict[str, list[np.ndarray]] = defaultdict(list)
-        self._masks: dict[str, list[np.ndarray]] = defaultdict(list)
-        self._labels: dict[str, list[np.ndarray]] = defaultdict(list)
-        self._scores: dict[str, list[np.ndarray]] = defaultdict(list)
+        """Forget every accumulated sample (and delete spill files)."""
+        self._close()
+        self._stores = {}
+        self._ram_bytes = 0
         self.num_samples = 0
+
+    def _close(self) -> None:
+        for store in getattr(self, "_stores", {}).values():
+            store.close()
+        if getattr(self, "_tmp", None) is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __del__(self) -> None:
+        self._close()
+
+    def _spill_folder(self) -> Path:
+        if self._tmp is None:
+            if self.spill_dir is not None:
+                Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix="mambaad_eval_", dir=self.spill_dir))
+        return self._tmp
 
     def update(
         self,
@@ -37,33 +173,125 @@ class ADEvaluator:
         masks: torch.Tensor,
         labels: torch.Tensor,
         cls_names: Sequence[str],
+        sample_ids: Sequence[str] | None = None,
+        img_paths: Sequence[str] | None = None,
     ) -> None:
-        """Add a batch: maps [B,H,W], scores [B], masks [B,(1,)H,W], labels [B], class names."""
-        maps_np = maps.detach().float().cpu().numpy()
-        masks_np = masks.detach().cpu().numpy().reshape(maps_np.shape) > 0.5
-        labels_np = labels.detach().cpu().numpy().astype(np.int64)
-        scores_np = scores.detach().float().cpu().numpy()
-        for cls in sorted(set(cls_names)):
-            sel = np.array([c == cls for c in cls_names])
-            self._maps[cls].append(maps_np[sel])
-            self._masks[cls].append(masks_np[sel])
-            self._labels[cls].append(labels_np[sel])
-            self._scores[cls].append(scores_np[sel])
-        self.num_samples += len(cls_names)
+        """Add a batch: maps [B,H,W], scores [B], masks [B,(1,)H,W], labels [B], class names.
 
-    def compute(self) -> dict[str, dict[str, float]]:
-        """``{class: {metric: value, ..., "mAD": value}}`` per class seen, plus a ``"mean"`` entry."""
-        per_class: dict[str, dict[str, float]] = {}
-        for cls in sorted(self._maps):
-            per_class[cls] = add_mad(
-                compute_metrics(
-                    np.concatenate(self._maps[cls]),
-                    np.concatenate(self._masks[cls]),
-                    np.concatenate(self._labels[cls]),
-                    metrics=self.metrics,
-                    scores=np.concatenate(self._scores[cls]),
-                )
+        sample_ids (multi-view data) enable sample-level metrics; img_paths enable ``vis``.
+        """
+        maps_np = _numpy(maps)
+        if maps_np.ndim == 4 and maps_np.shape[1] == 1:
+            maps_np = maps_np[:, 0]
+        if maps_np.ndim != 3:
+            raise ValueError(f"maps must have shape [B, H, W], got {tuple(maps_np.shape)}")
+        with np.errstate(over="ignore"):  # overflow is detected and explained just below
+            stored = maps_np.astype(self.map_dtype)
+        if not np.isfinite(stored).all():
+            hint = (
+                " (values beyond float16 range: set evaluator.map_dtype=float32)"
+                if np.isfinite(maps_np).all()
+                else ""
             )
-        if not per_class:
+            raise ValueError(f"anomaly maps contain inf/NaN{hint}")
+        masks_np = _numpy(masks).reshape(maps_np.shape) > 0.5
+        labels_np = _numpy(labels).astype(np.int64).reshape(-1)
+        scores_np = _numpy(scores).astype(np.float64).reshape(-1)
+        names = list(cls_names)
+        for what, seq in (
+            ("scores", scores_np),
+            ("labels", labels_np),
+            ("sample_ids", sample_ids),
+            ("img_paths", img_paths),
+        ):
+            if seq is not None and len(seq) != len(names):
+                raise ValueError(f"{what} has {len(seq)} entries for a batch of {len(names)} maps")
+        for cls in dict.fromkeys(names):
+            sel = np.array([c == cls for c in names])
+            idx = np.flatnonzero(sel)
+            store = self._stores.get(cls)
+            if store is None:
+                store = self._stores[cls] = _ClassStore(self.map_dtype)
+            part = stored[sel]
+            if store.file is None and self._ram_bytes + part.nbytes > self.spill_bytes:
+                self._ram_bytes -= store.spill(self._spill_folder())
+            first = store.n
+            store.add_maps(part)
+            if store.file is None:
+                self._ram_bytes += part.nbytes
+            for j, i in enumerate(idx):
+                if masks_np[i].any():
+                    store.mask_bits[first + j] = np.packbits(masks_np[i])
+            store.labels.append(labels_np[sel])
+            store.scores.append(scores_np[sel])
+            if sample_ids is not None:
+                store.sample_ids.extend(str(sample_ids[i]) for i in idx)
+            if img_paths is not None:
+                store.img_paths.extend(str(img_paths[i]) for i in idx)
+        self.num_samples += len(names)
+
+    def _class_metrics(self, store: _ClassStore, curves: dict[str, Any] | None) -> dict[str, float]:
+        labels = np.concatenate(store.labels)
+        scores = np.concatenate(store.scores)
+        maps, masks = store.maps(), store.masks()
+        if self.mode == "ader":
+            from util.metrics_ader import compute_metrics_ader
+
+            row = compute_metrics_ader(
+                maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves
+            )
+        else:
+            row = compute_metrics(maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves)
+        if len(store.sample_ids) == store.n:
+            row.update(sample_metrics(scores, labels, store.sample_ids))
+        return row
+
+    def compute(self, out_dir: str | Path | None = None, vis: bool = False) -> dict[str, dict[str, float]]:
+        """``{class: {metric: value, ..., "mAD": value}}`` per class seen, plus a ``"mean"`` entry.
+
+        With ``out_dir``: curve plots under ``out_dir/curves/`` when built with ``plots=True``, and
+        with ``vis=True`` (and ``img_paths`` given to ``update``) a grid of the worst and best
+        cases per class under ``out_dir/vis/<class>.png``.
+        """
+        if not self._stores:
             raise RuntimeError("the evaluator received no test samples")
+        draw_curves = self.plots and out_dir is not None
+        draw_vis = vis and out_dir is not None
+        per_class: dict[str, dict[str, float]] = {}
+        for cls in sorted(self._stores):
+            store = self._stores[cls]
+            curves: dict[str, Any] | None = {} if draw_curves or draw_vis else None
+            per_class[cls] = add_mad(self._class_metrics(store, curves))
+            if draw_curves:
+                from util.plots import save_curves
+
+                save_curves(curves, cls, per_class[cls], Path(out_dir) / "curves")
+            if draw_vis and len(store.img_paths) == store.n:
+                from util.plots import safe_name
+                from util.visualize import save_case_grid
+
+                save_case_grid(
+                    cls,
+                    store.maps(),
+                    store.masks(),
+                    np.concatenate(store.labels),
+                    np.concatenate(store.scores),
+                    store.img_paths,
+                    curves.get("pixel_threshold", math.nan),
+                    Path(out_dir) / "vis" / f"{safe_name(cls)}.png",
+                )
         return {**per_class, "mean": average_over_classes(per_class)}
+
+
+def sample_metrics(scores: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str]) -> dict[str, float]:
+    """S-AUROC / S-AP / S-F1max: each sample's score and label are the max over its views."""
+    uniq, inverse = np.unique(np.asarray(sample_ids), return_inverse=True)
+    s_scores = np.full(len(uniq), -np.inf)
+    s_labels = np.zeros(len(uniq), dtype=np.int64)
+    np.maximum.at(s_scores, inverse, scores)
+    np.maximum.at(s_labels, inverse, labels)
+    return {
+        "S-AUROC": roc_auc(s_scores, s_labels),
+        "S-AP": average_precision(s_scores, s_labels),
+        "S-F1max": f1_max(s_scores, s_labels),
+    }

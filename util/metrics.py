@@ -39,16 +39,21 @@ from scipy import ndimage
 
 __all__ = [
     "METRIC_NAMES",
+    "SAMPLE_METRIC_NAMES",
+    "add_mad",
     "au_pro",
     "average_over_classes",
     "average_precision",
     "compute_metrics",
     "f1_max",
     "format_table",
+    "inverse_region_sizes",
     "roc_auc",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+# Multi-view data (Real-IAD): one score per sample = max over its views; reported, not part of mAD.
+SAMPLE_METRIC_NAMES: tuple[str, ...] = ("S-AUROC", "S-AP", "S-F1max")
 
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
@@ -64,10 +69,14 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _as_scores(x: Any) -> np.ndarray:
-    """Scores as float32/float64 (kept if already one of those, so tie structure is preserved)."""
+    """Scores as float16/32/64 (kept if already one of those, so tie structure is preserved).
+
+    float16 stays float16 here (the evaluator stores maps that way) and is widened to float32 only
+    after the positive/negative split, so a class never needs a full float32 copy of its maps.
+    """
     arr = _to_numpy(x)
-    if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.float64)
+    if arr.dtype not in (np.float16, np.float32, np.float64):
+        arr = arr.astype(np.float64)
     if np.isnan(arr).any():
         raise ValueError("scores/anomaly maps contain NaN")
     return arr
@@ -103,13 +112,35 @@ class _Ranked:
     pos_weights: np.ndarray | None  # per-distinct-value sum of the AU-PRO weights (if requested)
 
 
+def _split(scores: np.ndarray, positive: np.ndarray, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative scores as new arrays, filled chunk by chunk.
+
+    float16 becomes float32 (numpy sorts float16 slowly; the widening is exact). Working in chunks
+    avoids full-size temporaries (a ``~positive`` mask, float16 copies), which matters for
+    Real-IAD-sized classes (~250 M pixels).
+    """
+    dtype = np.float32 if scores.dtype == np.float16 else scores.dtype
+    n_pos = int(np.count_nonzero(positive))
+    pos = np.empty(n_pos, dtype=dtype)
+    neg = np.empty(scores.size - n_pos, dtype=dtype)
+    i_pos = i_neg = 0
+    for start in range(0, scores.size, chunk):
+        part, is_pos = scores[start : start + chunk], positive[start : start + chunk]
+        values = part[is_pos]
+        pos[i_pos : i_pos + values.size] = values
+        i_pos += values.size
+        values = part[~is_pos]
+        neg[i_neg : i_neg + values.size] = values
+        i_neg += values.size
+    return pos, neg
+
+
 def _rank(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None = None) -> _Ranked:
     """Split flat scores by the flat bool ``positive`` and rank the positives among the negatives.
 
     ``weights`` (aligned with ``scores[positive]``) are summed per distinct positive score.
     """
-    pos = scores[positive]
-    neg = scores[~positive]
+    pos, neg = _split(scores, positive)
     neg.sort()
     if weights is None:
         pos.sort()
@@ -167,12 +198,56 @@ def _average_precision(r: _Ranked) -> float:
 
 
 def _f1_max(r: _Ranked) -> float:
+    return _f1_max_and_threshold(r)[0]
+
+
+def _f1_max_and_threshold(r: _Ranked) -> tuple[float, float]:
+    """Maximum F1 and the score threshold (predict ``>=``) that attains it; nan without positives."""
     if r.n_pos == 0:
-        return math.nan
+        return math.nan, math.nan
     tp, fp = _tp_fp(r)
     # F1 = 2PR/(P+R) = 2tp/(tp+fp+P); for fixed tp it is largest at the highest threshold, which is a
     # distinct positive score, so the maximum over all thresholds is attained among those.
-    return float(np.max(2.0 * tp / (tp + fp + r.n_pos)))
+    f1 = 2.0 * tp / (tp + fp + r.n_pos)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(r.pos_values[best])
+
+
+def _thin(*arrays: np.ndarray, max_points: int = 4000) -> tuple[np.ndarray, ...]:
+    """Every k-th point (first and last kept) so plotted curves stay small."""
+    n = len(arrays[0])
+    if n <= max_points:
+        return arrays
+    keep = np.unique(np.r_[np.linspace(0, n - 1, max_points).astype(np.int64), n - 1])
+    return tuple(a[keep] for a in arrays)
+
+
+def _curves(r: _Ranked, prefix: str) -> dict[str, np.ndarray]:
+    """ROC and PR curve points (and the PRO curve when weights are known) from the ranked scores.
+
+    Each distinct positive score v, from the highest down, contributes the points for ``> v`` and
+    ``>= v``; between them only ties with v change the counts, so joining them is the exact curve.
+    """
+    if r.n_pos == 0 or r.n_neg == 0:
+        return {}
+    hi = slice(None, None, -1)
+    tp_ge = (r.n_pos - r.pos_first)[hi].astype(np.float64)
+    tp_gt = tp_ge - r.pos_counts[hi]
+    fp_ge = (r.n_neg - r.neg_lt)[hi].astype(np.float64)
+    fp_gt = (r.n_neg - r.neg_le)[hi].astype(np.float64)
+    fpr = np.r_[0.0, np.column_stack([fp_gt, fp_ge]).ravel() / r.n_neg, 1.0]
+    tpr = np.r_[0.0, np.column_stack([tp_gt, tp_ge]).ravel() / r.n_pos, 1.0]
+    out: dict[str, np.ndarray] = {}
+    out[f"{prefix}_roc_fpr"], out[f"{prefix}_roc_tpr"] = _thin(fpr, tpr)
+    recall, precision = _thin(tp_ge / r.n_pos, tp_ge / (tp_ge + fp_ge))
+    out[f"{prefix}_pr_recall"], out[f"{prefix}_pr_precision"] = recall, precision
+    if r.pos_weights is not None:
+        cw = np.r_[0.0, np.cumsum(r.pos_weights)]
+        pro_ge = (cw[-1] - cw[:-1])[hi]
+        pro_gt = (cw[-1] - cw[1:])[hi]
+        pro = np.r_[0.0, np.column_stack([pro_gt, pro_ge]).ravel(), 1.0]
+        out["pro_fpr"], out["pro_pro"] = _thin(fpr, pro)
+    return out
 
 
 def _au_pro(r: _Ranked, fpr_limit: float) -> float:
@@ -213,10 +288,10 @@ def _au_pro(r: _Ranked, fpr_limit: float) -> float:
     return float((full + partial) / fpr_limit)
 
 
-def _region_weights(masks: np.ndarray) -> np.ndarray:
-    """AU-PRO weight ``1 / (R * |region|)`` of each anomalous pixel, in ``masks[masks]`` order.
+def inverse_region_sizes(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """``1 / |region|`` of each anomalous pixel, in ``masks[masks]`` order, and the region count R.
 
-    Regions are the 8-connected components of each image's mask; R counts them over all images.
+    Regions are the 8-connected components of each image's mask ([N, H, W] bool).
     """
     parts = []
     n_regions = 0
@@ -228,9 +303,15 @@ def _region_weights(masks: np.ndarray) -> np.ndarray:
         parts.append(1.0 / sizes[lab[mask]])
         n_regions += n
     if not parts:
-        return np.zeros(0, dtype=np.float64)
-    weights = np.concatenate(parts)
-    weights /= n_regions
+        return np.zeros(0, dtype=np.float64), 0
+    return np.concatenate(parts), n_regions
+
+
+def _region_weights(masks: np.ndarray) -> np.ndarray:
+    """AU-PRO weight ``1 / (R * |region|)`` of each anomalous pixel, in ``masks[masks]`` order."""
+    weights, n_regions = inverse_region_sizes(masks)
+    if n_regions:
+        weights /= n_regions
     return weights
 
 
@@ -281,6 +362,7 @@ def compute_metrics(
     labels: Any,
     metrics: Sequence[str] | None = None,
     scores: Any = None,
+    curves: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Compute the requested metrics (default: all of ``METRIC_NAMES``) as fractions in [0, 1].
 
@@ -288,6 +370,9 @@ def compute_metrics(
     labels (1 = anomalous); scores: optional [N] image scores, default the maximum of each map.
     Image metrics (``I-*``) rank ``scores`` against ``labels``; pixel metrics (``P-*``, ``AUPRO``) use
     every pixel of all maps. Keys follow the order of ``METRIC_NAMES``; undefined metrics are nan.
+    ``curves``: if a dict is given, it receives the curve points for plots (``image_roc_fpr``,
+    ``pixel_pr_recall``, ``pro_fpr``, ...) and ``pixel_threshold``, the map value of the pixel F1-max,
+    all from the same ranking as the metrics.
     """
     if metrics is None:
         wanted = set(METRIC_NAMES)
@@ -310,15 +395,20 @@ def compute_metrics(
         results["I-AUROC"] = _roc_auc(img)
         results["I-AP"] = _average_precision(img)
         results["I-F1max"] = _f1_max(img)
+        if curves is not None:
+            curves.update(_curves(img, "image"))
         del img
 
     if wanted & {"P-AUROC", "P-AP", "P-F1max", "AUPRO"}:
         pix = _rank_pixels(maps, gts, with_pro="AUPRO" in wanted)
         results["P-AUROC"] = _roc_auc(pix)
         results["P-AP"] = _average_precision(pix)
-        results["P-F1max"] = _f1_max(pix)
+        results["P-F1max"], threshold = _f1_max_and_threshold(pix)
         if "AUPRO" in wanted:
             results["AUPRO"] = _au_pro(pix, 0.3)
+        if curves is not None:
+            curves.update(_curves(pix, "pixel"))
+            curves["pixel_threshold"] = threshold
 
     return {name: results[name] for name in METRIC_NAMES if name in wanted}
 
@@ -330,22 +420,27 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def _columns(per_class: Mapping[str, Mapping[str, float]]) -> list[str]:
     present = {k for row in per_class.values() for k in row}
-    return [m for m in METRIC_NAMES if m in present]
+    return [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in present]
 
 
 def _with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, float]:
-    out = {c: float(row.get(c, math.nan)) for c in columns}
-    out["mAD"] = _nanmean([out[c] for c in columns])
+    """The row's values for ``columns``, with ``mAD`` (mean of the standard seven) after those seven."""
+    out = {c: float(row.get(c, math.nan)) for c in columns if c in METRIC_NAMES}
+    out["mAD"] = _nanmean(list(out.values()))
+    out.update({c: float(row.get(c, math.nan)) for c in columns if c not in METRIC_NAMES})
     return out
 
 
 def add_mad(row: Mapping[str, float]) -> dict[str, float]:
-    """``row``'s metrics in canonical order plus ``mAD``, their mean (nan entries ignored)."""
-    return _with_mad(row, [m for m in METRIC_NAMES if m in row])
+    """``row``'s metrics in canonical order plus ``mAD``, the mean of its ``METRIC_NAMES`` entries.
+
+    Sample-level metrics (``S-*``), when present, follow ``mAD`` and are not part of it.
+    """
+    return _with_mad(row, [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in row])
 
 
 def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Mean of each metric over classes (nan entries ignored) plus ``mAD``, the mean of those means."""
+    """Mean of each metric over classes (nan entries ignored) plus ``mAD``, the mean of the seven means."""
     if not per_class:
         raise ValueError("per_class is empty")
     columns = _columns(per_class)
@@ -356,17 +451,18 @@ def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[s
 def format_table(per_class: Mapping[str, Mapping[str, float]]) -> str:
     """Markdown table: one row per class and a final ``mean`` row, metrics x100 with 2 decimals.
 
-    ``mAD`` is the mean of a row's metrics (nan entries ignored).
+    ``mAD`` is the mean of a row's standard metrics (nan entries ignored); sample-level columns
+    (``S-AUROC``, ``S-AP``, ``S-F1max``) are shown after it when any class has them.
     """
     columns = _columns(per_class)
     rows = {name: _with_mad(row, columns) for name, row in per_class.items()}
     rows["mean"] = average_over_classes(per_class)
-    header = ["class", *columns, "mAD"]
+    header = ["class", *next(iter(rows.values()))]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":---", *["---:"] * (len(header) - 1)]) + "|",
     ]
     for name, row in rows.items():
-        cells = [name, *(f"{100.0 * row[c]:.2f}" for c in [*columns, "mAD"])]
+        cells = [name, *(f"{100.0 * row[c]:.2f}" for c in header[1:])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
