@@ -7,48 +7,50 @@ import logging
 import torch
 
 from model import MODELS
-from util.checkpoint import extract_state_dict, load_file
+from model.official import load_weights
 from util.config import BaseConfig
 
 
-def build_model(cfg: BaseConfig, log: logging.Logger) -> torch.nn.Module:
+def model_kwargs(cfg: BaseConfig) -> dict:
+    """Constructor arguments of the configured model, teacher options excluded."""
+    m = cfg.model
+    lss = m.lss
+    return {
+        "depths": tuple(m.depths),
+        "scan_method": m.scan.method,
+        "num_directions": m.scan.directions,
+        "d_state": m.d_state,
+        "drop_path_rate": m.drop_path,
+        "scan_backend": m.scan.backend,
+        "image_size": m.image_size,
+        "lss_blocks": lss.blocks,
+        "lss_kernels": tuple(lss.kernels),
+        "lss_pointwise": lss.pointwise,
+        "lss_residual": lss.residual,
+    }
+
+
+def build_model(
+    cfg: BaseConfig, log: logging.Logger, teacher_pretrained: bool | None = None
+) -> torch.nn.Module:
     """The configured model, with ``model.checkpoint`` weights loaded strictly when given.
 
     A full checkpoint holds the teacher too, so the teacher is then neither downloaded nor
-    read from ``model.teacher.checkpoint``.
+    read from ``model.teacher.checkpoint``. Official MambaAD/ADer files load as well (see
+    :mod:`model.official`); the log line lists renamed, unused and kept-from-init keys.
+    ``teacher_pretrained=False`` forces a random teacher (e.g. for counting FLOPs offline).
     """
     m = cfg.model
     full = bool(m.checkpoint)
+    pretrained = m.teacher.pretrained if teacher_pretrained is None else teacher_pretrained
     model = MODELS.build(
         m.type,
         teacher=m.teacher.name,
-        teacher_pretrained=m.teacher.pretrained and not full,
-        teacher_checkpoint=None if full else m.teacher.checkpoint,
-        depths=tuple(m.depths),
-        scan_method=m.scan.method,
-        num_directions=m.scan.directions,
-        d_state=m.d_state,
-        drop_path_rate=m.drop_path,
-        scan_backend=m.scan.backend,
-        image_size=m.image_size,
-        log=log.info if full else log.warning,
+        teacher_pretrained=pretrained and not full,
+        teacher_checkpoint=None if full or teacher_pretrained is False else m.teacher.checkpoint,
+        log=log.info if full or teacher_pretrained is False else log.warning,
+        **model_kwargs(cfg),
     )
-    if m.checkpoint:
-        state = extract_state_dict(load_file(m.checkpoint), m.checkpoint)
-        hint = "Check model.teacher.name, model.depths and model.scan.* against the run that saved it."
-        try:
-            result = model.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches
-            details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
-            raise RuntimeError(
-                f"model.checkpoint={m.checkpoint} does not match the configured model: {details}. {hint}"
-            ) from err
-        if result.missing_keys or result.unexpected_keys:
-            missing, unexpected = result.missing_keys, result.unexpected_keys
-            raise RuntimeError(
-                f"model.checkpoint={m.checkpoint} does not match the configured model: "
-                f"{len(missing)} missing keys (e.g. {', '.join(missing[:3]) or '-'}), "
-                f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3]) or '-'}). {hint}"
-            )
-        log.info("loaded model weights (teacher included) from %s", m.checkpoint)
+    if full:
+        load_weights(model, m.checkpoint, log=log.info)
     return model

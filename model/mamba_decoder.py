@@ -24,10 +24,36 @@ SCAN_METHODS = ("sweep", "scan", "zorder", "zigzag", "hilbert")
 NUM_DIRECTIONS = (2, 4, 8)
 
 
+def split_scan_method(method: str, num_directions: int) -> list[tuple[str, int]]:
+    """``[(curve, directions), ...]`` of a scan method, single (``"hilbert"``) or hybrid.
+
+    A hybrid such as ``"zigzag+hilbert"`` (paper Table 3, rows 8-12) shares the K directions
+    equally among its curves: ``"zigzag+hilbert"`` with K = 8 is 4 zigzag + 4 Hilbert
+    directions, ``"scan+zorder+zigzag+hilbert"`` 2 of each.
+    """
+    parts = [p.strip() for p in str(method).split("+")]
+    bad = [p for p in parts if p not in SCAN_METHODS]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"scan_method (model.scan.method) must be one of {SCAN_METHODS} or distinct ones joined by '+' "
+            f"(e.g. 'zigzag+hilbert'), got {method!r}"
+        )
+    if num_directions not in NUM_DIRECTIONS:
+        raise ValueError(f"num_directions must be one of {NUM_DIRECTIONS}, got {num_directions}")
+    per = num_directions // len(parts)
+    if per * len(parts) != num_directions or per not in NUM_DIRECTIONS:
+        raise ValueError(
+            f"model.scan.method={method!r} splits model.scan.directions={num_directions} into "
+            f"{len(parts)} equal shares of 2, 4 or 8; use e.g. 8 directions for up to 4 curves"
+        )
+    return [(p, per) for p in parts]
+
+
 @lru_cache(maxsize=64)
 def _cached_permutations(method: str, h: int, w: int, num_directions: int) -> torch.Tensor:
     """CPU permutation table ``[K, L]``, computed once per (method, size, K) for all SS2D modules."""
-    return direction_permutations(method, h, w, num_directions).to(torch.long)
+    tables = [direction_permutations(m, h, w, k) for m, k in split_scan_method(method, num_directions)]
+    return torch.cat(tables).to(torch.long)
 
 
 class ScanIndex(nn.Module):
@@ -117,10 +143,7 @@ class SS2D(nn.Module):
         scan_backend: str = "auto",
     ) -> None:
         super().__init__()
-        if scan_method not in SCAN_METHODS:
-            raise ValueError(f"scan_method must be one of {SCAN_METHODS}, got {scan_method!r}")
-        if num_directions not in NUM_DIRECTIONS:
-            raise ValueError(f"num_directions must be one of {NUM_DIRECTIONS}, got {num_directions}")
+        split_scan_method(scan_method, num_directions)
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = expand * d_model
@@ -195,6 +218,9 @@ class HSSBlock(nn.Module):
         return x + self.drop_path(self.self_attention(self.ln_1(x)))
 
 
+DEFAULT_KERNELS = (5, 7)
+
+
 def _conv_in_silu(dim: int, kernel_size: int = 1, depthwise: bool = False) -> nn.Sequential:
     """Conv (1x1 with bias, or depth-wise k x k without bias) + InstanceNorm2d + SiLU."""
     if depthwise:
@@ -204,29 +230,63 @@ def _conv_in_silu(dim: int, kernel_size: int = 1, depthwise: bool = False) -> nn
     return nn.Sequential(conv, nn.InstanceNorm2d(dim), nn.SiLU())
 
 
-class LSSModule(nn.Module):
-    """Locality-enhanced State Space module: HSS cascade + 5x5 and 7x7 local branches.
+def _check_kernels(kernels: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in kernels)
+    if not ks or len(set(ks)) != len(ks) or any(k < 1 or k % 2 == 0 for k in ks):
+        raise ValueError(
+            "model.lss.kernels must be distinct odd sizes such as [5, 7] or [1, 3, 5, 7], "
+            f"got {list(kernels)}"
+        )
+    return tuple(sorted(ks))
 
-    ``out = finalconv11(cat(HSS^M(x), local5(x), local7(x))) + x``. ``conv1b3``/``conv1a3``
-    wrap the 7x7 branch (ADer naming); ``conv33`` is unused in forward and exists only so
-    the authors' ADer checkpoints load strictly.
+
+class LSSModule(nn.Module):
+    """Locality-enhanced State Space module: HSS cascade + parallel depth-wise local branches.
+
+    ``out = finalconv11(cat(HSS^M(x), local_k1(x), local_k2(x), ...)) + x`` where each local
+    branch is ``1x1 conv -> k x k depth-wise conv -> 1x1 conv`` (each with InstanceNorm2d +
+    SiLU). The paper default (``kernels=(5, 7)``) keeps the ADer names: ``conv1b3``/``conv1a3``
+    wrap the 7x7 branch and ``conv33`` exists, unused in forward, only so the authors'
+    checkpoints load strictly. Table 4 variants (other kernel sets, ``pointwise=False`` for
+    depth-wise convs alone, ``residual=False``) name branch ``k`` ``conv1b{k}``/``conv{k}{k}``/
+    ``conv1a{k}`` and have no ``conv33``.
     """
 
     def __init__(
-        self, hidden_dim: int, depth: int = 2, drop_path: float = 0.0, **ss2d_kwargs: object
+        self,
+        hidden_dim: int,
+        depth: int = 2,
+        drop_path: float = 0.0,
+        kernels: Sequence[int] = DEFAULT_KERNELS,
+        pointwise: bool = True,
+        residual: bool = True,
+        **ss2d_kwargs: object,
     ) -> None:
         super().__init__()
+        self.kernels = _check_kernels(kernels)
+        self.pointwise = bool(pointwise)
+        self.residual = bool(residual)
         self.smm_blocks = nn.ModuleList(
             HSSBlock(hidden_dim, drop_path=drop_path, **ss2d_kwargs) for _ in range(depth)
         )
-        self.conv1b3 = _conv_in_silu(hidden_dim)
-        self.conv1a3 = _conv_in_silu(hidden_dim)
-        self.conv1b5 = _conv_in_silu(hidden_dim)
-        self.conv1a5 = _conv_in_silu(hidden_dim)
-        self.conv33 = _conv_in_silu(hidden_dim, 3, depthwise=True)
-        self.conv55 = _conv_in_silu(hidden_dim, 5, depthwise=True)
-        self.conv77 = _conv_in_silu(hidden_dim, 7, depthwise=True)
-        self.finalconv11 = nn.Conv2d(3 * hidden_dim, hidden_dim, kernel_size=1)
+        self.official_layout = self.kernels == DEFAULT_KERNELS
+        # Creation order of the default layout is the official one (same init for a given seed).
+        if self.official_layout:
+            if self.pointwise:
+                self.conv1b3 = _conv_in_silu(hidden_dim)
+                self.conv1a3 = _conv_in_silu(hidden_dim)
+                self.conv1b5 = _conv_in_silu(hidden_dim)
+                self.conv1a5 = _conv_in_silu(hidden_dim)
+                self.conv33 = _conv_in_silu(hidden_dim, 3, depthwise=True)
+            self.conv55 = _conv_in_silu(hidden_dim, 5, depthwise=True)
+            self.conv77 = _conv_in_silu(hidden_dim, 7, depthwise=True)
+        else:
+            for k in self.kernels:
+                if self.pointwise:
+                    setattr(self, f"conv1b{k}", _conv_in_silu(hidden_dim))
+                    setattr(self, f"conv1a{k}", _conv_in_silu(hidden_dim))
+                setattr(self, f"conv{k}{k}", _conv_in_silu(hidden_dim, k, depthwise=True))
+        self.finalconv11 = nn.Conv2d((1 + len(self.kernels)) * hidden_dim, hidden_dim, kernel_size=1)
         self.apply(self._init_conv)
 
     @staticmethod
@@ -238,20 +298,44 @@ class LSSModule(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def branch_names(self, k: int) -> tuple[str | None, str, str | None]:
+        """Attribute names ``(before, depth-wise, after)`` of the local branch of kernel ``k``."""
+        wrap = 3 if self.official_layout and k == 7 else k
+        if not self.pointwise:
+            return None, f"conv{k}{k}", None
+        return f"conv1b{wrap}", f"conv{k}{k}", f"conv1a{wrap}"
+
+    def _local(self, xc: torch.Tensor, k: int) -> torch.Tensor:
+        before, dw, after = self.branch_names(k)
+        if before is not None:
+            xc = getattr(self, before)(xc)
+        xc = getattr(self, dw)(xc)
+        return getattr(self, after)(xc) if after is not None else xc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last ``[B, H, W, C] -> [B, H, W, C]``."""
         glob = x
         for blk in self.smm_blocks:
             glob = blk(glob)
         xc = x.permute(0, 3, 1, 2).contiguous()
-        local7 = self.conv1a3(self.conv77(self.conv1b3(xc)))
-        local5 = self.conv1a5(self.conv55(self.conv1b5(xc)))
-        out = self.finalconv11(torch.cat((glob.permute(0, 3, 1, 2), local5, local7), dim=1))
-        return out.permute(0, 2, 3, 1) + x
+        locals_ = [self._local(xc, k) for k in self.kernels]
+        out = self.finalconv11(torch.cat((glob.permute(0, 3, 1, 2), *locals_), dim=1)).permute(0, 2, 3, 1)
+        return out + x if self.residual else out
 
 
-def lss_layout(depth: int) -> tuple[int, int]:
-    """``(number of LSS modules, HSS blocks per module)`` for a stage of ``depth`` HSS blocks."""
+def lss_layout(depth: int, blocks: int | None = None) -> tuple[int, int]:
+    """``(number of LSS modules, HSS blocks per module)`` for a stage of ``depth`` HSS blocks.
+
+    ``blocks=None`` is the paper's rule (3 per module if ``depth % 3 == 0``, else 2);
+    an explicit ``blocks`` (Table 4's M) must divide ``depth``.
+    """
+    if blocks is not None:
+        if blocks < 1 or depth < 1 or depth % blocks:
+            raise ValueError(
+                f"decoder stage depth {depth} is not a positive multiple of model.lss.blocks={blocks}; "
+                "choose model.depths whose entries it divides, or model.lss.blocks=None"
+            )
+        return depth // blocks, blocks
     if depth > 0 and depth % 3 == 0:
         return depth // 3, 3
     if depth > 0 and depth % 2 == 0:
@@ -259,7 +343,9 @@ def lss_layout(depth: int) -> tuple[int, int]:
     raise ValueError(f"decoder stage depth must be a positive multiple of 2 or 3, got {depth}")
 
 
-def drop_path_schedule(depths: Sequence[int], drop_path_rate: float) -> list[list[float]]:
+def drop_path_schedule(
+    depths: Sequence[int], drop_path_rate: float, blocks: int | None = None
+) -> list[list[float]]:
     """Per stage, the drop-path rate of each LSS module (shared by its HSS blocks).
 
     Rates are ``linspace(0, rate, sum(depths))`` reversed and sliced per stage; the official
@@ -269,7 +355,7 @@ def drop_path_schedule(depths: Sequence[int], drop_path_rate: float) -> list[lis
     dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()[::-1]
     out = []
     for i, depth in enumerate(depths):
-        n_modules, _ = lss_layout(depth)
+        n_modules, _ = lss_layout(depth, blocks)
         start = sum(depths[:i])
         out.append(dpr[start : start + depth][:n_modules])
     return out
@@ -284,12 +370,13 @@ class LSSLayer(nn.Module):
         depth: int,
         drop_paths: Sequence[float],
         upsample: bool,
-        **ss2d_kwargs: object,
+        lss_blocks: int | None = None,
+        **lss_kwargs: object,
     ) -> None:
         super().__init__()
-        n_modules, per_module = lss_layout(depth)
+        n_modules, per_module = lss_layout(depth, lss_blocks)
         self.blocks = nn.ModuleList(
-            LSSModule(dim, depth=per_module, drop_path=drop_paths[j], **ss2d_kwargs) for j in range(n_modules)
+            LSSModule(dim, depth=per_module, drop_path=drop_paths[j], **lss_kwargs) for j in range(n_modules)
         )
         self.upsample = PatchExpand2D(dim) if upsample else None
 
@@ -308,6 +395,8 @@ class MambaDecoder(nn.Module):
     ``[B, C, H, W]`` maps (``dims[3]`` at ``8h``, ``dims[2]`` at ``4h``, ``dims[1]`` at ``2h``).
     ``image_size`` only fixes the size of the stored ``index_flat`` buffers (stage ``i`` is
     built for ``image_size / 32 * 2**i``); forward adapts to the actual input size.
+    ``lss_blocks``, ``lss_kernels``, ``lss_pointwise``, ``lss_residual`` select the LSS
+    design (paper Table 4; see :class:`LSSModule`, :func:`lss_layout`).
     """
 
     def __init__(
@@ -320,6 +409,10 @@ class MambaDecoder(nn.Module):
         num_directions: int = 8,
         scan_backend: str = "auto",
         image_size: int = 256,
+        lss_blocks: int | None = None,
+        lss_kernels: Sequence[int] = DEFAULT_KERNELS,
+        lss_pointwise: bool = True,
+        lss_residual: bool = True,
     ) -> None:
         super().__init__()
         dims, depths = [int(c) for c in dims], [int(d) for d in depths]
@@ -334,7 +427,7 @@ class MambaDecoder(nn.Module):
                 f"2x2 cells for its instance norms), got {image_size}; set data.image_size accordingly"
             )
         self.dims, self.depths = dims, depths
-        schedule = drop_path_schedule(depths, drop_path_rate)
+        schedule = drop_path_schedule(depths, drop_path_rate, lss_blocks)
         base = image_size // 32
         self.layers_up = nn.ModuleList(
             LSSLayer(
@@ -347,6 +440,10 @@ class MambaDecoder(nn.Module):
                 scan_method=scan_method,
                 num_directions=num_directions,
                 scan_backend=scan_backend,
+                lss_blocks=lss_blocks,
+                kernels=lss_kernels,
+                pointwise=lss_pointwise,
+                residual=lss_residual,
             )
             for i, (dim, depth) in enumerate(zip(dims, depths))
         )

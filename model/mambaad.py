@@ -25,7 +25,11 @@ _NORM_TYPES = (
 
 
 class MambaAD(nn.Module):
-    """Teacher features ``net_t(x)`` vs. student reconstruction ``net_s(mff_oce(net_t(x)))``."""
+    """Teacher features ``net_t(x)`` vs. student reconstruction ``net_s(mff_oce(net_t(x)))``.
+
+    ``lss_*`` select the LSS design of the decoder (paper Table 4); the defaults are the
+    paper's model, whose state dict matches the authors' ADer checkpoints key for key.
+    """
 
     def __init__(
         self,
@@ -39,6 +43,10 @@ class MambaAD(nn.Module):
         drop_path_rate: float = 0.2,
         scan_backend: str = "auto",
         image_size: int = 256,
+        lss_blocks: int | None = None,
+        lss_kernels: Sequence[int] = (5, 7),
+        lss_pointwise: bool = True,
+        lss_residual: bool = True,
         log: Callable[[str], object] = print,
     ) -> None:
         super().__init__()
@@ -59,6 +67,10 @@ class MambaAD(nn.Module):
             num_directions=num_directions,
             scan_backend=scan_backend,
             image_size=image_size,
+            lss_blocks=lss_blocks,
+            lss_kernels=lss_kernels,
+            lss_pointwise=lss_pointwise,
+            lss_residual=lss_residual,
         )
         self.frozen_layers = ("net_t",)
         self.train(True)
@@ -95,6 +107,10 @@ class MambaAD(nn.Module):
             feats_t = [f.detach() for f in self.net_t(imgs)]
         feats_s = self.net_s(self.mff_oce(feats_t))
         return feats_t, feats_s
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters forward never uses (the official LSS's ``conv33``); DDP must not wait for them."""
+        return [name for name, _ in self.named_parameters() if ".conv33." in name]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that receive gradients (bottleneck + decoder)."""

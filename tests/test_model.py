@@ -487,3 +487,121 @@ def test_calibration_is_a_no_op_for_loaded_teachers(tmp_path) -> None:
     mean_before = model.net_t.bn1.running_mean.clone()
     assert model.calibrate_teacher([torch.randn(2, 3, 64, 64)]) == 0
     assert torch.equal(model.net_t.bn1.running_mean, mean_before)
+
+
+# LSS designs of the paper's Table 4 (model.lss.*) and hybrid scans of Table 3.
+def _lss(**kwargs: object) -> LSSModule:
+    torch.manual_seed(0)
+    return LSSModule(8, depth=1, size=4, scan_method="sweep", num_directions=2, **kwargs).eval()
+
+
+@pytest.mark.parametrize("kernels", [(1, 3), (3, 5), (5, 7), (1, 3, 5), (3, 5, 7), (1, 3, 5, 7)])
+@pytest.mark.parametrize("pointwise", [True, False])
+def test_lss_variant_layout_and_forward(kernels: tuple[int, ...], pointwise: bool) -> None:
+    lss = _lss(kernels=kernels, pointwise=pointwise)
+    convs = {k.split(".")[0] for k in lss.state_dict() if not k.startswith("smm_blocks")}
+    expected = {f"conv{k}{k}" for k in kernels} | {"finalconv11"}
+    if pointwise:
+        wrap = {7: 3} if kernels == (5, 7) else {}
+        expected |= {f"conv1{p}{wrap.get(k, k)}" for k in kernels for p in "ba"}
+        if kernels == (5, 7):
+            expected.add("conv33")  # the official layout's unused conv
+    assert convs == expected
+    for k in kernels:
+        assert getattr(lss, f"conv{k}{k}")[0].weight.shape == (8, 1, k, k)
+    assert lss.finalconv11.weight.shape == (8, 8 * (1 + len(kernels)), 1, 1)
+    x = torch.randn(1, 4, 4, 8)
+    with torch.no_grad():
+        out = lss(x)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        before, dw, after = lss.branch_names(kernels[-1])
+        assert (before is None) == (after is None) == (not pointwise)
+        getattr(lss, dw)[0].weight.normal_()  # every branch takes part in the output
+        assert not torch.allclose(lss(x), out)
+
+
+def test_lss_residual_switch() -> None:
+    x = torch.randn(1, 4, 4, 8)
+    for residual in (True, False):
+        lss = _lss(residual=residual)
+        with torch.no_grad():
+            lss.finalconv11.weight.zero_()
+            lss.finalconv11.bias.zero_()
+            out = lss(x)
+        assert torch.equal(out, x if residual else torch.zeros_like(x))
+
+
+def test_lss_blocks_per_module() -> None:
+    assert lss_layout(6, blocks=1) == (6, 1)
+    assert lss_layout(4, blocks=2) == (2, 2)
+    with pytest.raises(ValueError, match=r"model\.lss\.blocks=3"):
+        lss_layout(4, blocks=3)
+    dec = MambaDecoder(
+        dims=(32, 16, 8, 4), depths=(3, 4, 6, 3), image_size=64, num_directions=2, lss_blocks=1
+    )
+    assert [len(layer.blocks) for layer in dec.layers_up] == [3, 4, 6, 3]
+    assert all(len(m.smm_blocks) == 1 for layer in dec.layers_up for m in layer.blocks)
+    # every LSS module takes its own drop-path rate: all 16 rates, reversed
+    rates = [m.smm_blocks[0].drop_path.drop_prob for layer in dec.layers_up for m in layer.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.2, 16).tolist()[::-1])
+
+
+@pytest.mark.parametrize("kernels", [(), (4, 5), (3, 3), (0, 1)])
+def test_lss_invalid_kernels(kernels: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"model\.lss\.kernels"):
+        _lss(kernels=kernels)
+
+
+def test_default_lss_config_gives_the_paper_model() -> None:
+    from configs.defaults import MambaADDefaults
+
+    lss = MambaADDefaults().model.lss
+    assert (lss.blocks, list(lss.kernels), lss.pointwise, lss.residual) == (None, [5, 7], True, True)
+    default = _lss()
+    explicit = _lss(kernels=[7, 5], pointwise=True, residual=True)
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    for key, value in default.state_dict().items():
+        assert torch.equal(value, explicit.state_dict()[key]), key
+
+
+def test_build_model_passes_lss_and_hybrid_scan_options() -> None:
+    import logging
+    from pathlib import Path
+
+    from model.build import build_model
+    from util.config import load_config
+
+    overrides = [
+        "model.depths=[2,2,2,2]",
+        "model.teacher.name=resnet18",
+        "data.image_size=64",
+        "model.lss.blocks=1",
+        "model.lss.kernels=[3,5,7]",
+        "model.lss.pointwise=False",
+        "model.lss.residual=False",
+        "model.scan.method=zigzag+hilbert",
+        "model.scan.directions=4",
+    ]
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs/mambaad_demo.py", overrides)
+    model = build_model(cfg, logging.getLogger("test"))
+    module = model.net_s.layers_up[1].blocks[1]
+    assert module.kernels == (3, 5, 7) and not module.pointwise and not module.residual
+    assert len(model.net_s.layers_up[1].blocks) == 2 and len(module.smm_blocks) == 1
+    assert module.smm_blocks[0].self_attention.scans.method == "zigzag+hilbert"
+    with torch.no_grad():
+        ft, fs = model.eval()(torch.randn(1, 3, 64, 64))
+    assert [f.shape for f in fs] == [f.shape for f in ft]
+
+
+def test_hybrid_scan_shares_directions() -> None:
+    m = SS2D(d_model=8, size=4, scan_method="zigzag+hilbert", num_directions=8)
+    perms = m.scans.perms
+    assert torch.equal(perms[:4], direction_permutations("zigzag", 4, 4, 4))
+    assert torch.equal(perms[4:], direction_permutations("hilbert", 4, 4, 4))
+    assert m.scans.matches_index()
+    four = SS2D(d_model=8, size=4, scan_method="scan+zorder+zigzag+hilbert", num_directions=8)
+    assert torch.equal(four.scans.perms[6:], direction_permutations("hilbert", 4, 4, 2))
+    with pytest.raises(ValueError, match="equal shares"):
+        SS2D(d_model=8, size=4, scan_method="scan+zorder+zigzag+hilbert", num_directions=4)
+    with pytest.raises(ValueError, match="scan_method"):
+        SS2D(d_model=8, size=4, scan_method="hilbert+hilbert", num_directions=8)

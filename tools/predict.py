@@ -2,6 +2,11 @@
 
     python tools/predict.py -c configs/mambaad_demo.py --checkpoint runs/RUN/net.pth \\
         --input path/to/images --output predictions/
+    python tools/predict.py --checkpoint runs/RUN --input path/to/images --output predictions/
+
+Without ``-c`` the config comes from the run folder's ``config.json`` (a run folder or a
+file inside one), else the paper model (official checkpoints). The model code is the
+Python API's (``mambaad.load_model`` / ``mambaad.predict``).
 
 Writes, per image, ``<stem>.npy`` (float32 anomaly map at the model's input size, after
 the Gaussian blur), ``<stem>.png`` (the image with a heat-map overlay) and one
@@ -25,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.default_ad import load_image
 from data.meta import IMAGE_EXTENSIONS
-from model.build import build_model
+from mambaad import load_model, predict_batch
 from trainer.ad_trainer import resolve_device
-from util.anomaly_map import anomaly_maps_and_scores
-from util.config import ConfigError, load_config
+from util.config import ConfigError
 from util.logger import get_logger
 
 
@@ -73,8 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-c", "--config", required=True, help="the config the model was trained with")
-    parser.add_argument("--checkpoint", required=True, help="net.pth or ckpt.pth of a run")
+    parser.add_argument(
+        "-c", "--config", default=None, help="the config the model was trained with (default: the run's)"
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a run folder, its net.pth / ckpt.pth, or an official file"
+    )
     parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
     parser.add_argument(
         "--output", required=True, type=Path, help="folder for .npy maps, overlays and scores.csv"
@@ -90,27 +98,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Predict every input image; returns the process exit code."""
     args = parse_args(argv)
+    log = get_logger()
     try:
-        cfg = load_config(args.config, [*args.overrides, f"model.checkpoint={args.checkpoint}"])
-    except ConfigError as err:
+        model = load_model(args.checkpoint, config=args.config, overrides=args.overrides, log=log)
+    except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    log = get_logger()
+    device = resolve_device(model.cfg.device)
+    model.net.to(device)
+    model.device = device
     files = list_images(args.input)
     names = dict(zip(files, output_names(files, args.input), strict=True))
-    device = resolve_device(cfg.device)
-    model = build_model(cfg, log).to(device).eval()
-    size = cfg.data.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = model.image_size
     args.output.mkdir(parents=True, exist_ok=True)
 
     maps: list[np.ndarray] = []
     scores: list[float] = []
     for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch"):
         chunk = files[start : start + args.batch_size]
-        imgs = torch.stack([load_image(p, size) for p in chunk]).to(device)
-        feats_t, feats_s = model(imgs)
-        batch_maps, batch_scores = anomaly_maps_and_scores(feats_t, feats_s, size, cfg.evaluator.sigma)
+        batch_maps, batch_scores = predict_batch(model, chunk)
         for path, amap, score in zip(chunk, batch_maps.cpu().numpy(), batch_scores.tolist(), strict=True):
             np.save(args.output / f"{names[path]}.npy", amap.astype(np.float32))
             maps.append(amap)

@@ -30,7 +30,7 @@ _PURE_BACKENDS = ("chunked", "ref")
 _denormals_flushed = False
 
 
-def _flush_denormals_on_cpu() -> None:
+def flush_denormals_on_cpu() -> None:
     """Make CPU float math flush denormals to zero (process-wide, once).
 
     Decays ``exp(delta * A)`` multiplied step after step underflow into denormal floats,
@@ -42,6 +42,20 @@ def _flush_denormals_on_cpu() -> None:
     if not _denormals_flushed:
         torch.set_flush_denormal(True)
         _denormals_flushed = True
+
+
+def prepare_cpu() -> None:
+    """Put the CPU in the state the scan leaves it in, before any other work of a run.
+
+    Flushes denormals and starts Numba's thread pool (when the ``cpu`` backend is
+    available), so that the first training step computes exactly like the later ones and
+    a run, or a resumed run, is reproducible bit for bit.
+    """
+    flush_denormals_on_cpu()
+    if _numba_available():
+        from model.ops.selective_scan_cpu import start_thread_pool
+
+        start_thread_pool()
 
 
 def _mamba_ssm_kernel():
@@ -203,7 +217,13 @@ def selective_scan_fn(
     (see README, Selective-scan backends).
     """
     if not u.is_cuda:
-        _flush_denormals_on_cpu()
+        flush_denormals_on_cpu()
+    if torch.is_autocast_enabled(u.device.type):
+        # mixed precision elsewhere, fp32 here: the recurrence's state would lose too much in 16 bits
+        with torch.autocast(u.device.type, enabled=False):
+            args = (u, delta, A, B, C, D, delta_bias)
+            u, delta, A, B, C, D, delta_bias = (None if x is None else x.float() for x in args)
+            return selective_scan_fn(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
     if backend == "auto":
         if u.is_cuda:
             if _mamba_ssm_kernel() is not None:

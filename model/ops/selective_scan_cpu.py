@@ -182,8 +182,30 @@ if NUMBA_AVAILABLE:
                 dbias[bi, c] = dbias_acc
 
 
+_pool_started = False
+
+
+def start_thread_pool() -> None:
+    """Start Numba's thread pool once, keeping torch's own thread count.
+
+    Numba's OpenMP layer shares the OpenMP runtime with torch, and starting it resets torch
+    to one thread per core (e.g. ``OMP_NUM_THREADS=1`` silently became 2 threads here): that
+    oversubscribes busy machines and makes the first steps of a run numerically different
+    from later ones. Callers that want identical runs start the pool before any other work.
+    """
+    global _pool_started
+    if _pool_started:
+        return
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    _pool_started = True
+
+
 def _set_threads() -> None:
     """Run the kernels on as many threads as torch uses (capped by Numba's pool size)."""
+    start_thread_pool()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 

@@ -1,0 +1,168 @@
+"""Python API for notebooks and scripts: load a trained MambaAD model, score images.
+
+    from mambaad import load_model, predict
+    model = load_model("runs/mambaad_mvtec_20261125-101500")      # a run folder, or a .pth file
+    result = predict(model, ["a.png", pil_image, uint8_array])    # paths, PIL images, HxWx3 arrays
+    result.scores    # [N] image scores (max of each map)
+    result.maps      # [N, H, W] float32 anomaly maps at the model's input size (blurred)
+
+``tools/predict.py`` is the command-line front end of the same functions. Images are
+prepared exactly as in evaluation (RGB, bilinear resize to ``data.image_size``, ImageNet
+normalisation), so a file scores the same here, in ``tools/predict.py`` and in ``-m test``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.default_ad import image_to_tensor, load_image
+from model.build import build_model
+from model.ops.selective_scan import prepare_cpu
+from util.anomaly_map import anomaly_maps_and_scores
+from util.config import BaseConfig, ConfigError, load_config, load_run_config
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CONFIG = REPO / "configs" / "defaults.py"
+ImageInput = str | Path | Image.Image | np.ndarray
+
+__all__ = ["Detector", "Prediction", "config_from_run", "load_model", "predict", "prepare_image"]
+
+
+@dataclass
+class Prediction:
+    """Scores ``[N]`` and anomaly maps ``[N, H, W]`` (float32, at the model's input size)."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class Detector:
+    """A loaded model with the config it was built from, ready for :func:`predict`."""
+
+    net: torch.nn.Module
+    cfg: BaseConfig
+    device: torch.device
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Input size ``(H, W)`` the images are resized to."""
+        size = self.cfg.data.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def predict(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> Prediction:
+        """Same as :func:`predict` ``(self, images, batch_size)``."""
+        return predict(self, images, batch_size)
+
+
+def config_from_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> BaseConfig:
+    """The config a run used (``run_dir/config.json`` over its config class); ``overrides`` apply on top."""
+    try:
+        return load_run_config(run_dir, overrides, default_config=DEFAULT_CONFIG)
+    except ConfigError as err:
+        raise FileNotFoundError(f"{err}; or pass config=CONFIG_FILE for a bare checkpoint") from err
+
+
+def _resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(
+    checkpoint_or_run_dir: str | Path,
+    config: str | Path | BaseConfig | None = None,
+    device: str | torch.device = "cpu",
+    overrides: Sequence[str] = (),
+    log: logging.Logger | None = None,
+) -> Detector:
+    """Load weights (our ``net.pth``/``ckpt.pth`` or the authors' official files) for prediction.
+
+    ``checkpoint_or_run_dir``: a run folder (its ``net.pth``, else ``ckpt.pth``, and its
+    ``config.json``) or a checkpoint file. ``config``: a config file or object; by default the
+    run's ``config.json`` (also for a file inside a run folder), else the paper model
+    (``configs/defaults.py``, as for official checkpoints). ``overrides``: ``key=value`` strings.
+    """
+    source = Path(checkpoint_or_run_dir)
+    if source.is_dir():
+        candidates = [source / "net.pth", source / "ckpt.pth"]
+        checkpoint = next((p for p in candidates if p.is_file()), None)
+        if checkpoint is None:
+            raise FileNotFoundError(f"run folder {source} holds neither net.pth nor ckpt.pth")
+    elif source.is_file():
+        checkpoint = source
+    else:
+        raise FileNotFoundError(f"{source} does not exist; pass a run folder or a .pth checkpoint")
+    extra = [*overrides, f"model.checkpoint={checkpoint}"]
+    if isinstance(config, BaseConfig):
+        cfg = config
+        cfg.model.checkpoint = str(checkpoint)
+    elif config is not None:
+        cfg = load_config(config, extra)
+    elif (checkpoint.parent / "config.json").is_file():
+        cfg = config_from_run(checkpoint.parent, extra)
+    else:
+        cfg = load_config(DEFAULT_CONFIG, extra)
+    log = log or logging.getLogger("mambaad")
+    dev = _resolve_device(device)
+    if dev.type == "cpu":
+        prepare_cpu()  # keeps the caller's torch thread count (see model.ops.selective_scan.prepare_cpu)
+    net = build_model(cfg, log)
+    return Detector(net=net.to(dev).eval(), cfg=cfg, device=dev)
+
+
+def prepare_image(image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
+    """One input as the model sees it: float32 ``[3, H, W]``, resized and ImageNet-normalised.
+
+    Accepts a file path, a PIL image (any mode) or a uint8 array (``HxW``, ``HxWx3`` RGB or
+    ``HxWx4`` RGBA); a path gives exactly what evaluation uses (``data.default_ad.load_image``).
+    """
+    if isinstance(image, (str, Path)):
+        return load_image(image, size)
+    if isinstance(image, np.ndarray):
+        channels_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+        if image.dtype != np.uint8 or not channels_ok:
+            raise ValueError(
+                f"array images must be uint8 HxW, HxWx3 (RGB) or HxWx4, got {image.dtype} {image.shape}; "
+                "convert floats with (x * 255).round().astype(np.uint8)"
+            )
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"cannot predict on {type(image).__name__}; pass paths, PIL images or uint8 arrays")
+    return image_to_tensor(image, size)
+
+
+@torch.no_grad()
+def predict_batch(model: Detector, images: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps ``[B, H, W]`` and scores ``[B]`` (tensors on the model's device) for one batch."""
+    size = model.image_size
+    imgs = torch.stack([prepare_image(im, size) for im in images]).to(model.device)
+    feats_t, feats_s = model.net(imgs)
+    return anomaly_maps_and_scores(feats_t, feats_s, size, model.cfg.evaluator.sigma)
+
+
+def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> Prediction:
+    """Anomaly scores and maps for a list of images (paths, PIL images or uint8 arrays)."""
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        images = [images]
+    images = list(images)
+    if not images:
+        raise ValueError("predict needs at least one image")
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+        batch_maps, batch_scores = predict_batch(model, images[start : start + batch_size])
+        maps.append(batch_maps.float().cpu().numpy())
+        scores.append(batch_scores.float().cpu().numpy())
+    return Prediction(scores=np.concatenate(scores), maps=np.concatenate(maps).astype(np.float32))

@@ -1,0 +1,260 @@
+"""tools/sweep.py (grid expansion, skip/resume logic, emitted scripts) and tools/collect.py (tables)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.mamba_decoder import LSSModule, split_scan_method
+from tools import collect, sweep
+from util.config import load_config
+from util.metrics import METRIC_NAMES
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEPS = REPO / "configs" / "sweeps"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_cartesian_grid_expansion(tmp_path: Path) -> None:
+    grid = _write(
+        tmp_path / "g.yaml",
+        "model.scan.method: [sweep, scan, zorder, zigzag, hilbert]\n"
+        "model.scan.directions: [2, 4, 8]\n"
+        "model.depths: [[2,2,2,2], [3,4,6,3], [2,9,2,2]]\n",
+    )
+    combos = sweep.load_grid(grid)
+    assert len(combos) == 5 * 3 * 3
+    assert len({c.name for c in combos}) == len(combos)
+    first = combos[0]
+    assert first.name == "method-sweep_directions-2_depths-2-2-2-2"
+    assert first.overrides == ["model.scan.method=sweep", "model.scan.directions=2", "model.depths=[2,2,2,2]"]
+    assert [c.name for c in sweep.load_grid(grid)] == [c.name for c in combos]  # stable names
+    cfg = load_config(REPO / "configs/mambaad_demo.py", combos[-1].overrides)
+    assert cfg.model.depths == [2, 9, 2, 2] and cfg.model.scan.method == "hilbert"
+
+
+def test_rows_fixed_and_grid_combine(tmp_path: Path) -> None:
+    grid = _write(
+        tmp_path / "g.yaml",
+        "fixed: {trainer.epochs: 3}\n"
+        "grid: {seed: [1, 2]}\n"
+        "rows:\n"
+        "  - {name: a, model.lss.kernels: [3, 5]}\n"
+        "  - {name: b, model.lss.blocks: null}\n",
+    )
+    combos = sweep.load_grid(grid)
+    assert [c.name for c in combos] == ["a_seed-1", "a_seed-2", "b_seed-1", "b_seed-2"]
+    assert combos[0].overrides == ["trainer.epochs=3", "model.lss.kernels=[3,5]", "seed=1"]
+    assert combos[3].overrides == ["trainer.epochs=3", "model.lss.blocks=None", "seed=2"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model.depths: []\n", "non-empty list"),
+        ("grid: {seed: [1]}\ntypo: 1\n", "unknown top-level"),
+        ("rows:\n  - {name: a, seed: 1}\n  - {name: a, seed: 2}\n", "distinct 'name'"),
+        ("rows: 3\n", "list of mappings"),
+        ("[unclosed\n", "not valid YAML"),
+    ],
+)
+def test_grid_errors_name_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path / "bad.yaml", text)
+    with pytest.raises(sweep.GridError, match=message) as err:
+        sweep.load_grid(path)
+    assert "bad.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "grid, count", [("table2_backbone_depth.yaml", 7), ("table3_scans.yaml", 12), ("table4_lss.yaml", 21)]
+)
+def test_shipped_grids_expand_to_valid_configs(grid: str, count: int) -> None:
+    combos = sweep.load_grid(SWEEPS / grid)
+    assert len(combos) == count
+    for combo in combos:
+        cfg = load_config(REPO / "configs/mambaad_mvtec.py", combo.overrides)  # every key exists
+        split_scan_method(cfg.model.scan.method, cfg.model.scan.directions)
+        lss = cfg.model.lss
+        module = LSSModule(  # each design builds and runs (tiny width)
+            8,
+            depth=lss.blocks or 2,
+            size=4,
+            scan_method="sweep",
+            num_directions=2,
+            kernels=lss.kernels,
+            pointwise=lss.pointwise,
+            residual=lss.residual,
+        ).eval()
+        with torch.no_grad():
+            assert module(torch.randn(1, 4, 4, 8)).shape == (1, 4, 4, 8)
+
+
+def _fake_run(folder: Path, epochs: int, final_epoch: int | None, ckpt: bool = False, **cfg: object) -> Path:
+    """A run folder as the trainer writes it: config.json, optional metrics.json / ckpt.pth."""
+    folder.mkdir(parents=True)
+    config = {"trainer": {"epochs": epochs}, "model": {"depths": [3, 4, 6, 3]}, "output_dir": str(folder)}
+    for key, value in cfg.items():
+        section, leaf = key.split("__")
+        config.setdefault(section, {})[leaf] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    if final_epoch is not None:
+        mean = {m: 0.5 + 0.01 * i + 0.001 * final_epoch for i, m in enumerate(METRIC_NAMES)}
+        results = {"a": mean, "b": mean, "mean": mean}
+        final = {"epoch": final_epoch, "step": 1, "results": results}
+        (folder / "metrics.json").write_text(json.dumps({"final": final, "history": [final]}))
+    if ckpt:
+        (folder / "ckpt.pth").write_bytes(b"")
+    return folder
+
+
+def test_run_status_skip_and_resume(tmp_path: Path) -> None:
+    assert sweep.run_status(tmp_path / "none") == ("new", None)
+    done = _fake_run(tmp_path / "done" / "cfg_20261125-101010", epochs=5, final_epoch=5)
+    assert sweep.run_status(tmp_path / "done") == ("done", done)
+    part = _fake_run(tmp_path / "part" / "cfg_20261125-101010", epochs=5, final_epoch=2, ckpt=True)
+    assert sweep.run_status(tmp_path / "part") == ("partial", part)
+    _fake_run(tmp_path / "crashed" / "cfg_20261125-101010", epochs=5, final_epoch=None)
+    assert sweep.run_status(tmp_path / "crashed") == ("new", None)
+
+
+def test_dry_run_skips_finished_and_resumes_partial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = _write(tmp_path / "g.yaml", "seed: [1, 2, 3]\n")
+    out = tmp_path / "sweep"
+    _fake_run(out / "seed-1" / "demo_20261125-101010", epochs=1, final_epoch=1)
+    part = _fake_run(out / "seed-2" / "demo_20261125-101010", epochs=4, final_epoch=2, ckpt=True)
+    args = ["--config", str(REPO / "configs/mambaad_demo.py"), "--grid", str(grid), "--out", str(out)]
+    assert sweep.main([*args, "--dry-run", "trainer.epochs=4"]) == 0
+    text = capsys.readouterr().out
+    assert "3 combinations, 2 to run" in text
+    assert "skip seed-1" in text
+    lines = [line for line in text.splitlines() if line.startswith("would run")]
+    assert len(lines) == 2
+    assert f"trainer.resume={part}" in lines[0] and "seed=2" in lines[0]
+    assert "trainer.epochs=4" in lines[1] and f"output_dir={out / 'seed-3'}" in lines[1]
+    assert not (out / "sweep.json").exists()  # a dry run writes nothing
+
+    assert sweep.main([*args, "--emit", "slurm"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --array=0-1" in script and script.count("run.py -c configs/mambaad_demo.py") == 2
+    assert sweep.main([*args, "--emit", "torchrun", "--nproc", "4"]) == 0
+    assert capsys.readouterr().out.count("torchrun --nproc_per_node=4 run.py") == 2
+
+
+def test_collect_tables(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    _fake_run(sweep_dir / "hilbert" / "demo_20261125-101010", 5, 5, model__scan_method="hilbert", seed__x=1)
+    _fake_run(sweep_dir / "zigzag" / "demo_20261125-111111", 5, 4, model__scan_method="zigzag", seed__x=1)
+    runs = collect.find_runs([sweep_dir])
+    assert [label for label, _ in runs] == ["hilbert", "zigzag"]
+    _fake_run(sweep_dir / "zigzag" / "demo_20261126-090000", 5, 5, model__scan_method="zigzag", seed__x=1)
+    labels = [label for label, _ in collect.find_runs([sweep_dir])]
+    assert labels == ["hilbert", "zigzag/demo_20261125-111111", "zigzag/demo_20261126-090000"]
+    header, rows = collect.build_table(runs)
+    assert header[:2] == ["run", "model.scan_method"]  # only the differing key (not output_dir)
+    assert header[2:] == [*METRIC_NAMES, "mAD"]
+    assert rows[0][1] == "hilbert" and rows[1][1] == "zigzag"
+    expected = [100 * (0.5 + 0.01 * i + 0.005) for i in range(7)]
+    assert rows[0][2:9] == pytest.approx(expected)
+    assert rows[0][9] == pytest.approx(sum(expected) / 7)
+
+    md = collect.render(header, rows, "markdown", digits=1)
+    assert md.splitlines()[1].startswith("|:---|:---|---:")
+    assert "| hilbert | hilbert | 50.5 | 51.5 |" in md
+    csv_text = collect.render(header, rows, "csv", digits=3)
+    assert csv_text.splitlines()[1].startswith("hilbert,hilbert,50.500,51.500")
+    tex = collect.render(header, rows, "latex")
+    assert "\\begin{tabular}{llrrrrrrrr}" in tex and "model.scan\\_method" in tex
+
+
+def test_collect_mean_without_mean_row_and_errors(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    results = {"a": {m: 0.2 for m in METRIC_NAMES}, "b": {m: 0.4 for m in METRIC_NAMES}}
+    (run / "metrics.json").write_text(json.dumps({"final": {"epoch": 1, "results": results}}))
+    metrics = collect.mean_metrics(run)
+    assert metrics["I-AUROC"] == pytest.approx(30.0) and metrics["mAD"] == pytest.approx(30.0)
+    assert collect.main([str(tmp_path / "missing")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert collect.main([str(empty)]) == 2
+    assert not math.isnan(metrics["AUPRO"])
+
+
+@pytest.mark.slow
+def test_real_tiny_sweep_and_collect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from data.synthetic import generate_demo_dataset
+
+    data = tmp_path / "data"
+    generate_demo_dataset(data, image_size=48, n_train=2, n_test_good=1, n_test_bad=2, classes=["weave"])
+    grid = _write(tmp_path / "g.yaml", "model.scan.method: [sweep, hilbert]\n")
+    out = tmp_path / "sweep"
+    common = [
+        f"data.root={data}",
+        "data.synthetic=False",
+        "data.image_size=64",
+        "data.batch_size=2",
+        "model.teacher.name=resnet18",
+        "model.depths=[2,2,2,2]",
+        "model.scan.directions=2",
+        "model.teacher.calibrate_batches=1",
+        "trainer.epochs=1",
+        "device=cpu",
+    ]
+    args = ["--config", str(REPO / "configs/mambaad_demo.py"), "--grid", str(grid), "--out", str(out)]
+    assert sweep.main([*args, "--jobs", "2", *common]) == 0
+    for name in ("method-sweep", "method-hilbert"):
+        assert sweep.run_status(out / name)[0] == "done", (out / name / "stdout.txt").read_text()[-2000:]
+    assert json.loads((out / "sweep.json").read_text())["runs"]["method-hilbert"] == [
+        "model.scan.method=hilbert"
+    ]
+    capsys.readouterr()
+    assert sweep.main([*args, *common]) == 0  # everything finished: nothing runs again
+    assert "2 combinations, 0 to run" in capsys.readouterr().out
+    assert collect.main([str(out), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("run,model.scan.method,I-AUROC")
+    assert sorted(line.split(",")[1] for line in lines[1:]) == ["hilbert", "sweep"]
+
+
+def test_collect_cost_columns(tmp_path: Path) -> None:
+    from util.config import save_config
+
+    small = ["model.teacher.name=resnet18", "model.depths=[2,2,2,2]", "model.scan.directions=2"]
+    for name, size in (("s64", 64), ("s128", 128)):
+        run = _fake_run(tmp_path / name, 1, 1)
+        save_config(
+            load_config(REPO / "configs/mambaad_demo.py", [*small, f"data.image_size={size}"]),
+            run / "config.json",
+        )
+    header, rows = collect.build_table(collect.find_runs([tmp_path]), cost=True)
+    assert header[:5] == ["run", "data.image_size", "model.image_size", "Params(M)", "FLOPs(G)"]
+    by_size = {row[1]: row for row in rows}
+    assert by_size[64][3] == pytest.approx(by_size[128][3], rel=0.01)  # same weights (index buffers aside)
+    assert by_size[128][4] > 3.5 * by_size[64][4]  # ~4x the FLOPs at twice the side
+
+
+def test_invalid_combination_stops_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid = _write(tmp_path / "g.yaml", "model.scan.methd: [sweep]\n")
+    args = [
+        "--config",
+        str(REPO / "configs/mambaad_demo.py"),
+        "--grid",
+        str(grid),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert "method-sweep" in err or "methd-sweep" in err
+    assert "model.scan.method" in err  # the suggestion
+    assert not (tmp_path / "o").exists()
