@@ -42,22 +42,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from trainer import TRAINERS
+    from util.distributed import shutdown
+    from util.signals import TrainingInterruptedError
 
-    trainer = TRAINERS.build(cfg.trainer.type, cfg, mode=args.mode)
     try:
-        if args.mode == "train":
-            trainer.train()
-        else:
-            trainer.test()
-    except KeyboardInterrupt:
-        hint = ""
-        if args.mode == "train" and (trainer.run_dir / "ckpt.pth").is_file():
-            again = " ".join([*args.overrides, f"trainer.resume={trainer.run_dir}"])
-            hint = f"; continue with: python run.py -c {args.config} {again}"
-        trainer.log.warning("interrupted%s", hint)
-        return 130
-    trainer.log.info("done; results in %s", trainer.run_dir)
-    return 0
+        trainer = TRAINERS.build(cfg.trainer.type, cfg, mode=args.mode)
+        try:
+            if args.mode == "train":
+                trainer.train()
+            else:
+                trainer.test()
+        except TrainingInterruptedError as stop:
+            trainer.log.warning("%s", stop)
+            return stop.exit_code
+        except KeyboardInterrupt:
+            hint = ""
+            if args.mode == "train" and (trainer.run_dir / "ckpt.pth").is_file():
+                again = " ".join([*args.overrides, f"trainer.resume={trainer.run_dir}"])
+                hint = f"; continue from the last checkpoint with: python run.py -c {args.config} {again}"
+            trainer.log.warning("interrupted%s", hint)
+            return 130
+        trainer.log.info("done; results in %s", trainer.run_dir)
+        return 0
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

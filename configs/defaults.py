@@ -19,6 +19,9 @@ class MambaADDefaults(BaseConfig):
         self.seed = 42
         self.device = "auto"  # auto: cuda if available, else cpu
         self.output_dir = "runs"
+        self.vis = (
+            False  # True: per-class grids of the worst/best test images in RUN_DIR/vis/ at each evaluation
+        )
         self.data = Section(
             type="DefaultAD",
             root="datasets/mvtec",
@@ -30,6 +33,7 @@ class MambaADDefaults(BaseConfig):
             num_workers=None,  # derived: min(4, CPU count)
             synthetic=False,  # True: generate the embedded demo data set into root first
             cache=None,  # None, "memory" or "npy": keep decoded, resized images between epochs
+            cache_dir=None,  # folder for data.cache=npy; None = <root>/.cache
             views=None,  # multi-view data (Real-IAD): camera views to use, e.g. ["C1", "C2"]; None = all
         )
         self.model = Section(
@@ -43,6 +47,10 @@ class MambaADDefaults(BaseConfig):
             scan=Section(method="hilbert", directions=8, backend="auto"),
             d_state=16,
             drop_path=0.2,
+            # LSS module design (paper Table 4): blocks = HSS blocks per LSS module (None: 3 if the
+            # stage depth is a multiple of 3, else 2); kernels = depth-wise kernel of each local
+            # branch; pointwise = 1x1 convs around each depth-wise conv; residual = "+ x" skip.
+            lss=Section(blocks=None, kernels=[5, 7], pointwise=True, residual=True),
             checkpoint=None,  # full MambaAD weights (net.pth / ckpt.pth) to test or start from
             image_size=None,  # derived: data.image_size
         )
@@ -61,10 +69,24 @@ class MambaADDefaults(BaseConfig):
             test_every=None,  # derived: epochs // 10 (the last epoch is always evaluated)
             grad_clip=5.0,
             log_every=50,  # iterations between log lines
-            resume=None,  # RUN_DIR to continue
-            save_every=1,  # epochs between checkpoints
+            resume=None,  # RUN_DIR to continue (after a crash, SIGKILL, SIGTERM or Ctrl-C)
+            save_every=1,  # epochs between checkpoints (evaluated epochs are always saved)
+            save_every_steps=0,  # also checkpoint every N optimiser steps inside an epoch; 0 = off
+            keep_checkpoints=1,  # K > 1 also keeps the last K as checkpoints/ckpt_e<epoch>_b<batch>.pth
+            amp="none",  # none, bf16 or fp16 (fp16 with a gradient scaler); the scan stays fp32
+            accumulate=1,  # split each data.batch_size batch into K steps (same result, less memory)
+            deterministic=False,  # deterministic kernels (exact resume on GPUs; slower)
+            sync_bn=False,  # SyncBatchNorm in the bottleneck for multi-GPU runs (NCCL only)
         )
-        self.evaluator = Section(type="ad_evaluator", sigma=4.0)
+        self.evaluator = Section(
+            type="ad_evaluator",
+            sigma=4.0,  # Gaussian blur of the anomaly maps
+            mode="exact",  # "exact" (all thresholds) or "ader" (the official code's binned approximations)
+            map_dtype="float16",  # storage of the test maps: float16 or float32
+            spill_dir=None,  # folder for maps moved to disk (None: a temporary folder)
+            spill_mb=512,  # MB of maps kept in RAM (all classes) before the rest goes to disk; None: never
+            plots=False,  # write ROC / PR / PRO curve PNGs per class into the run folder's curves/
+        )
 
     def derive(self) -> None:
         """Recompute values that depend on others (called after command-line overrides)."""

@@ -97,12 +97,27 @@ def _read_rgb(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, 
     return np.asarray(im), src_size
 
 
+def _rgb_to_tensor(rgb: np.ndarray, normalize: bool) -> torch.Tensor:
+    arr = rgb.transpose(2, 0, 1).astype(np.float32)
+    arr = arr * _SCALE - _SHIFT if normalize else arr / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def image_to_tensor(
+    im: Image.Image, image_size: int | tuple[int, int], normalize: bool = True
+) -> torch.Tensor:
+    """A decoded PIL image (any mode) as float32 [3, H, W], exactly as :func:`load_image` prepares files."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    im = _to_rgb(im)
+    if im.size != (w, h):
+        im = im.resize((w, h), _RESAMPLE)
+    return _rgb_to_tensor(np.asarray(im), normalize)
+
+
 def load_image(path: str | Path, image_size: int | tuple[int, int], normalize: bool = True) -> torch.Tensor:
     """One image as float32 [3, H, W]: ImageNet-normalised, or in [0, 1] with ``normalize=False``."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    arr = _read_rgb(str(path), size)[0].transpose(2, 0, 1).astype(np.float32)
-    arr = arr * _SCALE - _SHIFT if normalize else arr / 255.0
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return _rgb_to_tensor(_read_rgb(str(path), size)[0], normalize)
 
 
 def _writable_dir(path: Path) -> bool:

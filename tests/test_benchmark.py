@@ -61,3 +61,14 @@ def test_benchmark_quick_run(tmp_path, capsys):
     assert all(v > 0 for v in _numbers(report))
     table = capsys.readouterr().out
     assert table.startswith("| measurement |") and "speed-up vs ref" in table
+
+
+def test_data_parallel_throughput_rows():
+    """1 process vs 2 torchrun (Gloo) processes at one global batch: both rows measured."""
+    bench = _load_benchmark()
+    result = bench.bench_ddp(image_size=64, batch=2, repeats=1)
+    assert [r["processes"] for r in result["runs"]] == [1, 2]
+    assert all(r["images_per_s"] > 0 for r in result["runs"])
+    assert result["two_vs_one"] == result["runs"][1]["images_per_s"] / result["runs"][0]["images_per_s"]
+    table = bench.markdown_table({"scan": [], "inference": [], "image_size": 64, "train_ddp": result})
+    assert "train images/s, 2 process(es)" in table and "2 processes vs 1" in table

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import run
-from data.synthetic import generate_demo_dataset
 from util.checkpoint import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,15 +19,6 @@ sys.path.insert(0, str(REPO / "tools"))
 import predict  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(
-        root, image_size=48, n_train=4, n_test_good=2, n_test_bad=3, classes=["weave", "washer"]
-    )
-    return root
 
 
 def _overrides(data_root: Path, out: Path, epochs: int) -> list[str]:

@@ -7,7 +7,10 @@ stage shape, forward and forward+backward, per backend; (2) full-model inference
 batch 1 per backend and the best backend's speed-up over ``ref``; (3) one training step
 (forward, backward, AdamW) at batch 4 with the fastest CPU backend, time and peak RSS, in a
 subprocess so the memory peak belongs to that configuration alone; (4) on CUDA, training
-images/s at batch 16 with and without bf16 autocast and the peak GPU memory. Writes a JSON
+images/s at batch 16 with and without bf16 autocast, the peak GPU memory and the implied
+duration of the paper's 500-epoch MVTec schedule; (5) with ``--ddp``, data-parallel
+training throughput for 1 process vs 2 ``torchrun`` processes (Gloo on CPU, NCCL on GPUs)
+at the same global batch. Writes a JSON
 and prints a markdown table. Slow pure-PyTorch backends are skipped where one call would
 take too long or too much memory.
 """
@@ -205,13 +208,65 @@ def bench_train_cuda(image_size: int, batch: int, repeats: int) -> dict:
         x = torch.randn(batch, 3, image_size, image_size, device=device)
         torch.cuda.reset_peak_memory_stats(device)
         seconds = time_call(_train_step_fn(model, x, autocast), repeats, device)
+        ips = None if seconds is None else batch / seconds
         out[name] = {
-            "images_per_s": None if seconds is None else batch / seconds,
+            "images_per_s": ips,
             "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "paper_schedule_hours": None if not ips else MVTEC_TRAIN_IMAGES * PAPER_EPOCHS / ips / 3600,
         }
         del model, x
         torch.cuda.empty_cache()
     return out
+
+
+MVTEC_TRAIN_IMAGES = 3629
+PAPER_EPOCHS = 500
+
+
+def ddp_child(image_size: int, batch: int, repeats: int) -> dict:
+    """One rank of the data-parallel throughput run: a global ``batch`` split over the ranks."""
+    from util.distributed import init_distributed, shutdown, wrap_ddp
+
+    ctx = init_distributed("auto")
+    if ctx.device.type == "cpu":
+        torch.set_flush_denormal(True)
+    model = build_model(image_size, "auto", ctx.device).train()
+    net = wrap_ddp(model, ctx)
+    x = torch.randn(batch // ctx.world_size, 3, image_size, image_size, device=ctx.device)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+
+    def step():
+        feats_t, feats_s = net(x)
+        loss = sum(F.mse_loss(s, t) for t, s in zip(feats_t, feats_s))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = time_call(step, repeats, ctx.device)
+    shutdown()
+    return {"processes": ctx.world_size, "images_per_s": None if seconds is None else batch / seconds}
+
+
+def bench_ddp(image_size: int, batch: int, repeats: int) -> dict:
+    """Training images/s at one global batch: 1 process vs 2 torchrun processes, same cores in total."""
+    child = [str(Path(__file__).resolve()), "--ddp-child", "--image-size", str(image_size)]
+    child += ["--batch", str(batch), "--repeats", str(repeats)]
+    cores = os.cpu_count() or 1
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    rows = []
+    for launcher, threads in (([sys.executable], cores), (torchrun, max(1, cores // 2))):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        proc = subprocess.run(
+            [*launcher, *child], capture_output=True, text=True, check=False, cwd=ROOT, env=env
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"data-parallel benchmark failed:\n{proc.stderr[-2000:]}")
+        rows.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "threads_per_process": threads})
+    one, two = rows
+    ratio = None
+    if one["images_per_s"] and two["images_per_s"]:
+        ratio = two["images_per_s"] / one["images_per_s"]
+    return {"batch": batch, "runs": rows, "two_vs_one": ratio}
 
 
 def machine_info() -> dict:
@@ -280,6 +335,16 @@ def markdown_table(report: dict) -> str:
             )
             mem = f"{cuda[name]['peak_memory_mib']:.0f}"
             lines.append(f"| GPU train peak memory MiB ({name}) | auto | {shape} | {mem} |")
+            hours = _fmt(cuda[name]["paper_schedule_hours"], 3)
+            lines.append(f"| 500 MVTec epochs, hours ({name}) | auto | {shape} | {hours} |")
+    ddp = report.get("train_ddp")
+    if ddp:
+        shape = f"{size}x{size}, global batch {ddp['batch']}"
+        for row in ddp["runs"]:
+            value = _fmt(row["images_per_s"])
+            lines.append(f"| train images/s, {row['processes']} process(es) | auto | {shape} | {value} |")
+        if ddp["two_vs_one"]:
+            lines.append(f"| 2 processes vs 1 | auto | {shape} | {ddp['two_vs_one']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -315,6 +380,9 @@ def run(args: argparse.Namespace) -> dict:
         report["train_cpu"] = bench_train_cpu(cpu_backends[0], image_size, 4, max(1, min(repeats, 3)))
     if torch.cuda.is_available() and not args.no_train:
         report["train_cuda"] = bench_train_cuda(image_size, 16, repeats)
+    if args.ddp:
+        batch = 16 if torch.cuda.is_available() else 4
+        report["train_ddp"] = bench_ddp(image_size, batch, max(1, min(repeats, 3)))
     return report
 
 
@@ -327,13 +395,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (median reported)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
     parser.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ddp",
+        action="store_true",
+        help="also time training in 1 vs 2 torchrun processes (same global batch)",
+    )
     parser.add_argument("--train-child", help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, write the JSON, print the table; returns the report."""
     args = parse_args(argv)
+    if args.ddp_child:
+        result = ddp_child(args.image_size, args.batch, args.repeats)
+        if result["processes"] == 1 or os.environ.get("RANK") == "0":
+            print(json.dumps(result))
+        return {}
     if args.train_child:
         torch.set_flush_denormal(True)
         print(json.dumps(train_child(args.train_child, args.image_size, args.batch, args.repeats)))

@@ -8,9 +8,12 @@ the last evaluation's, never the best epoch picked on the test set.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -25,12 +28,26 @@ from tqdm import tqdm
 from data import DATASETS
 from loss import LOSSES
 from model.build import build_model
+from model.ops.selective_scan import prepare_cpu
 from trainer import EVALUATORS
 from util.anomaly_map import anomaly_maps_and_scores
-from util.checkpoint import atomic_save, load_file
+from util.checkpoint import atomic_save, load_file, remove_partial_writes, save_rotating
 from util.config import BaseConfig, config_to_dict, diff_configs, save_config
+from util.distributed import (
+    EpochShardSampler,
+    ShardSampler,
+    all_gather_padded,
+    any_rank,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    steps_for_all,
+    wrap_ddp,
+)
 from util.logger import get_logger
 from util.metrics import format_table
+from util.signals import StopRequest, TrainingInterruptedError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +62,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def enable_determinism() -> None:
+    """Deterministic kernels where PyTorch has them (warns where it has none); no cuDNN autotuning."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,20 +93,54 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _NullWriter:
+    """Stands in for TensorBoard's writer on ranks other than 0."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        """Discard the value."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+_AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 class ADTrainer:
-    """Builds data, model, loss, optimiser and evaluator from a config; trains and tests."""
+    """Builds data, model, loss, optimiser and evaluator from a config; trains and tests.
+
+    Runs as one process or as one rank of a ``torchrun`` job: rank 0 alone writes the run
+    folder (logs, TensorBoard, checkpoints, metrics); every rank trains on its shard of each
+    epoch and scores its shard of the test set, whose maps are gathered on rank 0.
+    """
 
     def __init__(self, cfg: BaseConfig, mode: str = "train") -> None:
         self.cfg = cfg
         self.mode = mode
-        self.device = resolve_device(cfg.device)
-        self.run_dir = self._make_run_dir()
-        self.log = get_logger(self.run_dir)
+        t = cfg.trainer
+        self.dist = init_distributed(cfg.device)
+        self.device = self.dist.device
+        if self.device.type == "cpu":
+            # from the first operation on, not from the first scan: runs stay bit-identical
+            prepare_cpu()
+        self._check_options()
+        if t.deterministic:
+            enable_determinism()
+        self.run_dir = broadcast_object(self._make_run_dir() if self.dist.is_main else None, self.dist)
+        if self.dist.is_main:
+            self.log = get_logger(self.run_dir)
+        else:
+            self.log = get_logger(None, name=f"mambaad.rank{self.dist.rank}")
+            self.log.setLevel(logging.ERROR)  # rank 0 reports; the others only on failure
         self.log.info("run folder: %s", self.run_dir)
-        self.log.info("device: %s", self.device)
-        seed_everything(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-
+        self.log.info(
+            "device: %s%s",
+            self.device,
+            f" x {self.dist.world_size} processes (torchrun)" if self.dist.distributed else "",
+        )
+        self.micro_batch = self._micro_batch()
+        seed_everything(cfg.seed)  # identical model initialisation on every rank
         self.train_loader = self._build_loader("train") if mode == "train" else None
         self.test_loader = self._build_loader("test")
         self.model = self._build_model().to(self.device)
@@ -90,18 +149,47 @@ class ADTrainer:
         self.evaluator = EVALUATORS.build(cfg.evaluator.type, **options)
         self.optimizer = self._build_optimizer() if mode == "train" else None
         self.scheduler = self._build_scheduler() if self.optimizer is not None else None
+        self.amp_dtype = _AMP_DTYPES[t.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.start_epoch = 1
+        self.skip_batches = 0
+        self.eval_pending = False
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
-        if mode == "train" and cfg.trainer.resume:
-            self._resume(Path(cfg.trainer.resume))
+        self.stop = StopRequest()
+        seed_everything(cfg.seed + self.dist.rank)  # per-rank randomness (drop-path) from here on
+        if mode == "train" and t.resume:
+            self._resume(Path(t.resume))
         else:
-            save_config(cfg, self.run_dir / "config.json")
+            if self.dist.is_main:
+                save_config(cfg, self.run_dir / "config.json")
             if mode == "train" and not cfg.model.checkpoint:
                 self._calibrate_teacher()
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
+        self.net = self._wrap_ddp(self.model)
+        self.writer: Any = _NullWriter()
+        if self.dist.is_main:
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
 
     # ------------------------------------------------------------------ building
+    def _check_options(self) -> None:
+        t = self.cfg.trainer
+        if t.amp not in _AMP_DTYPES:
+            raise ValueError(f"trainer.amp={t.amp!r} is not supported; use one of {', '.join(_AMP_DTYPES)}")
+        if int(t.accumulate) < 1:
+            raise ValueError(f"trainer.accumulate={t.accumulate} must be at least 1")
+        if int(t.keep_checkpoints) < 1:
+            raise ValueError(f"trainer.keep_checkpoints={t.keep_checkpoints} must be at least 1")
+
+    def _micro_batch(self) -> int:
+        """Per-rank batch: the global ``data.batch_size`` split over ranks and accumulation steps."""
+        total, world, acc = self.cfg.data.batch_size, self.dist.world_size, int(self.cfg.trainer.accumulate)
+        if total % (world * acc):
+            raise ValueError(
+                f"data.batch_size={total} must be divisible by {world} process(es) x "
+                f"trainer.accumulate={acc}; choose a batch size that is a multiple of {world * acc}"
+            )
+        return total // (world * acc)
+
     def _make_run_dir(self) -> Path:
         if self.mode == "train" and self.cfg.trainer.resume:
             run_dir = Path(self.cfg.trainer.resume)
@@ -125,9 +213,11 @@ class ADTrainer:
         if getattr(cfg, "synthetic", False):
             from data.synthetic import MARKER, generate_demo_dataset
 
-            if not (Path(cfg.root) / MARKER).is_file():
-                self.log.info("generating the demo data set into %s (first run only)", cfg.root)
-            generate_demo_dataset(cfg.root, **dict(cfg.synthetic_args.items()))
+            if self.dist.is_main:
+                if not (Path(cfg.root) / MARKER).is_file():
+                    self.log.info("generating the demo data set into %s (first run only)", cfg.root)
+                generate_demo_dataset(cfg.root, **dict(cfg.synthetic_args.items()))
+            barrier(self.dist)
         dataset = DATASETS.build(
             cfg.type,
             root=cfg.root,
@@ -137,19 +227,30 @@ class ADTrainer:
             meta_file=cfg.meta_file,
             log=self.log.info,
             # optional dataset features are passed only when set, so data sets without them still build
-            **{k: getattr(cfg, k) for k in ("cache", "views") if getattr(cfg, k, None) is not None},
+            **{
+                k: getattr(cfg, k)
+                for k in ("cache", "cache_dir", "views")
+                if getattr(cfg, k, None) is not None
+            },
         )
         self.log.info("%s set: %d images, classes: %s", split, len(dataset), ", ".join(dataset.cls_names))
-        train = split == "train"
-        batch = cfg.batch_size if train else cfg.batch_size_test
+        rank, world = self.dist.rank, self.dist.world_size
+        if split == "train":
+            batch = self.micro_batch
+            sampler: Any = EpochShardSampler(len(dataset), self.cfg.seed, rank, world)
+            drop_last = len(sampler) > batch
+        else:
+            batch = max(1, math.ceil(cfg.batch_size_test / world))
+            sampler, drop_last = ShardSampler(len(dataset), rank, world), False
         return DataLoader(
             dataset,
             batch_size=batch,
-            shuffle=train,
-            drop_last=train and len(dataset) > batch,
+            sampler=sampler,
+            drop_last=drop_last,
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
-            generator=self.generator if train else None,
+            # a loader of its own draws worker seeds, so iterating it leaves the global RNG alone
+            generator=torch.Generator().manual_seed(self.cfg.seed + rank),
             persistent_workers=cfg.num_workers > 0,
         )
 
@@ -161,6 +262,19 @@ class ADTrainer:
             "model %s: %.2f M parameters (%.2f M trainable)", self.cfg.model.type, n_all / 1e6, n_train / 1e6
         )
         return model
+
+    def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel over ranks (rank 0's weights win), optionally with SyncBatchNorm."""
+        if not self.dist.distributed:
+            return model
+        if self.cfg.trainer.sync_bn:
+            if self.device.type != "cuda":
+                raise ValueError(
+                    "trainer.sync_bn=True needs GPUs (NCCL); PyTorch's SyncBatchNorm has no CPU path"
+                )
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        return wrap_ddp(model, self.dist)
 
     def _calibrate_teacher(self) -> None:
         """Give a random-weight teacher BatchNorm statistics of the training images."""
@@ -178,8 +292,16 @@ class ADTrainer:
         if o.type != "adamw":
             raise ValueError(f"optim.type={o.type!r} is not supported; use 'adamw'")
         groups = self.model.parameter_groups(o.weight_decay)
+        t = self.cfg.trainer
         self.log.info(
-            "optimizer AdamW lr %.6g (base %.6g x batch %d / 16)", o.lr, o.base_lr, self.cfg.data.batch_size
+            "optimizer AdamW lr %.6g (base %.6g x batch %d / 16); "
+            "%d process(es) x %d image(s) x %d accumulation step(s)",
+            o.lr,
+            o.base_lr,
+            self.cfg.data.batch_size,
+            self.dist.world_size,
+            self.micro_batch,
+            t.accumulate,
         )
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
@@ -192,23 +314,38 @@ class ADTrainer:
             self.optimizer, milestones=list(sch.milestones), gamma=sch.gamma
         )
 
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, epoch: int) -> None:
+    def _checkpoint(self, epoch: int, batches_done: int = 0, eval_pending: bool = False) -> None:
+        """Save everything a resume needs; ``epoch`` = last completed epoch (collective call)."""
+        rngs = gather_objects(rng_state(), self.dist)
+        if not self.dist.is_main:
+            return
         state = {
             "net": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "epoch": epoch,
+            "batches_done": batches_done,
+            "eval_pending": eval_pending,
             "global_step": self.global_step,
             "history": self.history,
-            "rng": rng_state(),
-            "loader_generator": self.generator.get_state(),
+            "rng": rngs,
+            "world_size": self.dist.world_size,
             "config": config_to_dict(self.cfg),
         }
-        atomic_save(state, self.run_dir / "ckpt.pth")
+        tag = f"e{epoch:05d}_b{batches_done:07d}"
+        save_rotating(state, self.run_dir, tag, int(self.cfg.trainer.keep_checkpoints))
         atomic_save(state["net"], self.run_dir / "net.pth")
 
     def _resume(self, run_dir: Path) -> None:
+        if self.dist.is_main:
+            for path in remove_partial_writes(run_dir):
+                self.log.info("removed %s, left by an interrupted write", path.name)
+        barrier(self.dist)
         state = load_file(run_dir / "ckpt.pth")
         changed = [
             k
@@ -222,58 +359,109 @@ class ADTrainer:
         self.model.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.generator.set_state(state["loader_generator"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            self.log.warning(
+                "the checkpoint was saved by %d process(es), this run has %d: random streams restart "
+                "from the seed, so the result will not equal an uninterrupted run exactly",
+                len(rngs),
+                self.dist.world_size,
+            )
+        done = int(state.get("batches_done", 0))
         self.start_epoch = state["epoch"] + 1
+        self.skip_batches = done
+        self.eval_pending = bool(state.get("eval_pending", False))
         self.global_step = state["global_step"]
         self.history = state.get("history", [])
-        self.log.info("resumed %s at epoch %d (step %d)", run_dir, self.start_epoch, self.global_step)
+        where = f"epoch {self.start_epoch}" + (f" after {done} batches" if done else "")
+        if self.eval_pending:
+            where = f"the evaluation of epoch {state['epoch']}"
+        self.log.info("resumed %s at %s (step %d)", run_dir, where, self.global_step)
 
     # ------------------------------------------------------------------ loops
     def train(self) -> dict[str, dict[str, float]] | None:
-        """Train for ``trainer.epochs`` epochs, evaluating every ``trainer.test_every`` and at the end."""
+        """Train for ``trainer.epochs`` epochs, evaluating every ``trainer.test_every`` and at the end.
+
+        SIGTERM or a first Ctrl-C saves a checkpoint at the next step and raises
+        :class:`TrainingInterruptedError`; ``trainer.resume=RUN_DIR`` continues from it.
+        """
         t = self.cfg.trainer
         results = None
-        if self.start_epoch > t.epochs:
+        if self.start_epoch > t.epochs and not self.eval_pending:
             self.log.info("run already finished (%d epochs); nothing to train", t.epochs)
-        for epoch in range(self.start_epoch, t.epochs + 1):
-            self._train_epoch(epoch)
-            self.scheduler.step()
-            if epoch % t.test_every == 0 or epoch == t.epochs:
-                results = self.evaluate(epoch)
-            if epoch % t.save_every == 0 or epoch == t.epochs:
-                self._checkpoint(epoch)
+        with self.stop:
+            if self.eval_pending:
+                results = self._evaluate_and_save(self.start_epoch - 1)
+            for epoch in range(self.start_epoch, t.epochs + 1):
+                self._train_epoch(epoch, self.skip_batches)
+                self.skip_batches = 0
+                self.scheduler.step()
+                if epoch % t.test_every == 0 or epoch == t.epochs:
+                    self._checkpoint(epoch, eval_pending=True)
+                    results = self._evaluate_and_save(epoch)
+                elif epoch % t.save_every == 0:
+                    self._checkpoint(epoch)
         self.writer.close()
         return results
 
-    def _train_epoch(self, epoch: int) -> None:
-        self.model.train()
+    def _evaluate_and_save(self, epoch: int) -> dict[str, dict[str, float]] | None:
+        results = self.evaluate(epoch)
+        self._checkpoint(epoch)
+        return results
+
+    def _stop_now(self, epoch: int, batches_done: int) -> None:
+        """Honour a stop request: checkpoint (mid-epoch position included) and raise."""
+        self._checkpoint(epoch - 1, batches_done=batches_done)
+        name = self.stop.name or "stop request"
+        raise TrainingInterruptedError(
+            f"{name} received: saved a checkpoint at epoch {epoch}, step {self.global_step} "
+            f"in {self.run_dir}; continue with trainer.resume={self.run_dir}",
+            self.stop.signal or 15,
+        )
+
+    def _train_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.net.train()
         t = self.cfg.trainer
+        acc = int(t.accumulate)
+        self.train_loader.sampler.set_epoch(epoch, skip_batches * self.micro_batch)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{t.epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}/{t.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.dist.is_main,
+        )
+        n_batches = len(self.train_loader) + skip_batches
         losses = []
-        for batch in bar:
-            imgs = batch["img"].to(self.device, non_blocking=True)
-            feats_t, feats_s = self.model(imgs)
-            loss = self.loss_fn(feats_t, feats_s)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at epoch {epoch}, step {self.global_step}; images: "
-                    f"{', '.join(batch['img_path'][:4])}... Try a lower optim.base_lr."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar, start=skip_batches):
+            last_micro = (i + 1) % acc == 0 or i + 1 == n_batches
+            loss = self._micro_step(batch, epoch, sync=last_micro, scale=1.0 / acc)
+            losses.append(loss)
+            if not last_micro:
+                continue
+            self.scaler.unscale_(self.optimizer)
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
-            losses.append(loss.item())
             lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
-            self.writer.add_scalar("train/loss", losses[-1], self.global_step)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.writer.add_scalar("train/loss", loss, self.global_step)
             self.writer.add_scalar("train/lr", lr, self.global_step)
             if self.global_step % t.log_every == 0:
-                self.log.info("epoch %d step %d loss %.5f lr %.3e", epoch, self.global_step, losses[-1], lr)
+                self.log.info("epoch %d step %d loss %.5f lr %.3e", epoch, self.global_step, loss, lr)
+            if any_rank([self.stop.signal is not None], self.dist)[0]:
+                self._stop_now(epoch, i + 1)
+            if t.save_every_steps and self.global_step % t.save_every_steps == 0 and i + 1 < n_batches:
+                self._checkpoint(epoch - 1, batches_done=i + 1)
         self.log.info(
             "epoch %d/%d done: mean loss %.5f",
             epoch,
@@ -281,27 +469,120 @@ class ADTrainer:
             float(np.mean(losses)) if losses else math.nan,
         )
 
+    def _micro_step(self, batch: dict[str, Any], epoch: int, sync: bool, scale: float) -> float:
+        """Forward and backward of one (micro-)batch; gradients are all-reduced only when ``sync``."""
+        imgs = batch["img"].to(self.device, non_blocking=True)
+        no_sync = getattr(self.net, "no_sync", None)
+        context = no_sync() if no_sync is not None and not sync else contextlib.nullcontext()
+        try:
+            with context:
+                with self._autocast():
+                    feats_t, feats_s = self.net(imgs)
+                    loss = self.loss_fn(feats_t, feats_s)
+                bad_here = not bool(torch.isfinite(loss))
+                if any_rank([bad_here], self.dist)[0]:
+                    where = ", ".join(batch["img_path"][:4]) if bad_here else "a batch of another process"
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss.item() if bad_here else 'elsewhere'}) at epoch {epoch}, "
+                        f"step {self.global_step + 1}; images: {where}. Lower optim.base_lr"
+                        + (
+                            ", or use trainer.amp=bf16 / none instead of fp16"
+                            if self.cfg.trainer.amp == "fp16"
+                            else ""
+                        )
+                        + "; the last good weights are in ckpt.pth."
+                    )
+                self.scaler.scale(loss * scale).backward()
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or any(m in str(err) for m in _OOM_MARKERS):
+                raise RuntimeError(
+                    f"out of memory at epoch {epoch} with {imgs.shape[0]} image(s) per step on "
+                    f"{self.device}: lower data.batch_size, or keep it and set trainer.accumulate=K to "
+                    f"split each batch into K steps (data.batch_size must be divisible by processes x K); "
+                    f"or trainer.amp=bf16"
+                ) from err
+            raise
+        return float(loss.item())
+
     @torch.no_grad()
-    def evaluate(self, epoch: int | None = None) -> dict[str, dict[str, float]]:
-        """Score the test set, log the per-class table and write metrics files."""
-        self.model.eval()
+    def evaluate(self, epoch: int | None = None) -> dict[str, dict[str, float]] | None:
+        """Score the test set; on rank 0 log the per-class table, write metrics files and return them.
+
+        Every rank scores its shard; maps, masks and labels are gathered on rank 0 batch by
+        batch (no padding reaches the evaluator), which checks that each image came exactly once.
+        """
+        self.net.eval()
         self.evaluator.reset()
         size = self._image_size()
-        for batch in tqdm(self.test_loader, desc="test", leave=False, dynamic_ncols=True):
-            imgs = batch["img"].to(self.device, non_blocking=True)
-            feats_t, feats_s = self.model(imgs)
-            maps, scores = anomaly_maps_and_scores(feats_t, feats_s, size, self.cfg.evaluator.sigma)
-            extra = {"sample_ids": batch["sample_id"]} if "sample_id" in batch else {}
-            self.evaluator.update(
-                maps, scores, batch["img_mask"], batch["anomaly"], batch["cls_name"], **extra
+        loader = self.test_loader
+        shard = loader.sampler.indices
+        steps = steps_for_all(len(loader.dataset), loader.batch_size, self.dist.world_size)
+        batches = iter(loader)
+        seen: list[int] = []
+        for step in tqdm(
+            range(steps), desc="test", leave=False, dynamic_ncols=True, disable=not self.dist.is_main
+        ):
+            batch = next(batches, None)
+            if batch is not None:
+                imgs = batch["img"].to(self.device, non_blocking=True)
+                with self._autocast():
+                    feats_t, feats_s = self.net(imgs)
+                feats_t = [f.float() for f in feats_t]
+                feats_s = [f.float() for f in feats_s]
+                maps, scores = anomaly_maps_and_scores(feats_t, feats_s, size, self.cfg.evaluator.sigma)
+                masks = batch["img_mask"].reshape(maps.shape).to(self.device) > 0.5
+                labels = torch.as_tensor(batch["anomaly"], device=self.device)
+                start = step * loader.batch_size
+                index = torch.as_tensor(shard[start : start + maps.shape[0]], device=self.device)
+                info = {k: list(batch[k]) for k in ("cls_name", "img_path", "sample_id") if k in batch}
+            else:
+                maps = torch.zeros((0, *size), device=self.device)
+                scores = torch.zeros(0, device=self.device)
+                masks = torch.zeros((0, *size), dtype=torch.bool, device=self.device)
+                labels = torch.zeros(0, dtype=torch.long, device=self.device)
+                index = torch.zeros(0, dtype=torch.long, device=self.device)
+                info = {}
+            parts = [
+                all_gather_padded(x, loader.batch_size, self.dist)
+                for x in (maps, scores, masks.to(torch.uint8), labels, index)
+            ]
+            infos = gather_objects(info, self.dist)
+            if any_rank([self.stop.signal is not None], self.dist)[0]:
+                raise TrainingInterruptedError(
+                    f"{self.stop.name} received during evaluation; the last checkpoint of {self.run_dir} "
+                    f"re-runs it on resume",
+                    self.stop.signal or 15,
+                )
+            if not self.dist.is_main:
+                continue
+            for r_maps, r_scores, r_masks, r_labels, r_index, r_info in zip(*parts, infos, strict=True):
+                if not len(r_index):
+                    continue
+                seen.extend(r_index.tolist())
+                self.evaluator.update(
+                    r_maps.cpu(),
+                    r_scores.cpu(),
+                    r_masks.cpu().bool(),
+                    r_labels.cpu(),
+                    r_info["cls_name"],
+                    sample_ids=r_info.get("sample_id"),
+                    img_paths=r_info.get("img_path"),
+                )
+        if not self.dist.is_main:
+            return None
+        if sorted(seen) != list(range(len(loader.dataset))):
+            raise RuntimeError(
+                f"evaluation covered {len(set(seen))} distinct of {len(loader.dataset)} test images "
+                f"({len(seen)} in total); this is a bug in the evaluation sharding"
             )
-        results = self.evaluator.compute()
+        results = self.evaluator.compute(out_dir=self.run_dir, vis=bool(self.cfg.vis))
         label = f"epoch {epoch}" if epoch is not None else "test"
         per_class = {k: v for k, v in results.items() if k != "mean"}
         self.log.info(
-            "results (%s, %d images; values x100):\n%s",
+            "results (%s, %d images, each scored once by %d process(es); values x100):\n%s",
             label,
-            self.evaluator.num_samples,
+            len(seen),
+            self.dist.world_size,
             format_table(per_class),
         )
         step = self.global_step if epoch is not None else 0
@@ -309,7 +590,7 @@ class ADTrainer:
             for name, value in values.items():
                 tag = f"test/{name}" if cls == "mean" else f"test_{cls}/{name}"
                 self.writer.add_scalar(tag, value * 100.0, step)
-        self.history.append({"epoch": epoch, "step": step, "results": results})
+        self.history.append({"epoch": epoch, "step": step, "num_images": len(seen), "results": results})
         self._write_metrics()
         return results
 

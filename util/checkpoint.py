@@ -8,6 +8,7 @@ folder, are flushed to disk, then renamed, so a crash never leaves a half-writte
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,39 @@ def extract_state_dict(obj: Any, path: str | Path = "<object>") -> dict[str, tor
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return {k.removeprefix("module."): v for k, v in obj.items()}
     raise ValueError(f"{path} holds no model state dict (expected a dict of tensors or a 'net' entry)")
+
+
+def save_rotating(obj: Any, run_dir: str | Path, tag: str, keep: int) -> Path:
+    """Write ``run_dir/ckpt.pth`` atomically; keep the last ``keep`` as ``checkpoints/ckpt_<tag>.pth``.
+
+    Tags must sort in training order (zero-padded epoch and step). The numbered copies are
+    hard links of the file just written (a copy where links are not supported), so keeping
+    K checkpoints costs no extra write time.
+    """
+    run_dir = Path(run_dir)
+    latest = run_dir / "ckpt.pth"
+    atomic_save(obj, latest)
+    if keep <= 1:
+        return latest
+    folder = run_dir / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"ckpt_{tag}.pth"
+    tmp = folder / f".{target.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(latest, tmp)
+    except OSError:
+        shutil.copyfile(latest, tmp)
+    os.replace(tmp, target)
+    for old in sorted(folder.glob("ckpt_*.pth"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return latest
+
+
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete temporary files left by writes that a crash interrupted; returns what was removed."""
+    removed = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    removed += [p for p in Path(folder).glob("checkpoints/.*.tmp") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed

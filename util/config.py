@@ -70,12 +70,12 @@ class BaseConfig(Section):
         return frozenset(self._overridden)
 
 
-def flat_keys(section: Section, prefix: str = "") -> dict[str, Any]:
-    """All leaf keys of ``section`` as ``{"a.b.c": value}``."""
+def flat_keys(section: Section | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """All leaf keys of a :class:`Section` or of a saved config dict as ``{"a.b.c": value}``."""
     out: dict[str, Any] = {}
     for key, value in section.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Section):
+        if isinstance(value, Section | dict):
             out.update(flat_keys(value, dotted + "."))
         else:
             out[dotted] = value
@@ -210,6 +210,56 @@ def config_to_dict(cfg: BaseConfig) -> dict[str, Any]:
 def save_config(cfg: BaseConfig, path: str | Path) -> None:
     """Write the resolved config as JSON (what the run actually used)."""
     Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2, default=str) + "\n")
+
+
+def _set_saved_leaf(cfg: Section, key: str, value: Any) -> None:
+    """Set dotted ``key`` to a value read back from JSON (lists become tuples where the config has tuples)."""
+    node: Any = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = getattr(node, part, None)
+        if not isinstance(node, Section):
+            return
+    current = getattr(node, parts[-1], None)
+    if not hasattr(node, parts[-1]) or isinstance(current, Section):
+        return
+    setattr(
+        node, parts[-1], tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+    )
+
+
+def load_run_config(
+    run_dir: str | Path, overrides: Sequence[str] = (), default_config: str | Path | None = None
+) -> BaseConfig:
+    """The config a run used: its config class with every value of ``run_dir/config.json`` restored.
+
+    Saved values win over the class's (derived ones included, so they are not recomputed);
+    keys the class no longer has are ignored; ``overrides`` (``a.b=value``) apply last.
+    ``default_config`` stands in for a config.json that names no config file.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} does not exist; pass a run folder written by run.py (it holds config.json)"
+        )
+    saved = json.loads(path.read_text())
+    named = saved.get("config_file") or default_config
+    if not named:
+        raise ConfigError(f"{path} has no 'config_file' entry; it was not written by this project's run.py")
+    config_file = Path(named)
+    repo = Path(__file__).resolve().parent.parent
+    if not config_file.is_file() and (repo / config_file).is_file():
+        config_file = repo / config_file
+    if not config_file.is_file():
+        raise ConfigError(
+            f"{path} names config file {config_file}, which does not exist; pass the config file"
+        )
+    cfg = load_config(config_file)
+    for key, value in flat_keys({k: v for k, v in saved.items() if not k.startswith("_")}).items():
+        if key not in ("config_file", "name"):
+            _set_saved_leaf(cfg, key, value)
+    apply_overrides(cfg, list(overrides))
+    return cfg
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -1,0 +1,257 @@
+"""Real processes: torchrun (Gloo) vs one process, SIGKILL / SIGTERM and resume, guards, mixed precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from trainer.ad_trainer import ADTrainer
+from util.checkpoint import load_file
+from util.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = str(REPO / "configs/mambaad_demo.py")
+EPOCHS = 3
+
+pytestmark = pytest.mark.slow
+
+
+def _overrides(data_root: Path, out: Path, epochs: int = EPOCHS, batch: int = 4) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        "data.synthetic=False",
+        "data.image_size=64",
+        f"data.batch_size={batch}",
+        "data.batch_size_test=4",
+        "data.num_workers=0",
+        "model.teacher.name=resnet18",
+        "model.depths=[2,2,2,2]",
+        "model.scan.directions=4",
+        f"trainer.epochs={epochs}",
+        "trainer.test_every=3",
+        "trainer.log_every=1",
+        "trainer.deterministic=True",
+        f"output_dir={out}",
+        "device=cpu",
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _only_run(out: Path) -> Path:
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _final(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())["final"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "net.pth"), load_file(b / "net.pth")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted one-process reference run (in a subprocess, like the others)."""
+    out = tmp_path_factory.mktemp("single")
+    cmd = [sys.executable, "run.py", "-c", CONFIG, *_overrides(tiny_data, out)]
+    subprocess.run(cmd, cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+    return _only_run(out)
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "run.py",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def test_two_gloo_processes_match_one(single_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    # training on 2 ranks (2 images each = the same global batch of 4)
+    out = tmp_path / "ddp"
+    proc = _torchrun(["-c", CONFIG, *_overrides(tiny_data, out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = _only_run(out)
+    n_test = 2 * (2 + 3)  # two classes, 2 good + 3 defective test images each
+    final, reference = _final(ddp), _final(single_run)
+    assert final["num_images"] == reference["num_images"] == n_test
+    log = (ddp / "log.txt").read_text()
+    assert f"{n_test} images, each scored once by 2 process(es)" in log
+    assert "x 2 processes (torchrun)" in log and "2 process(es) x 2 image(s)" in log
+    for name in ("I-AUROC", "P-AUROC", "AUPRO"):
+        assert final["results"]["mean"][name] == pytest.approx(reference["results"]["mean"][name], abs=0.15)
+    assert len(list((ddp / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+
+    # evaluation of the same weights: 2 processes give exactly the one-process numbers
+    test_out = tmp_path / "ddp_test"
+    args = [
+        "-c",
+        CONFIG,
+        "-m",
+        "test",
+        *_overrides(tiny_data, test_out),
+        f"model.checkpoint={single_run / 'net.pth'}",
+    ]
+    proc = _torchrun(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tested = _final(_only_run(test_out))
+    assert tested["num_images"] == n_test
+    for cls, values in reference["results"].items():
+        assert tested["results"][cls] == pytest.approx(values, abs=1e-6), cls
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_line(out: Path, needle: str, proc: subprocess.Popen, timeout: float = 600) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+        if runs and (runs[0] / "log.txt").is_file() and needle in (runs[0] / "log.txt").read_text():
+            return runs[0]
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"{needle!r} never appeared in the log")
+
+
+def _resume(args: list[str], run_dir: Path) -> None:
+    cmd = [sys.executable, "run.py", *args, f"trainer.resume={run_dir}"]
+    resumed = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
+    single_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    proc = _start(["-c", CONFIG, *_overrides(tiny_data, out)])
+    run_dir = _wait_for_line(out, "epoch 2 step 3 ", proc)  # 2 steps per epoch: inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_file(run_dir / "ckpt.pth")["epoch"] == 1
+    assert not (run_dir / "metrics.json").exists()
+    _resume(["-c", CONFIG, *_overrides(tiny_data, out)], run_dir)
+    assert "resumed" in (run_dir / "log.txt").read_text()
+    _assert_same_weights(run_dir, single_run)
+    assert _final(run_dir)["results"] == _final(single_run)["results"]
+
+
+def test_sigterm_saves_mid_epoch_and_resume_equals_uninterrupted(
+    single_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "terminated"
+    args = ["-c", CONFIG, *_overrides(tiny_data, out), "trainer.keep_checkpoints=3"]
+    proc = _start(args)
+    run_dir = _wait_for_line(out, "epoch 2 step 3 ", proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "SIGTERM received: saved a checkpoint" in output and f"trainer.resume={run_dir}" in output
+    state = load_file(run_dir / "ckpt.pth")
+    assert state["epoch"] == 1 and state["batches_done"] >= 1
+    _resume(args, run_dir)
+    assert "after 1 batches" in (run_dir / "log.txt").read_text() or state["batches_done"] > 1
+    _assert_same_weights(run_dir, single_run)
+    assert _final(run_dir)["results"] == _final(single_run)["results"]
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt_*.pth"))
+    assert len(kept) == 3 and kept[-1].startswith("ckpt_e00003"), kept
+
+
+def _trainer(tiny_data: Path, out: Path, *extra: str) -> ADTrainer:
+    cfg = load_config(
+        CONFIG, [*_overrides(tiny_data, out, epochs=1, batch=2), "trainer.test_every=1", *extra]
+    )
+    return ADTrainer(cfg)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tiny_data: Path, tmp_path: Path, amp: str) -> None:
+    trainer = _trainer(tiny_data, tmp_path, f"trainer.amp={amp}")
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    before = {k: v.clone() for k, v in trainer.model.net_s.state_dict().items()}
+    results = trainer.train()
+    assert trainer.global_step == 4
+    changed = [k for k, v in trainer.model.net_s.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "no decoder weight changed"
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+    assert 0.0 <= results["mean"]["I-AUROC"] <= 1.0
+
+
+def test_accumulation_counts_optimizer_steps(tiny_data: Path, tmp_path: Path) -> None:
+    trainer = _trainer(tiny_data, tmp_path, "trainer.accumulate=2")
+    assert trainer.micro_batch == 1
+    trainer.train()
+    assert trainer.global_step == 4  # 8 images / batch 2 = 4 optimiser steps of 2 micro-batches
+    with pytest.raises(ValueError, match="divisible"):
+        _trainer(tiny_data, tmp_path / "bad", "trainer.accumulate=3")
+
+
+def test_non_finite_loss_names_step_images_and_hint(tiny_data: Path, tmp_path: Path) -> None:
+    trainer = _trainer(tiny_data, tmp_path, "trainer.amp=fp16")
+    trainer.loss_fn = lambda ft, fs: fs[0].float().mean() * float("nan")
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "step 1" in message and ".png" in message and "optim.base_lr" in message and "amp" in message
+
+
+def test_cli_stop_message_and_exit_code(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.ad_trainer import ADTrainer
+
+    def stop_at_once(self: ADTrainer) -> None:
+        self.stop.signal = signal.SIGTERM
+        return original(self)
+
+    original = ADTrainer.train
+    monkeypatch.setattr(ADTrainer, "train", stop_at_once)
+    args = ["-c", CONFIG, *_overrides(tiny_data, tmp_path, epochs=1, batch=2)]
+    assert run.main(args) == 128 + signal.SIGTERM
+    state = load_file(_only_run(tmp_path) / "ckpt.pth")
+    assert state["epoch"] == 0 and state["batches_done"] == 1
+
+
+def test_out_of_memory_suggests_smaller_batch_or_accumulation(tiny_data: Path, tmp_path: Path) -> None:
+    trainer = _trainer(tiny_data, tmp_path)
+
+    def exhausted(imgs: torch.Tensor) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    trainer.net.forward = exhausted
+    with pytest.raises(RuntimeError, match=r"out of memory .*data\.batch_size.*trainer\.accumulate=K"):
+        trainer.train()
