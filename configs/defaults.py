@@ -86,6 +86,7 @@ class MambaADDefaults(BaseConfig):
             spill_dir=None,  # folder for maps moved to disk (None: a temporary folder)
             spill_mb=512,  # MB of maps kept in RAM (all classes) before the rest goes to disk; None: never
             plots=False,  # write ROC / PR / PRO curve PNGs per class into the run folder's curves/
+            device="auto",  # exact metrics on cpu (numpy), cuda[:N] (torch) or auto (cuda when available)
         )
 
     def derive(self) -> None:

@@ -39,3 +39,15 @@ def test_benchmark_rows_and_agreement_with_sklearn(tmp_path, capsys) -> None:
     assert main([*args, "--groups", "ader", "--metrics", "AUPRO"]) == 0
     entry = json.loads(out.read_text())["synthetic_24x32_2cls"]
     assert ("ader", "AUPRO") in {(r["impl"], r["metric"]) for r in entry["rows"]} and len(entry["rows"]) == 6
+
+
+def test_torch_row_equals_the_exact_row(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--images", "24", "--classes", "2", "--size", "32", "--out", str(out), "--metrics", "all"]
+    assert main([*args, "--groups", "exact", "torch"]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["synthetic_24x32_2cls"]["rows"]}
+    assert set(rows) == {"exact", "torch-cpu"} and rows["torch-cpu"]["metric"] == "all"
+    exact, torch_values = rows["exact"]["values"], rows["torch-cpu"]["values"]
+    assert list(torch_values) == list(exact) and len(exact) == 8  # seven metrics and mAD
+    assert torch_values == pytest.approx(exact, abs=1e-9)
+    assert rows["torch-cpu"]["seconds"] > 0

@@ -9,9 +9,11 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+import util.metrics_torch
 from trainer.evaluator import ADEvaluator, sample_metrics
 from util.metrics import METRIC_NAMES, SAMPLE_METRIC_NAMES, compute_metrics, format_table
 from util.metrics_ader import compute_metrics_ader
+from util.metrics_torch import compute_metrics_torch
 
 
 def _batch(rng: np.random.Generator, n: int, cls_names: list[str]) -> tuple:
@@ -150,3 +152,55 @@ def test_masks_are_stored_packed_and_only_for_anomalous_images() -> None:
     assert len(store.mask_bits) == int(masks.reshape(len(masks), -1).any(1).sum())
     assert all(bits.dtype == np.uint8 and bits.size == 16 * 16 // 8 for bits in store.mask_bits.values())
     assert store.maps().dtype == np.float16 and not math.isnan(float(store.maps().max()))
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_torch_metric_path_gives_the_numpy_numbers(tmp_path, monkeypatch, spill: bool) -> None:
+    monkeypatch.setattr("trainer.evaluator._TRANSFER_MAPS", 2)  # several block copies per class
+    batches = _batches()
+    spill_mb = 0.001 if spill else None
+    numpy_ev = ADEvaluator(device="cpu")
+    torch_ev = ADEvaluator(spill_dir=str(tmp_path), spill_mb=spill_mb, device="cpu")
+    torch_ev._torch_device = torch.device("cpu")  # the CUDA code path, run on CPU tensors
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].device)
+        return compute_metrics_torch(*args, **kwargs)
+
+    monkeypatch.setattr(util.metrics_torch, "compute_metrics_torch", counting)
+    for batch in batches:
+        numpy_ev.update(*batch)
+        torch_ev.update(*batch)
+    assert bool(list(tmp_path.rglob("*.maps"))) == spill
+    expected, got = numpy_ev.compute(), torch_ev.compute()
+    assert calls == [torch.device("cpu")] * 2  # one call per class, on the maps moved to the device
+    for cls in ("a", "b", "mean"):
+        assert got[cls] == pytest.approx(expected[cls], abs=1e-12), cls
+    store = torch_ev._stores["a"]
+    on_device = store.maps_on(torch.device("cpu"))
+    assert on_device.dtype == torch.float16 and np.array_equal(on_device.numpy(), np.asarray(store.maps()))
+
+
+def test_device_option(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ADEvaluator(device="auto")._torch_device is None
+    assert ADEvaluator(device="cpu")._torch_device is None
+    with pytest.raises(ValueError, match=r"evaluator\.device='cuda' but CUDA is not available"):
+        ADEvaluator(device="cuda")
+    with pytest.raises(ValueError, match=r"evaluator\.device='gpu0' is not a device"):
+        ADEvaluator(device="gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ADEvaluator(device="auto")._torch_device == torch.device("cuda")
+    assert ADEvaluator(device="cuda:1")._torch_device == torch.device("cuda:1")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_evaluator_gives_the_numpy_numbers() -> None:
+    numpy_ev, cuda_ev = ADEvaluator(device="cpu"), ADEvaluator(device="cuda")
+    for batch in _batches():
+        numpy_ev.update(*batch)
+        cuda_ev.update(*batch)
+    expected, got = numpy_ev.compute(), cuda_ev.compute()
+    for cls in ("a", "b", "mean"):
+        assert got[cls] == pytest.approx(expected[cls], abs=1e-9), cls

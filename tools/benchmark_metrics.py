@@ -1,7 +1,7 @@
 """Time and peak memory of the evaluation metrics on synthetic data, next to scikit-learn.
 
 python tools/benchmark_metrics.py                      # MVTec-sized: 15 classes, 1,725 maps of 256x256
-python tools/benchmark_metrics.py --groups exact ader  # only some groups (evaluator, exact, ader, sklearn)
+python tools/benchmark_metrics.py --groups exact ader  # some groups: evaluator exact ader sklearn torch
 python tools/benchmark_metrics.py --realiad            # Real-IAD-sized run: 30 classes, 114,585 maps
 
 Every measurement runs in its own subprocess, so its peak RSS (``VmHWM``) is its own. The
@@ -9,8 +9,10 @@ synthetic maps are generated once into a temporary folder (float32 maps, bool ma
 class by class through memory maps: per-metric rows time only the metric calls, summed over
 classes, and their peak RSS includes the class's input maps. ``evaluator`` rows stream batches of
 32 maps into ``trainer.evaluator.ADEvaluator`` (float16 storage) and time ``compute()``; their peak
-RSS is the whole evaluation. Results go to a JSON file (merged with an existing one, so groups can
-be run separately) and a markdown table on stdout.
+RSS is the whole evaluation. The ``torch`` group times all seven metrics with
+``util.metrics_torch`` on ``--torch-device`` (default cpu; the time includes moving the maps
+there). Results go to a JSON file (merged with an existing one, so groups can be run separately)
+and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 METRICS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
-GROUPS = ("evaluator", "exact", "ader", "sklearn")
+GROUPS = ("evaluator", "exact", "ader", "sklearn", "torch")
 REALIAD_IMAGES = 114_585
 
 
@@ -139,6 +141,13 @@ def _worker_metric(task: dict[str, Any]) -> dict[str, Any]:
         from util.metrics_ader import compute_metrics_ader as fn
     elif impl == "exact":
         from util.metrics import compute_metrics as fn
+    elif impl.startswith("torch-"):
+        from util.metrics_torch import compute_metrics_torch
+
+        def fn(
+            maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, metrics: list[str]
+        ) -> dict[str, float]:
+            return compute_metrics_torch(maps, masks, labels, metrics=metrics, device=impl[len("torch-") :])
     else:
         import sklearn.metrics  # noqa: F401 - imported before the clock starts
     seconds, values = 0.0, {m: [] for m in wanted}
@@ -218,7 +227,9 @@ def _save(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _tasks(groups: list[str], info: dict[str, Any], folder: Path, sizes: list[int]) -> list[dict[str, Any]]:
+def _tasks(
+    groups: list[str], info: dict[str, Any], folder: Path, sizes: list[int], torch_device: str = "cpu"
+) -> list[dict[str, Any]]:
     tasks: list[dict[str, Any]] = []
     common = {"folder": str(folder), "offsets": info["offsets"]}
     if "evaluator" in groups:
@@ -238,6 +249,8 @@ def _tasks(groups: list[str], info: dict[str, Any], folder: Path, sizes: list[in
             tasks += [{**common, "impl": impl, "metric": m} for m in [*names, "all"]]
     if "sklearn" in groups:
         tasks += [{**common, "impl": "sklearn", "metric": m} for m in METRICS if m != "AUPRO"]
+    if "torch" in groups:
+        tasks.append({**common, "impl": f"torch-{torch_device}", "metric": "all"})
     return tasks
 
 
@@ -270,6 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS))
     p.add_argument("--metrics", nargs="+", choices=[*METRICS, "all"], help="only these metric rows")
+    p.add_argument("--torch-device", default="cpu", help="device of the torch group (cpu, cuda, cuda:1, ...)")
     p.add_argument(
         "--realiad", action="store_true", help="instead: the Real-IAD-sized streaming evaluator run"
     )
@@ -317,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             info = generate(Path(tmp), args.images, args.classes, args.size, args.seed)
             mpix, secs = info["pixels"] / 1e6, time.perf_counter() - t0
             print(f"generated {args.images} maps ({mpix:.0f} M pixels) in {secs:.1f} s")
-            tasks = _tasks(args.groups, info, Path(tmp), sizes)
+            tasks = _tasks(args.groups, info, Path(tmp), sizes, args.torch_device)
             if args.metrics:
                 tasks = [t for t in tasks if t["impl"] == "evaluator" or t["metric"] in args.metrics]
             for task in tasks:

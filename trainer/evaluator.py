@@ -6,7 +6,8 @@ an anomaly). Once the maps held in RAM by all classes would exceed ``spill_mb``,
 receives data moves its maps to an append-only file under ``spill_dir`` (a temporary folder by
 default) and is read back as a memory map. ``compute`` scores one class at a time, so the whole
 test set is never concatenated and peak memory is about one class's maps in float32 plus the
-in-RAM buffers.
+in-RAM buffers. With a CUDA device (``device="auto"`` when CUDA is available) exact-mode metrics
+run in torch on the GPU (:mod:`util.metrics_torch`), one class's maps moved there at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from util.metrics import (
 
 MODES = ("exact", "ader")
 MAP_DTYPES = ("float16", "float32")
+_TRANSFER_MAPS = 256  # maps per host-to-device copy (bounds the host staging copy of memory maps)
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -84,6 +86,16 @@ class _ClassStore:
         freed, self.ram_bytes, self.chunks = self.ram_bytes, 0, []
         return freed
 
+    def maps_on(self, device: torch.device) -> torch.Tensor:
+        """All maps [N, H, W] in ``dtype`` on ``device``, copied a block of maps at a time."""
+        maps = self.maps()
+        out = torch.empty((self.n, *self.shape), dtype=getattr(torch, self.dtype.name), device=device)
+        for start in range(0, self.n, _TRANSFER_MAPS):
+            out[start : start + _TRANSFER_MAPS] = torch.from_numpy(
+                np.array(maps[start : start + _TRANSFER_MAPS])
+            )
+        return out
+
     def maps(self) -> np.ndarray:
         """All maps [N, H, W] in ``dtype``: a memory map once spilled, else one array."""
         if self.file is not None:
@@ -117,6 +129,10 @@ class ADEvaluator:
     together) maps move to disk; ``spill_mb=None`` keeps everything in RAM. plots: write ROC / PR /
     PRO curves per class when ``compute`` gets an ``out_dir``. With ``sample_ids`` (multi-view data)
     the sample-level S-AUROC / S-AP / S-F1max are added (sample score and label = max over views).
+    device: where exact-mode metrics run. ``cpu``: numpy (:mod:`util.metrics`, the fastest on a
+    CPU); a CUDA device such as ``cuda`` or ``cuda:1``: torch on that device
+    (:mod:`util.metrics_torch`, the same numbers to ~1e-12); ``auto``: ``cuda`` when available,
+    else ``cpu``. Classes whose curves are needed (plots, vis) and ``ader`` mode use numpy.
     """
 
     def __init__(
@@ -127,6 +143,7 @@ class ADEvaluator:
         spill_dir: str | None = None,
         spill_mb: float | None = 512,
         plots: bool = False,
+        device: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"evaluator.mode={mode!r} is not supported; use one of {', '.join(MODES)}")
@@ -138,6 +155,7 @@ class ADEvaluator:
         self.spill_dir = spill_dir
         self.spill_bytes = math.inf if spill_mb is None else float(spill_mb) * 2**20
         self.plots = plots
+        self._torch_device = _metric_device(device)
         self._tmp: Path | None = None
         self._stores: dict[str, _ClassStore] = {}
         self.reset()
@@ -240,6 +258,12 @@ class ADEvaluator:
             row = compute_metrics_ader(
                 maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves
             )
+        elif self._torch_device is not None and curves is None:
+            from util.metrics_torch import compute_metrics_torch
+
+            row = compute_metrics_torch(
+                store.maps_on(self._torch_device), masks, labels, metrics=self.metrics, scores=scores
+            )
         else:
             row = compute_metrics(maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves)
         if len(store.sample_ids) == store.n:
@@ -281,6 +305,21 @@ class ADEvaluator:
                     Path(out_dir) / "vis" / f"{safe_name(cls)}.png",
                 )
         return {**per_class, "mean": average_over_classes(per_class)}
+
+
+def _metric_device(device: str) -> torch.device | None:
+    """The torch device for exact metrics, or None for the numpy path (see ``ADEvaluator``)."""
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"evaluator.device={device!r} is not a device; use auto, cpu or cuda[:N]") from err
+    if parsed.type == "cpu":
+        return None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"evaluator.device={device!r} but CUDA is not available; use auto or cpu")
+    return parsed
 
 
 def sample_metrics(scores: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str]) -> dict[str, float]:

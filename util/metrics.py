@@ -250,18 +250,24 @@ def _curves(r: _Ranked, prefix: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _au_pro(r: _Ranked, fpr_limit: float) -> float:
-    n_neg = r.n_neg
-    if r.n_pos == 0 or n_neg == 0 or r.pos_weights is None:
-        return math.nan
-    # Smallest false-positive count whose FPR exceeds the limit; the threshold reaching it is the
-    # crossing point where the curve is cut and interpolated.
+def _fpr_crossing_count(fpr_limit: float, n_neg: int) -> int:
+    """Smallest false-positive count whose FPR exceeds ``fpr_limit`` (``n_neg + 1`` if none does).
+
+    The threshold reaching it is the crossing point where the PRO curve is cut and interpolated.
+    """
     c_cross = math.floor(fpr_limit * n_neg) + 1
     while c_cross > 1 and (c_cross - 1) / n_neg > fpr_limit:
         c_cross -= 1
     while c_cross <= n_neg and c_cross / n_neg <= fpr_limit:
         c_cross += 1
+    return c_cross
 
+
+def _au_pro(r: _Ranked, fpr_limit: float) -> float:
+    n_neg = r.n_neg
+    if r.n_pos == 0 or n_neg == 0 or r.pos_weights is None:
+        return math.nan
+    c_cross = _fpr_crossing_count(fpr_limit, n_neg)
     w = r.pos_weights
     if c_cross > n_neg:
         # The limit is never exceeded: integrate the whole curve.
@@ -356,6 +362,18 @@ def au_pro(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     return _au_pro(_rank_pixels(maps, gts, with_pro=True), fpr_limit)
 
 
+def _wanted_metrics(metrics: Sequence[str] | str | None) -> set[str]:
+    """The requested metric names (all of ``METRIC_NAMES`` for None); unknown names raise."""
+    if metrics is None:
+        return set(METRIC_NAMES)
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; valid names: {', '.join(METRIC_NAMES)}")
+    return set(metrics)
+
+
 def compute_metrics(
     anomaly_maps: Any,
     masks: Any,
@@ -374,16 +392,7 @@ def compute_metrics(
     ``pixel_pr_recall``, ``pro_fpr``, ...) and ``pixel_threshold``, the map value of the pixel F1-max,
     all from the same ranking as the metrics.
     """
-    if metrics is None:
-        wanted = set(METRIC_NAMES)
-    else:
-        if isinstance(metrics, str):
-            metrics = [metrics]
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; valid names: {', '.join(METRIC_NAMES)}")
-        wanted = set(metrics)
-
+    wanted = _wanted_metrics(metrics)
     maps, gts = _prepare_maps(anomaly_maps, masks)
     results: dict[str, float] = {}
 
