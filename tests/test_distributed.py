@@ -106,7 +106,9 @@ def test_two_gloo_processes_match_one(single_run: Path, tiny_data: Path, tmp_pat
         assert final["results"]["mean"][name] == pytest.approx(reference["results"]["mean"][name], abs=0.15)
     assert len(list((ddp / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 only
 
-    # evaluation of the same weights: 2 processes give exactly the one-process numbers
+    # evaluation of the same weights: 2 processes give the one-process numbers (per-rank batches
+    # differ in size, so convolutions may differ in the last float bit; float16 map storage
+    # can turn that into ~1e-6 in a pixel metric)
     test_out = tmp_path / "ddp_test"
     args = [
         "-c",
@@ -121,7 +123,7 @@ def test_two_gloo_processes_match_one(single_run: Path, tiny_data: Path, tmp_pat
     tested = _final(_only_run(test_out))
     assert tested["num_images"] == n_test
     for cls, values in reference["results"].items():
-        assert tested["results"][cls] == pytest.approx(values, abs=1e-6), cls
+        assert tested["results"][cls] == pytest.approx(values, abs=1e-5), cls
 
 
 def _start(args: list[str]) -> subprocess.Popen:

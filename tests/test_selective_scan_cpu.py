@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,32 @@ def test_large_decay_and_zero_delta():
     tensors["A"] = tensors["A"] * 16.0
     tensors["A"][:, 0] = -16.0
     _compare(tensors, use_bias=False, softplus=False)
+
+
+def test_partial_channel_block_chunk_and_state_remainders():
+    # 70 channels per group: one full block of lanes and one of 6; L=37: a partial last chunk
+    # of steps; N=5: one pass of 4 states and one single state.
+    assert 70 % ss_cpu._LANES and 37 % ss_cpu._CHUNK
+    _compare(_inputs(2, 37, seed=11, k=2, d=70, n=5))
+
+
+def test_vector_math_helpers_match_float64():
+    raw = np.concatenate([np.linspace(-100.0, 30.0, 1301), [-1e-8, 0.0, 1e-8, 19.999, 20.0, 20.001]])
+    raw = raw.astype(np.float32)
+    got = np.array([ss_cpu._softplus(x) for x in raw], dtype=np.float64)
+    r64 = raw.astype(np.float64)
+    want = np.where(r64 > 20.0, r64, np.log1p(np.exp(r64)))
+    assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want) + 1e-37)
+    assert np.isnan(ss_cpu._softplus(np.float32(np.nan)))
+
+    z = np.linspace(-125.9, 127.9, 2573).astype(np.float32)
+    got = np.array([ss_cpu._exp2(x) for x in z], dtype=np.float64)
+    want = np.exp2(z.astype(np.float64))
+    assert np.all(np.abs(got - want) <= 1e-6 * want)
+    assert ss_cpu._exp2(np.float32(0.0)) == 1.0
+    assert ss_cpu._exp2(np.float32(128.0)) == np.inf and ss_cpu._exp2(np.float32(1e4)) == np.inf
+    # Anything below 2**-126 gives 2**-126, the smallest normal float (not a denormal or garbage).
+    assert ss_cpu._exp2(np.float32(-1e4)) == np.float32(2.0**-126)
 
 
 def test_all_zero_delta_gives_skip_only():
