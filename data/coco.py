@@ -13,14 +13,13 @@ Pillow here (the original used OpenCV), so edge pixels may differ slightly.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.meta import NORMAL_SPECIE, DataError, Meta
+from data.meta import NORMAL_SPECIE, DataError, Meta, read_json
 
 COCO_CLASS = "coco"
 ANOMALY_SPECIE = "anomaly"
@@ -94,10 +93,7 @@ def _load(path: Path) -> dict[str, Any]:
 @functools.lru_cache(maxsize=2)
 def _load_cached(name: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
     path = Path(name)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({err}); re-download the COCO annotations") from err
+    data = read_json(path, "re-download the COCO annotations")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{path} lacks the '{key}' list of a COCO instances file; re-download it")

@@ -157,6 +157,18 @@ def _check_meta(meta: Any, path: Path, root: Path) -> None:
             )
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """Parse a UTF-8 JSON file; malformed content is a DataError naming the file, the spot and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); {fix}"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err}); {fix}") from err
+
+
 def load_meta(
     root: str | Path,
     meta_file: str = "meta.json",
@@ -191,15 +203,7 @@ def load_meta(
             f"({len(classes)} classes)"
         )
         return meta
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); fix or delete it "
-            f"(a deleted meta.json is rebuilt from an MVTec-style layout)"
-        ) from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err}); fix or delete it") from err
+    meta = read_json(path, "fix or delete it (a deleted meta.json is rebuilt from an MVTec-style layout)")
     _check_meta(meta, path, root)
     return meta
 

@@ -8,7 +8,6 @@ listed file, so that a broken download is found once, before training, with a fi
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.coco import ANNOTATIONS, prepare_coco
-from data.meta import ITEM_KEYS, NORMAL_SPECIE, DataError, Meta, mvtec_classes
+from data.meta import ITEM_KEYS, NORMAL_SPECIE, DataError, Meta, mvtec_classes, read_json
 
 PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 Parsed = tuple[Meta, list[str]]
@@ -198,12 +197,7 @@ def prepare_realiad(root: Path, json_dir: Path | None = None, views: list[str] |
     notes: list[str] = []
     for jpath in jsons:
         cls_name = jpath.stem
-        try:
-            data = json.loads(jpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(
-                f"{jpath} is not valid JSON ({err}); re-download the Real-IAD JSON files"
-            ) from err
+        data = read_json(jpath, "re-download the Real-IAD JSON files")
         for split in ("train", "test"):
             items = []
             for i, rec in enumerate(data.get(split, [])):

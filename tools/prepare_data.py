@@ -16,14 +16,13 @@ the fix, and the exit status is non-zero when there are any.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.coco import NUM_SPLITS, meta_name
-from data.meta import DataError, write_meta
+from data.meta import DataError, read_json, write_meta
 from data.prepare import LAYOUTS, PARSERS, count_table, structure_problems, validate_meta
 
 
@@ -45,12 +44,7 @@ def _run_one(args: argparse.Namespace, out: Path, kwargs: dict) -> int:
                     f"{out} not found; run without --check to create it (--dataset {args.dataset} "
                     f"expects {LAYOUTS[args.dataset]} under --root)"
                 )
-            try:
-                meta = json.loads(out.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(
-                    f"{out} is not valid JSON ({err}); run without --check to rebuild it"
-                ) from err
+            meta = read_json(out, "run without --check to rebuild it")
         else:
             meta, notes = PARSERS[args.dataset](args.root, **kwargs)
             for note in notes:
