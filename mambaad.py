@@ -27,6 +27,7 @@ from model.build import build_model
 from model.ops.selective_scan import prepare_cpu
 from util.anomaly_map import anomaly_maps_and_scores
 from util.config import BaseConfig, ConfigError, load_config, load_run_config
+from util.distributed import resolve_device
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "defaults.py"
@@ -73,14 +74,6 @@ def config_from_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> BaseC
         raise FileNotFoundError(f"{err}; or pass config=CONFIG_FILE for a bare checkpoint") from err
 
 
-def _resolve_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_model(
     checkpoint_or_run_dir: str | Path,
     config: str | Path | BaseConfig | None = None,
@@ -116,7 +109,7 @@ def load_model(
     else:
         cfg = load_config(DEFAULT_CONFIG, extra)
     log = log or logging.getLogger("mambaad")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cpu":
         prepare_cpu()  # keeps the caller's torch thread count (see model.ops.selective_scan.prepare_cpu)
     net = build_model(cfg, log)

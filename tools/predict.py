@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.default_ad import load_image
 from data.meta import IMAGE_EXTENSIONS
 from mambaad import load_model, predict_batch
-from trainer.ad_trainer import resolve_device
 from util.config import ConfigError
+from util.distributed import resolve_device
 from util.logger import get_logger
 
 

@@ -50,13 +50,6 @@ from util.metrics import format_table
 from util.signals import StopRequest, TrainingInterruptedError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; other names are passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

@@ -38,6 +38,15 @@ class DistContext:
         return self.world_size > 1
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; other names (and devices) pass through to torch."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the ``torchrun`` process group when launched by it; otherwise a single-process context.
 
@@ -47,15 +56,15 @@ def init_distributed(device: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but CUDA is not available here; use device=cpu or device=auto")
-    if use_cuda:
-        index = local if world > 1 or ":" not in device else int(device.split(":")[1])
-        dev = torch.device("cuda", index)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={device} but CUDA is not available here; use device=cpu or device=auto"
+            )
+        if world > 1 or dev.index is None:
+            dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device if device not in ("auto",) else "cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
