@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.mambaad import MambaAD
-from model.ops.selective_scan import available_backends, selective_scan_fn
+from model.ops.selective_scan import available_backends, prepare_cpu, selective_scan_fn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,7 +229,7 @@ def ddp_child(image_size: int, batch: int, repeats: int) -> dict:
 
     ctx = init_distributed("auto")
     if ctx.device.type == "cpu":
-        torch.set_flush_denormal(True)
+        prepare_cpu()  # flush denormals, start Numba keeping OMP_NUM_THREADS
     model = build_model(image_size, "auto", ctx.device).train()
     net = wrap_ddp(model, ctx)
     x = torch.randn(batch // ctx.world_size, 3, image_size, image_size, device=ctx.device)
@@ -414,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(json.dumps(result))
         return {}
     if args.train_child:
-        torch.set_flush_denormal(True)
+        prepare_cpu()  # flush denormals, start Numba keeping OMP_NUM_THREADS
         print(json.dumps(train_child(args.train_child, args.image_size, args.batch, args.repeats)))
         return {}
     report = run(args)
