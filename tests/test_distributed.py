@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,21 +78,16 @@ def single_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return _only_run(out)
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "run.py",
-        *args,
-    ]
+def _torchrun(args: list[str], script: str = "run.py") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
 
 
-def test_two_gloo_processes_match_one(single_run: Path, tiny_data: Path, tmp_path: Path) -> None:
-    # training on 2 ranks (2 images each = the same global batch of 4)
+def test_two_gloo_processes_finish_and_score_each_image_once(
+    single_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    # end to end on 2 ranks (2 images each = the same global batch of 4): the metrics of two
+    # differently trained tiny models are not compared (see the one-step test for the maths)
     out = tmp_path / "ddp"
     proc = _torchrun(["-c", CONFIG, *_overrides(tiny_data, out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,12 +95,14 @@ def test_two_gloo_processes_match_one(single_run: Path, tiny_data: Path, tmp_pat
     n_test = 2 * (2 + 3)  # two classes, 2 good + 3 defective test images each
     final, reference = _final(ddp), _final(single_run)
     assert final["num_images"] == reference["num_images"] == n_test
+    assert set(final["results"]) == set(reference["results"]) == {"washer", "weave", "mean"}
     log = (ddp / "log.txt").read_text()
     assert f"{n_test} images, each scored once by 2 process(es)" in log
     assert "x 2 processes (torchrun)" in log and "2 process(es) x 2 image(s)" in log
-    for name in ("I-AUROC", "P-AUROC", "AUPRO"):
-        assert final["results"]["mean"][name] == pytest.approx(reference["results"]["mean"][name], abs=0.15)
     assert len(list((ddp / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    assert sorted(p.name for p in ddp.iterdir() if p.is_file()) == sorted(
+        p.name for p in single_run.iterdir() if p.is_file()
+    )
 
     # evaluation of the same weights: 2 processes give the one-process numbers (per-rank batches
     # differ in size, so convolutions may differ in the last float bit; float16 map storage
@@ -124,6 +122,47 @@ def test_two_gloo_processes_match_one(single_run: Path, tiny_data: Path, tmp_pat
     assert tested["num_images"] == n_test
     for cls, values in reference["results"].items():
         assert tested["results"][cls] == pytest.approx(values, abs=1e-5), cls
+
+
+@pytest.fixture(scope="module")
+def identical_images(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_data`` with every training image replaced by the first one.
+
+    Train-mode BatchNorm then sees the same statistics in a rank's half batch as in the whole
+    batch, so a data-parallel step is mathematically the one-process step.
+    """
+    root = tmp_path_factory.mktemp("identical")
+    shutil.copytree(tiny_data, root, dirs_exist_ok=True)
+    train = sorted(root.glob("*/train/good/*.png"))
+    assert len(train) == 8
+    for path in train[1:]:
+        path.write_bytes(train[0].read_bytes())
+    return root
+
+
+def test_one_step_on_two_gloo_ranks_equals_one_process(identical_images: Path, tmp_path: Path) -> None:
+    # equal by construction: identical images (BatchNorm), no drop-path, no teacher calibration,
+    # a mean loss over equal per-rank batches; DDP averages the per-rank gradients
+    args = [
+        *_overrides(identical_images, tmp_path / "runs", epochs=1),
+        "model.drop_path=0.0",
+        "model.teacher.calibrate_batches=0",
+    ]
+    script = str(REPO / "tests" / "ddp_step.py")
+    one, two = tmp_path / "one.pth", tmp_path / "two.pth"
+    cmd = [sys.executable, script, CONFIG, str(one), *args]
+    single = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = _torchrun([CONFIG, str(two), *args], script=script)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 100
+    for name, grad in a["grads"].items():
+        scale = float(grad.abs().max())
+        assert scale > 0 or "conv33" in name, f"{name} has no gradient"
+        torch.testing.assert_close(b["grads"][name], grad, rtol=1e-4, atol=1e-6 * max(scale, 1e-12))
 
 
 def _start(args: list[str]) -> subprocess.Popen:
