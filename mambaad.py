@@ -26,8 +26,9 @@ from data.default_ad import image_to_tensor, load_image
 from model.build import build_model
 from model.ops.selective_scan import prepare_cpu
 from util.anomaly_map import anomaly_maps_and_scores
-from util.config import BaseConfig, ConfigError, load_config, load_run_config
+from util.config import BaseConfig, load_config
 from util.distributed import resolve_device
+from util.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "defaults.py"
@@ -67,11 +68,18 @@ class Detector:
 
 
 def config_from_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> BaseConfig:
-    """The config a run used (``run_dir/config.json`` over its config class); ``overrides`` apply on top."""
-    try:
-        return load_run_config(run_dir, overrides, default_config=DEFAULT_CONFIG)
-    except ConfigError as err:
-        raise FileNotFoundError(f"{err}; or pass config=CONFIG_FILE for a bare checkpoint") from err
+    """The config a run used, rebuilt from ``run_dir/config.json`` as data; ``overrides`` apply on top.
+
+    No file named by the folder is executed (see :mod:`util.run_config`): the values are restored
+    over this project's own config class. Pass ``config=`` to :func:`load_model` to use a config
+    file of your own instead.
+    """
+    if not (Path(run_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{Path(run_dir) / 'config.json'} does not exist; pass a run folder written by run.py, "
+            "or config=CONFIG_FILE for a bare checkpoint"
+        )
+    return load_run_config(run_dir, overrides)
 
 
 def load_model(
@@ -84,11 +92,17 @@ def load_model(
     """Load weights (our ``net.pth``/``ckpt.pth`` or the authors' official files) for prediction.
 
     ``checkpoint_or_run_dir``: a run folder (its ``net.pth``, else ``ckpt.pth``, and its
-    ``config.json``) or a checkpoint file. ``config``: a config file or object; by default the
-    run's ``config.json`` (also for a file inside a run folder), else the paper model
-    (``configs/defaults.py``, as for official checkpoints). ``overrides``: ``key=value`` strings.
+    ``config.json``) or a checkpoint file. ``config``: a config file (Python, executed: pass only
+    files you trust) or object; by default the run's ``config.json``, read as data without running
+    any code (also for a file inside a run folder), else the paper model (``configs/defaults.py``,
+    as for official checkpoints). ``overrides``: ``key=value`` strings. Checkpoints are read with
+    ``weights_only=True`` (:func:`util.checkpoint.load_file`).
     """
     source = Path(checkpoint_or_run_dir)
+    if source.suffix.lower() in (".onnx", ".xml") or (source / "model.json").is_file():
+        from deploy.runtime import load_exported  # an exported model: onnxruntime / OpenVINO
+
+        return load_exported(source)
     if source.is_dir():
         candidates = [source / "net.pth", source / "ckpt.pth"]
         checkpoint = next((p for p in candidates if p.is_file()), None)
@@ -140,6 +154,9 @@ def prepare_image(image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def predict_batch(model: Detector, images: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps ``[B, H, W]`` and scores ``[B]`` (tensors on the model's device) for one batch."""
+    if not isinstance(model, Detector):  # an exported model (deploy.runtime)
+        out = model.predict(list(images), batch_size=max(1, len(images)))
+        return torch.from_numpy(out.maps), torch.from_numpy(out.scores)
     size = model.image_size
     imgs = torch.stack([prepare_image(im, size) for im in images]).to(model.device)
     feats_t, feats_s = model.net(imgs)
@@ -153,6 +170,9 @@ def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_si
     images = list(images)
     if not images:
         raise ValueError("predict needs at least one image")
+    if not isinstance(model, Detector):  # an exported model (deploy.runtime)
+        out = model.predict(images, batch_size=batch_size)
+        return Prediction(scores=out.scores, maps=out.maps)
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
         batch_maps, batch_scores = predict_batch(model, images[start : start + batch_size])

@@ -12,6 +12,9 @@ import json
 import sys
 
 from util.config import ConfigError, config_to_dict, load_config
+from util.distributed import shutdown
+from util.errors import debug_requested, report
+from util.signals import TrainingInterruptedError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,30 +25,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", required=True, help="config file, e.g. configs/mambaad_mvtec.py")
     parser.add_argument("-m", "--mode", choices=("train", "test"), default="train")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     parser.add_argument("overrides", nargs="*", help="config overrides such as trainer.epochs=10")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code (2: usage error, 1: other error)."""
     args = parse_args(argv)
+    debug = args.debug or debug_requested([])
+    trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(config_to_dict(cfg), indent=2, default=str))
-        return 0
-    if args.mode == "test" and not cfg.model.checkpoint:
-        print("config error: -m test needs model.checkpoint=PATH (a net.pth or ckpt.pth)", file=sys.stderr)
-        return 2
+        if args.print_config:
+            print(json.dumps(config_to_dict(cfg), indent=2, default=str))
+            return 0
+        if args.mode == "test" and not cfg.model.checkpoint:
+            raise ConfigError("-m test needs model.checkpoint=PATH (a net.pth or ckpt.pth)")
 
-    from trainer import TRAINERS
-    from util.distributed import shutdown
-    from util.signals import TrainingInterruptedError
+        from trainer import TRAINERS
 
-    try:
         trainer = TRAINERS.build(cfg.trainer.type, cfg, mode=args.mode)
         try:
             if args.mode == "train":
@@ -64,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         trainer.log.info("done; results in %s", trainer.run_dir)
         return 0
+    except Exception as err:
+        return report(err, debug, log=trainer.log if trainer is not None else None)
     finally:
         shutdown()
 

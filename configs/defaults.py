@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from util.config import BaseConfig, Section
+from util.config import BaseConfig, Section, check_values, int_at_least, number_at_least, one_of
 
 
 class MambaADDefaults(BaseConfig):
@@ -35,14 +35,17 @@ class MambaADDefaults(BaseConfig):
             cache=None,  # None, "memory" or "npy": keep decoded, resized images between epochs
             cache_dir=None,  # folder for data.cache=npy; None = <root>/.cache
             views=None,  # multi-view data (Real-IAD): camera views to use, e.g. ["C1", "C2"]; None = all
+            allow_absolute_paths=False,  # True: meta.json may name absolute paths (data kept outside root)
         )
         self.model = Section(
             type="mambaad",
+            # name: timm model and pretrained tag; resnet34.bt_in1k is the authors' file
+            # resnet34-43635321.pth (plain "resnet34" would be timm's a1_in1k, other weights).
             # pretrained=True downloads timm's ImageNet weights (online machines only);
             # checkpoint=PATH loads a local timm/torchvision file instead.
             # calibrate_batches: a random teacher (neither of the above) gets BatchNorm statistics
             # from this many training batches before training; 0 disables it.
-            teacher=Section(name="resnet34", pretrained=True, checkpoint=None, calibrate_batches=8),
+            teacher=Section(name="resnet34.bt_in1k", pretrained=True, checkpoint=None, calibrate_batches=8),
             depths=[3, 4, 6, 3],
             scan=Section(method="hilbert", directions=8, backend="auto"),
             d_state=16,
@@ -61,6 +64,10 @@ class MambaADDefaults(BaseConfig):
             lr=None,  # derived: base_lr * batch_size / 16
             betas=(0.9, 0.999),
             weight_decay=1e-4,
+            # parameters without weight decay: "ader" = 1-D tensors and *.bias, as the authors' code
+            # ran (A_logs and dt_projs_bias are decayed); "flagged" = also A_logs, Ds, dt_projs_bias
+            # and every norm layer (what the model code's _no_weight_decay flags ask for)
+            no_decay="ader",
         )
         self.scheduler = Section(type="step", decay_at=0.8, gamma=0.1, milestones=None)
         self.trainer = Section(
@@ -70,6 +77,7 @@ class MambaADDefaults(BaseConfig):
             grad_clip=5.0,
             log_every=50,  # iterations between log lines
             resume=None,  # RUN_DIR to continue (after a crash, SIGKILL, SIGTERM or Ctrl-C)
+            resume_changes=False,  # True: a resume may change trainer.epochs/test_every/..., evaluator.*
             save_every=1,  # epochs between checkpoints (evaluated epochs are always saved)
             save_every_steps=0,  # also checkpoint every N optimiser steps inside an epoch; 0 = off
             keep_checkpoints=1,  # K > 1 also keeps the last K as checkpoints/ckpt_e<epoch>_b<batch>.pth
@@ -81,7 +89,10 @@ class MambaADDefaults(BaseConfig):
         self.evaluator = Section(
             type="ad_evaluator",
             sigma=4.0,  # Gaussian blur of the anomaly maps
-            mode="exact",  # "exact" (all thresholds) or "ader" (the official code's binned approximations)
+            # "exact" (all thresholds), "ader" (ADer benchmark: ADEval 50-bin pixel metrics) or
+            # "mambaad" (the MambaAD paper's evaluator: mask-derived image labels, 21-threshold pixel
+            # F1-max, 100-step AU-PRO)
+            mode="exact",
             map_dtype="float16",  # storage of the test maps: float16 or float32
             spill_dir=None,  # folder for maps moved to disk (None: a temporary folder)
             spill_mb=512,  # MB of maps kept in RAM (all classes) before the rest goes to disk; None: never
@@ -98,3 +109,56 @@ class MambaADDefaults(BaseConfig):
         self.set_derived("optim.lr", self.optim.base_lr * self.data.batch_size / 16)
         self.set_derived("scheduler.milestones", [round(self.scheduler.decay_at * self.trainer.epochs)])
         self.set_derived("trainer.test_every", max(1, self.trainer.epochs // 10))
+
+    def validate(self) -> None:
+        """Reject values that would fail later (or silently do nothing) before any work starts."""
+        from model.scan import NUM_DIRECTIONS, SCAN_METHODS
+
+        size = self.data.image_size
+        sizes = [size] if not isinstance(size, list | tuple) else list(size)
+        methods = str(self.model.scan.method).split("+")
+        blocks = self.model.lss.blocks
+
+        def stage_ok(depth: object) -> bool:
+            if not isinstance(depth, int) or depth < 1:
+                return False
+            return depth % blocks == 0 if blocks else depth % 2 == 0 or depth % 3 == 0
+
+        check_values(
+            self,
+            {
+                "seed": int_at_least(0),
+                "trainer.epochs": int_at_least(1),
+                "trainer.test_every": int_at_least(1),
+                "trainer.save_every": int_at_least(1),
+                "trainer.save_every_steps": int_at_least(0),
+                "trainer.keep_checkpoints": int_at_least(1),
+                "trainer.log_every": int_at_least(1),
+                "trainer.accumulate": int_at_least(1),
+                "trainer.grad_clip": number_at_least(0, allow_none=True),
+                "trainer.amp": one_of("none", "bf16", "fp16"),
+                "data.batch_size": int_at_least(1),
+                "data.batch_size_test": int_at_least(1),
+                "data.num_workers": int_at_least(0),
+                "data.image_size": (
+                    lambda v: len(sizes) in (1, 2) and all(isinstance(s, int) and s >= 32 for s in sizes),
+                    "a size of at least 32 pixels, or [height, width]",
+                ),
+                "model.depths": (
+                    lambda v: isinstance(v, list | tuple) and len(v) == 4 and all(map(stage_ok, v)),
+                    f"four multiples of model.lss.blocks={blocks}"
+                    if blocks
+                    else "four multiples of 2 or 3 (HSS blocks per LSS module), e.g. [3,4,6,3]",
+                ),
+                "model.scan.directions": one_of(*NUM_DIRECTIONS),
+                "model.scan.method": (
+                    lambda v: all(m in SCAN_METHODS for m in methods),
+                    f"one of {', '.join(SCAN_METHODS)} or two joined by '+' (e.g. zigzag+hilbert)",
+                ),
+                "model.drop_path": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "in [0, 1)"),
+                "optim.base_lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+                "optim.weight_decay": number_at_least(0),
+                "optim.no_decay": one_of("ader", "flagged"),
+                "evaluator.sigma": number_at_least(0),
+            },
+        )

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data.cache import CACHE_MODES, ImageCache, cache_key
-from data.meta import DataError, load_meta, select_classes
+from data.meta import DataError, load_meta, select_classes, with_extra_train_splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -162,6 +162,9 @@ class DefaultAD(Dataset):
     (filled here, in the main process; forked DataLoader workers share it, spawned ones get a copy
     each), ``"npy"`` as memory-mapped uint8 files in ``cache_dir`` (default ``<root>/.cache``, or a
     folder under ``~/.cache/mambaad`` when the root is read-only).
+
+    Paths in ``meta.json`` must stay under ``root``; ``allow_absolute_paths`` (config key
+    ``data.allow_absolute_paths``) also accepts absolute ones, for data kept elsewhere on purpose.
     """
 
     def __init__(
@@ -175,6 +178,7 @@ class DefaultAD(Dataset):
         views: list[str] | None = None,
         cache: str | None = None,
         cache_dir: str | Path | None = None,
+        allow_absolute_paths: bool = False,
     ) -> None:
         if split not in ("train", "test"):
             raise DataError(f"split must be 'train' or 'test', got {split!r}")
@@ -182,7 +186,10 @@ class DefaultAD(Dataset):
         self.split = split
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_size = (int(h), int(w))
-        meta = select_classes(load_meta(root, meta_file, log=log), cls_names)
+        meta = load_meta(root, meta_file, log=log, allow_absolute_paths=bool(allow_absolute_paths))
+        meta = select_classes(meta, cls_names)
+        if split == "train":  # a 'validation' split (MVTec 3D-AD) trains too, as in the authors' loader
+            meta = with_extra_train_splits(meta, Path(root) / meta_file, log)
         self.cls_names: list[str] = sorted(meta["train"])
         meta_path = Path(root) / meta_file
         raw = [it for cls_name in self.cls_names for it in meta[split].get(cls_name, [])]
@@ -206,6 +213,7 @@ class DefaultAD(Dataset):
                 f"no {split} images for class(es) {', '.join(self.cls_names)} in {meta_path}"
                 + (f" with views {', '.join(views)}" if views else "")
             )
+        _check_mask_sizes(self.items, meta_path)
         self.cache: ImageCache | None = None
         if cache is not None:
             self.cache = self._build_cache(cache, cache_dir, meta_path, cls_names, views, log)
@@ -279,6 +287,32 @@ class DefaultAD(Dataset):
         if self.sample_ids is not None:
             out["sample_id"] = self.sample_ids[index]
         return out
+
+
+def _check_mask_sizes(items: list[tuple[str, str, str, str, int]], meta_path: Path) -> None:
+    """Compare mask and image sizes (headers only) at start-up, not at the first evaluation.
+
+    Unreadable files are left to the full read, which names the problem precisely.
+    """
+    problems = []
+    for img_path, mask_path, *_ in items:
+        if not mask_path:
+            continue
+        try:
+            with Image.open(img_path) as im, Image.open(mask_path) as mim:
+                size, msize = im.size, mim.size
+        except (OSError, SyntaxError, ValueError):
+            continue
+        if size != msize:
+            problems.append(
+                f"mask {mask_path} is {msize[0]}x{msize[1]} but its image {img_path} is {size[0]}x{size[1]}"
+            )
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DataError(
+            f"{len(problems)} test mask(s) listed in {meta_path} do not fit their images: {shown}. "
+            f"Fix or replace those masks (python tools/prepare_data.py --check lists them all)"
+        )
 
 
 def _select_views(

@@ -19,7 +19,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.coco import ANNOTATIONS, prepare_coco
-from data.meta import ITEM_KEYS, NORMAL_SPECIE, DataError, Meta, mvtec_classes, read_json
+from data.meta import (
+    ITEM_KEYS,
+    NORMAL_SPECIE,
+    TRAIN_EXTRA_SPLITS,
+    DataError,
+    Meta,
+    mvtec_classes,
+    read_json,
+)
 
 PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 Parsed = tuple[Meta, list[str]]
@@ -339,12 +347,17 @@ def _item_problems(root: Path, split: str, it: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _splits(meta: Meta) -> list[str]:
+    """'train', 'test' and the extra training splits (``validation``) that ``meta`` has."""
+    return ["train", "test", *(s for s in TRAIN_EXTRA_SPLITS if isinstance(meta.get(s), dict))]
+
+
 def structure_problems(meta: Any) -> list[str]:
     """Problems of the meta dict's shape (so that ``--check`` on a hand-edited file never crashes)."""
     if not isinstance(meta, dict) or any(not isinstance(meta.get(s), dict) for s in ("train", "test")):
         return ["the meta file's top level must map 'train' and 'test' to {class: [item, ...]}; rebuild it"]
     problems = []
-    for split in ("train", "test"):
+    for split in _splits(meta):
         for cls_name, items in meta[split].items():
             if not isinstance(items, list):
                 problems.append(f"[{split!r}][{cls_name!r}] must be a list of items; rebuild the meta file")
@@ -372,7 +385,7 @@ def validate_meta(root: Path, meta: Meta, progress: bool = True, workers: int | 
                 f"class {cls_name!r} has no training images; add normal images to its training folder "
                 f"or remove the class"
             )
-    items = [(split, it) for split in ("train", "test") for c in sorted(meta[split]) for it in meta[split][c]]
+    items = [(split, it) for split in _splits(meta) for c in sorted(meta[split]) for it in meta[split][c]]
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         checked = pool.map(lambda job: _item_problems(root, *job), items)
         for found in tqdm(
@@ -383,11 +396,12 @@ def validate_meta(root: Path, meta: Meta, progress: bool = True, workers: int | 
 
 
 def count_table(meta: Meta) -> str:
-    """Per-class counts: train normal, test normal, test anomalous, masks; plus a total row."""
+    """Per-class counts: train normal (with a validation split), test normal, test anomalous, masks; total."""
     header = ("class", "train normal", "test normal", "test anomalous", "masks")
     rows: list[tuple[Any, ...]] = []
     for cls_name in sorted(set(meta["train"]) | set(meta["test"])):
-        train, test = meta["train"].get(cls_name, []), meta["test"].get(cls_name, [])
+        train = [it for s in _splits(meta) if s != "test" for it in meta[s].get(cls_name, [])]
+        test = meta["test"].get(cls_name, [])
         rows.append(
             (
                 cls_name,

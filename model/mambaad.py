@@ -116,35 +116,50 @@ class MambaAD(nn.Module):
         """Parameters that receive gradients (bottleneck + decoder)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def parameter_groups(self, weight_decay: float, official: bool = False) -> list[dict]:
+    def parameter_groups(self, weight_decay: float, no_decay: str = "ader") -> list[dict]:
         """Two AdamW groups: ``[{decay}, {no decay}]`` over the trainable parameters.
 
-        Default rule (spec): no decay for biases (incl. ``dt_projs_bias``), every norm
-        layer's weight/bias, ``A_logs``, ``Ds`` and anything flagged ``_no_weight_decay``.
-        ``official=True`` reproduces ADer's optimiser split instead: no decay only for 1-D
-        tensors and names ending in ``.bias`` (so ``A_logs``/``dt_projs_bias`` are decayed).
+        ``no_decay`` names the rule in :data:`NO_DECAY_RULES` that picks the undecayed ones:
+        ``ader`` (the authors' optimiser, ADer ``optim.add_weight_decay``: 1-D tensors and names
+        ending in ``.bias``, so ``A_logs`` and ``dt_projs_bias`` are decayed) or ``flagged``
+        (also ``A_logs``, ``Ds``, ``dt_projs_bias``, every norm layer and anything flagged
+        ``_no_weight_decay``, as the SSM code intends but the authors' optimiser ignores).
         """
+        if no_decay not in NO_DECAY_RULES:
+            choices = ", ".join(NO_DECAY_RULES)
+            raise ValueError(f"optim.no_decay={no_decay!r} is not supported; use one of {choices}")
+        rule = NO_DECAY_RULES[no_decay]
         norm_params = {id(p) for m in self.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters()}
-        decay, no_decay = [], []
+        decay, undecayed = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if official:
-                skip = p.ndim <= 1 or name.endswith(".bias")
-            else:
-                leaf = name.rsplit(".", 1)[-1]
-                skip = (
-                    id(p) in norm_params
-                    or leaf == "bias"
-                    or leaf.endswith("_bias")
-                    or leaf in ("A_logs", "Ds")
-                    or getattr(p, "_no_weight_decay", False)
-                )
-            (no_decay if skip else decay).append(p)
+            if p.requires_grad:
+                (undecayed if rule(name, p, norm_params) else decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": undecayed, "weight_decay": 0.0},
         ]
+
+
+def _ader_no_decay(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def _flagged_no_decay(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        id(p) in norm_params
+        or leaf == "bias"
+        or leaf.endswith("_bias")
+        or leaf in ("A_logs", "Ds")
+        or getattr(p, "_no_weight_decay", False)
+    )
+
+
+# optim.no_decay -> whether a trainable parameter (name, tensor, ids of norm-layer params) is undecayed
+NO_DECAY_RULES: dict[str, Callable[[str, nn.Parameter, set[int]], bool]] = {
+    "ader": _ader_no_decay,
+    "flagged": _flagged_no_decay,
+}
 
 
 def _index_buffer_count(module: nn.Module) -> int:

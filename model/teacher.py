@@ -14,11 +14,51 @@ import timm
 import torch
 from torch import nn
 
+from util.checkpoint import load_file
+
 OFFLINE_HINT = (
     "pass a local ImageNet checkpoint instead, e.g. "
     "model.teacher.checkpoint=/path/to/resnet34-43635321.pth (timm 'resnet34.bt_in1k'; "
     "torchvision ResNet files with the same architecture load too)"
 )
+
+# The ImageNet weights the authors' code loads per teacher architecture, as timm pretrained tags.
+# Their configs name the files (ADer / MambaAD ``checkpoint_path``): resnet34-43635321.pth is
+# ``bt_in1k``; resnet18-5c106cde.pth is ``tv_in1k`` (timm now fetches resnet18-f37072fd.pth, the
+# same tensors re-saved by torchvision, pytorch/vision#2068); wide_resnet50_racm-8234f177.pth is
+# ``racm_in1k``. No config of theirs names a ResNet50 file; ``a1_in1k`` (resnet50_a1_0-14fe96d1.pth)
+# is what timm's plain ``resnet50`` loaded in the timm they used, and still loads.
+AUTHORS_TEACHER_TAGS: dict[str, str] = {
+    "resnet18": "tv_in1k",
+    "resnet34": "bt_in1k",
+    "resnet50": "a1_in1k",
+    "wide_resnet50_2": "racm_in1k",
+}
+
+
+def resolve_weights(name: str) -> tuple[str, str]:
+    """``(architecture.tag, weights file)`` that timm's ``pretrained=True`` loads for teacher ``name``.
+
+    A name without a tag gets timm's default tag, which need not be the authors' (timm 1.0 resolves
+    ``resnet34`` to ``resnet34.a1_in1k``). Reads timm's registry only: nothing is downloaded.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained weights for teacher {name!r}; check model.teacher.name")
+    file = cfg.url.rsplit("/", 1)[-1] if cfg.url else (cfg.file or cfg.hf_hub_filename or cfg.hf_hub_id)
+    return f"{cfg.architecture}.{cfg.tag}", str(file)
+
+
+def _tag_advice(name: str, resolved: str) -> str:
+    """A note when ``name`` resolves to other weights than the authors' for its architecture."""
+    arch = resolved.split(".", 1)[0]
+    wanted = AUTHORS_TEACHER_TAGS.get(arch)
+    if wanted is None or resolved == f"{arch}.{wanted}":
+        return ""
+    return (
+        f"; the authors' code loads {arch}.{wanted} ({resolve_weights(f'{arch}.{wanted}')[1]}): "
+        f"set model.teacher.name={arch}.{wanted} to reproduce the paper"
+    )
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:
@@ -43,6 +83,19 @@ def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _first_misfit(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """The first key, in the model's order and then the file's, where ``state`` does not fit ``own``."""
+    for key, tensor in own.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key not in state:
+            return f"{key}: missing from the file"
+        if state[key].shape != tensor.shape:
+            return f"{key}: shape {tuple(state[key].shape)} in the file, {tuple(tensor.shape)} in the model"
+    extra = next(k for k in state if k not in own)
+    return f"{extra}: in the file but not in the model"
+
+
 def load_teacher_checkpoint(
     teacher: nn.Module, path: str | Path, log: Callable[[str], object] = print
 ) -> tuple[list[str], list[str]]:
@@ -56,7 +109,7 @@ def load_teacher_checkpoint(
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_file(path)  # weights_only=True; a file needing more is a clean CheckpointError
     state = _unwrap_state_dict(raw, path)
     own = teacher.state_dict()
     dropped = [k for k in state if k not in own and (k.startswith("fc.") or k.startswith("layer4."))]
@@ -65,16 +118,14 @@ def load_teacher_checkpoint(
     tolerated = [k for k in missing if k.endswith("num_batches_tracked")]
     missing = [k for k in missing if k not in tolerated]
     unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in state
-        if k in own and state[k].shape != own[k].shape
-    ]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
+        arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture", "?")
         raise ValueError(
-            f"teacher checkpoint {path} does not match the teacher architecture "
-            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched keys); "
-            f"missing={missing[:8]} unexpected={unexpected[:8]} mismatched={mismatched[:4]}"
+            f"teacher checkpoint {path} does not fit the teacher backbone {arch!r}: first mismatching "
+            f"key {_first_misfit(own, state)} ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} of another shape); pass a file of that architecture or set "
+            f"model.teacher.name to the file's"
         )
     teacher.load_state_dict(state, strict=False)
     log(
@@ -93,7 +144,7 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def build_teacher(
-    name: str = "resnet34",
+    name: str = "resnet34.bt_in1k",
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
     out_indices: Sequence[int] = (1, 2, 3),
@@ -101,9 +152,11 @@ def build_teacher(
 ) -> nn.Module:
     """Build the frozen timm feature extractor ``name`` returning ``len(out_indices)`` maps.
 
-    Weights: ``checkpoint`` (local file) wins over ``pretrained`` (timm hub download, which
-    fails offline with an explanatory error); with neither, weights stay random and a
-    WARNING is logged. The returned module exposes ``feature_info.channels()``.
+    ``name`` is a timm model name, with the pretrained tag that picks the weights
+    (``resnet34.bt_in1k``, the authors' file; see :data:`AUTHORS_TEACHER_TAGS`). Weights:
+    ``checkpoint`` (local file) wins over ``pretrained`` (timm hub download, which fails offline
+    with an explanatory error; the resolved tag and file are logged); with neither, weights stay
+    random and a WARNING is logged. The returned module exposes ``feature_info.channels()``.
     """
     out_indices = tuple(int(i) for i in out_indices)
     if checkpoint is not None:
@@ -112,14 +165,16 @@ def build_teacher(
             log(f"teacher: both pretrained=True and checkpoint given; using the local file {checkpoint}")
         load_teacher_checkpoint(teacher, checkpoint, log=log)
     elif pretrained:
+        resolved, file = resolve_weights(name)
         try:
             teacher = timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=True)
         except Exception as exc:
             raise RuntimeError(
-                f"could not download pretrained weights for teacher '{name}' from the timm hub "
-                f"({type(exc).__name__}: {exc}). This machine is probably offline; " + OFFLINE_HINT
+                f"could not download pretrained weights for teacher '{name}' ({resolved}, {file}) from "
+                f"the timm hub ({type(exc).__name__}: {exc}). This machine is probably offline; "
+                + OFFLINE_HINT
             ) from exc
-        log(f"teacher: loaded timm pretrained weights for {name}")
+        log(f"teacher: timm pretrained weights {resolved} ({file}){_tag_advice(name, resolved)}")
     else:
         # Residual branches must not start as zero: timm zero-inits their last BN, which with
         # random weights would leave only strided 1x1 shortcuts (subsampling, blind between pixels).

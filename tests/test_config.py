@@ -17,7 +17,7 @@ CONFIGS = sorted((REPO / "configs").glob("mambaad_*.py"))
 def test_every_shipped_config_loads_with_paper_settings(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.name == path.stem
-    assert cfg.model.teacher.name == "resnet34"
+    assert cfg.model.teacher.name == "resnet34.bt_in1k"  # the authors' resnet34-43635321.pth
     assert cfg.model.scan.method == "hilbert" and cfg.model.scan.directions == 8
     assert cfg.optim.lr == pytest.approx(cfg.optim.base_lr * cfg.data.batch_size / 16)
     if path.stem != "mambaad_demo":
@@ -25,6 +25,7 @@ def test_every_shipped_config_loads_with_paper_settings(path: Path) -> None:
         assert list(cfg.model.depths) == [3, 4, 6, 3]
         assert cfg.trainer.epochs == 500 and cfg.trainer.grad_clip == 5.0
         assert cfg.optim.lr == pytest.approx(0.005) and cfg.optim.weight_decay == pytest.approx(1e-4)
+        assert cfg.optim.no_decay == "ader"
         assert cfg.scheduler.milestones == [400]
 
 

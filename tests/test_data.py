@@ -322,6 +322,8 @@ def test_default_ad_mask_size_mismatch_raises(tmp_path: Path) -> None:
     root = write_single(tmp_path, rgb(8, 8), np.zeros((8, 6), np.uint8) + 255)
     with pytest.raises(DataError, match=r"mask .*000_mask\.png is 6x8 but its image .*000\.png is 8x8"):
         read_test_item(root)
+    with pytest.raises(DataError, match=r"do not fit their images"):  # at start-up, before any read
+        DefaultAD(root, "test", image_size=8, log=lambda *_: None)
 
 
 def test_load_image_matches_the_dataset_pipeline(tmp_path: Path) -> None:

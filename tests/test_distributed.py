@@ -268,6 +268,7 @@ def test_non_finite_loss_names_step_images_and_hint(tiny_data: Path, tmp_path: P
         trainer.train()
     message = str(info.value)
     assert "step 1" in message and ".png" in message and "optim.base_lr" in message and "amp" in message
+    assert "no checkpoint has been written yet" in message and "ckpt.pth" not in message
 
 
 def test_cli_stop_message_and_exit_code(

@@ -73,7 +73,9 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
     assert run.main(["-c", config, *_overrides(tiny_data, part_out, 2)]) == 0
     part = _only_run(part_out)
     assert load_file(part / "ckpt.pth")["epoch"] == 2
-    assert run.main(["-c", config, *_overrides(tiny_data, part_out, 3), f"trainer.resume={part}"]) == 0
+    again = [*_overrides(tiny_data, part_out, 3), f"trainer.resume={part}"]
+    assert run.main(["-c", config, *again]) == 2  # more epochs: only with trainer.resume_changes=True
+    assert run.main(["-c", config, *again, "trainer.resume_changes=True"]) == 0
     assert _only_run(part_out) == part
     a, b = load_file(full / "net.pth"), load_file(part / "net.pth")
     assert a.keys() == b.keys()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -96,6 +99,75 @@ def test_ader_mode_uses_the_ader_functions() -> None:
     expected = compute_metrics_ader(maps, masks, labels, scores=maps.max(axis=(1, 2)))
     for name in METRIC_NAMES:
         assert results["a"][name] == pytest.approx(expected[name], abs=1e-12), name
+
+
+@contextlib.contextmanager
+def _warnings() -> Iterator[list[str]]:
+    """Messages the evaluator logs at WARNING, caught on its own logger (its parent may not propagate)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("mambaad.evaluator")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_mambaad_mode_takes_labels_from_masks_and_says_so() -> None:
+    batches = _batches()
+    ev = ADEvaluator(mode="mambaad", map_dtype="float32")
+    maps, scores, masks, labels, names = batches[0]
+    labels = labels.clone()
+    labels[0] = 1  # its mask is empty: the authors' evaluator counts it as normal
+    with _warnings() as messages:
+        ev.update(maps, scores, masks, labels, names)
+        for batch in batches[1:]:
+            ev.update(*batch)
+        results = ev.compute()
+    a_maps, a_masks, _ = _class_data(batches, "a")
+    expected = compute_metrics(
+        a_maps, a_masks, np.zeros(len(a_maps)), scores=a_maps.max((1, 2)), mode="mambaad"
+    )
+    for name in METRIC_NAMES:
+        assert results["a"][name] == pytest.approx(expected[name], abs=1e-12), name
+    assert messages == [
+        "class a: 1 image(s) labelled anomalous have an empty mask and 0 labelled normal have mask "
+        "pixels; evaluator.mode=mambaad takes the label from the mask, as the MambaAD authors' "
+        "evaluator did"
+    ]
+
+
+@pytest.mark.parametrize("mode", ["exact", "ader", "mambaad"])
+def test_a_class_without_anomalies_is_undefined_and_warned_about(mode: str) -> None:
+    rng = np.random.default_rng(4)
+    ev = ADEvaluator(mode=mode, map_dtype="float32")
+    for batch in _batches():
+        ev.update(*batch)
+    maps = torch.from_numpy(rng.random((3, 16, 16)).astype(np.float32))
+    ev.update(maps, maps.flatten(1).amax(1), torch.zeros(3, 1, 16, 16), torch.zeros(3), ["washer"] * 3)
+    with _warnings() as messages:
+        results = ev.compute()
+    washer = results["washer"]
+    assert all(math.isnan(washer[m]) for m in METRIC_NAMES) and math.isnan(washer["mAD"])
+    assert messages[0] == (
+        "class washer: I-AUROC, I-AP, I-F1max undefined (washer has no anomalous test image); reported "
+        "as n/a (null in metrics.json) and left out of the mean over classes"
+    )
+    assert messages[1].startswith("class washer: P-AUROC, P-AP, P-F1max, AUPRO undefined (washer has no ")
+    assert len(messages) == 2
+    assert ev.undefined["washer"]["AUPRO"] == "has no anomalous pixel"
+    assert results["mean"]["I-AUROC"] == pytest.approx(
+        (results["a"]["I-AUROC"] + results["b"]["I-AUROC"]) / 2
+    )
+    per_class = {k: v for k, v in results.items() if k != "mean"}
+    notes = format_table(per_class, ev.undefined).splitlines()[-3:]
+    assert notes[:2] == [
+        "* mean of I-AUROC, I-AP, I-F1max over 2 of 3 classes (washer has no anomalous test image)",
+        "* mean of P-AUROC, P-AP, P-F1max, AUPRO over 2 of 3 classes (washer has no anomalous pixel)",
+    ]
+    assert notes[2].startswith("* mAD is n/a for washer")
 
 
 def test_sample_level_metrics_take_the_max_over_views() -> None:

@@ -218,22 +218,37 @@ def test_format_table_and_average() -> None:
     assert [mean[m] for m in METRIC_NAMES] == pytest.approx(col_mean.tolist())
     assert mean["mAD"] == pytest.approx(col_mean.mean())
 
-    table = format_table(per_class)
+    table = format_table(per_class, {"screw": {"I-AP": "has no anomalous test image"}})
     lines = table.splitlines()
     assert [c.strip() for c in lines[0].strip("|").split("|")] == ["class", *METRIC_NAMES, "mAD"]
-    assert len(lines) == 2 + len(per_class) + 1
-    mean_cells = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert len(lines) == 2 + len(per_class) + 1 + 3  # a blank line and two notes
+    mean_cells = [c.strip() for c in lines[5].strip("|").split("|")]
     assert mean_cells == ["mean", *(f"{100 * v:.2f}" for v in [*col_mean, col_mean.mean()])]
     bottle_cells = [c.strip() for c in lines[2].strip("|").split("|")]
     bottle = matrix[0]
     assert bottle_cells == ["bottle", *(f"{100 * v:.2f}" for v in [*bottle, bottle.mean()])]
+    screw_cells = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert screw_cells[2] == "n/a" and screw_cells[-1] == "n/a"  # I-AP, and so mAD, undefined
+    assert lines[6:] == [
+        "",
+        "* mean of I-AP over 2 of 3 classes (screw has no anomalous test image)",
+        "* mAD is n/a for screw (not all seven metrics defined); the mean row's mAD is the mean of its "
+        "seven means",
+    ]
+    assert "(screw gives no defined value)" in format_table(per_class)
+    assert "n/a" not in format_table({k: v for k, v in per_class.items() if k != "screw"})
 
 
 def test_add_mad_orders_metrics_and_averages_them() -> None:
-    row = {"P-AUROC": 0.5, "I-AUROC": 1.0, "AUPRO": float("nan")}
+    row = {"P-AUROC": 0.5, "I-AUROC": 1.0, "AUPRO": 0.6}
     out = add_mad(row)
     assert list(out) == ["I-AUROC", "P-AUROC", "AUPRO", "mAD"]
-    assert out["mAD"] == pytest.approx(0.75)
+    assert out["mAD"] == pytest.approx(0.7)
+
+
+def test_mad_of_a_row_with_an_undefined_metric_is_undefined() -> None:
+    # averaging the remaining metrics would silently compare means over different metric sets
+    assert math.isnan(add_mad({"P-AUROC": 0.5, "I-AUROC": 1.0, "AUPRO": math.nan})["mAD"])
 
 
 def test_sample_columns_follow_mad_and_are_not_averaged_into_it() -> None:
@@ -250,7 +265,7 @@ def test_sample_columns_follow_mad_and_are_not_averaged_into_it() -> None:
         "mAD",
         *SAMPLE_METRIC_NAMES,
     ]
-    assert lines[2].split("|")[-2].strip() == "25.00" and lines[3].split("|")[-2].strip() == "nan"
+    assert lines[2].split("|")[-2].strip() == "25.00" and lines[3].split("|")[-2].strip() == "n/a"
     mean = average_over_classes({"a": row, "b": dict.fromkeys(METRIC_NAMES, 0.7)})
     assert mean["S-AUROC"] == 1.0 and mean["mAD"] == pytest.approx(0.6)
 

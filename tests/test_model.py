@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.defaults import MambaADDefaults
 from model.hfpn import HalfFPN
 from model.mamba_decoder import SS2D, LSSModule, MambaDecoder, drop_path_schedule, lss_layout
 from model.mambaad import MambaAD, count_parameters
@@ -98,36 +99,62 @@ def test_teacher_bn_stats_unchanged_by_training_forward(tiny_model: MambaAD) -> 
     tiny_model.eval()
 
 
-def test_parameter_groups(tiny_model: MambaAD) -> None:
-    decay, no_decay = tiny_model.parameter_groups(1e-4)
-    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
-    names = {id(p): n for n, p in tiny_model.named_parameters()}
+def _group_names(model: MambaAD, no_decay: str) -> tuple[set[str], set[str]]:
+    decay, undecayed = model.parameter_groups(1e-4, no_decay=no_decay)
+    assert decay["weight_decay"] == 1e-4 and undecayed["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
     dec = {names[id(p)] for p in decay["params"]}
-    nod = {names[id(p)] for p in no_decay["params"]}
+    nod = {names[id(p)] for p in undecayed["params"]}
     assert not dec & nod
-    assert dec | nod == {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert dec | nod == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith("net_t.") for n in dec | nod)
-    pre = "net_s.layers_up.1.blocks.0."
-    sa = pre + "smm_blocks.0.self_attention."
-    for n in (
-        sa + "A_logs",
-        sa + "Ds",
-        sa + "dt_projs_bias",
-        sa + "conv2d.bias",
-        sa + "out_norm.weight",
-        pre + "smm_blocks.0.ln_1.weight",
-        pre + "finalconv11.bias",
-        "net_s.layers_up.1.upsample.norm.weight",
-        "mff_oce.bn1.weight",
-        "mff_oce.conv21.bias",
-        "mff_oce.bn_layer.0.bn3.weight",
-    ):
+    return dec, nod
+
+
+_PRE = "net_s.layers_up.1.blocks.0."
+_SA = _PRE + "smm_blocks.0.self_attention."
+_ALWAYS_UNDECAYED = (
+    _SA + "Ds",
+    _SA + "conv2d.bias",
+    _SA + "out_norm.weight",
+    _PRE + "smm_blocks.0.ln_1.weight",
+    _PRE + "finalconv11.bias",
+    "net_s.layers_up.1.upsample.norm.weight",
+    "mff_oce.bn1.weight",
+    "mff_oce.conv21.bias",
+    "mff_oce.bn_layer.0.bn3.weight",
+)
+_ALWAYS_DECAYED = (
+    _SA + "x_proj_weight",
+    _SA + "dt_projs_weight",
+    _SA + "in_proj.weight",
+    _PRE + "conv55.0.weight",
+)
+
+
+def test_parameter_groups_flagged(tiny_model: MambaAD) -> None:
+    dec, nod = _group_names(tiny_model, "flagged")
+    for n in (*_ALWAYS_UNDECAYED, _SA + "A_logs", _SA + "dt_projs_bias"):
         assert n in nod, n
-    for n in (sa + "x_proj_weight", sa + "dt_projs_weight", sa + "in_proj.weight", pre + "conv55.0.weight"):
+    for n in _ALWAYS_DECAYED:
         assert n in dec, n
-    official_decay, _ = tiny_model.parameter_groups(1e-4, official=True)
-    official_dec = {names[id(p)] for p in official_decay["params"]}
-    assert sa + "A_logs" in official_dec and sa + "Ds" not in official_dec
+
+
+def test_parameter_groups_as_the_authors_ran(tiny_model: MambaAD) -> None:
+    """ADer's add_weight_decay: only 1-D tensors and ``*.bias`` undecayed (A_logs [K*d, N] and
+    dt_projs_bias [K, d] are 2-D, so they are decayed); the paper configs use it."""
+    assert MambaADDefaults().optim.no_decay == "ader"
+    dec, nod = _group_names(tiny_model, "ader")
+    default = tiny_model.parameter_groups(1e-4)
+    assert [len(g["params"]) for g in default] == [len(dec), len(nod)]
+    for n in _ALWAYS_UNDECAYED:
+        assert n in nod, n
+    for n in (*_ALWAYS_DECAYED, _SA + "A_logs", _SA + "dt_projs_bias"):
+        assert n in dec, n
+    params = dict(tiny_model.named_parameters())
+    assert nod == {n for n in dec | nod if params[n].ndim == 1 or n.endswith(".bias")}
+    with pytest.raises(ValueError, match=r"optim\.no_decay='adam'.*ader, flagged"):
+        tiny_model.parameter_groups(1e-4, no_decay="adam")
 
 
 # Official names and shapes (spec section 7) for the paper model, stage 1 (dim 256, 16x16).

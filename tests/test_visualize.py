@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from trainer.evaluator import ADEvaluator
-from util.config import load_config, load_run_config, save_config
+from util.config import load_config, save_config
 from util.metrics import compute_metrics
+from util.run_config import load_run_config
 from util.visualize import pick_cases
 
 pytest.importorskip("matplotlib")
@@ -85,9 +86,12 @@ def test_load_run_config_restores_saved_values(tmp_path) -> None:
     assert loaded.trainer.epochs == 3 and loaded.data.batch_size == 4
     assert loaded.optim.lr == cfg.optim.lr and loaded.data.num_workers == 0
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["config_file"]
+    del saved["config_file"]  # no config file named: the defaults class, with every saved value
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="config_file"):
+    again = load_run_config(tmp_path)
+    assert again.trainer.epochs == 3 and again.data.root == cfg.data.root
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
         load_run_config(tmp_path)
 
 

@@ -3,11 +3,18 @@
     python tools/collect.py runs/sweeps/mambaad_mvtec_table3_scans
     python tools/collect.py runs/A runs/B --format latex --digits 1
     python tools/collect.py runs/sweeps/mambaad_mvtec_table2_backbone_depth --cost   # + params, GFLOPs
+    python tools/collect.py runs/mambaad_visa_20261125-101500 --paper   # next to the paper's numbers
 
 Each argument is a run folder (holding ``metrics.json``) or a folder searched recursively
 for them (a sweep folder). Rows are labelled by the path below the argument (the sweep's
 combination name); values are x100. Columns: the config keys whose values differ between
 the runs, the seven metrics of the ``mean`` row of the ``final`` entry, and mAD.
+
+``--paper`` puts each metric next to the published one (``configs/paper_results.json``) and
+the difference (run - paper): per class and mean for a data-set run (the data set follows from
+the run's config name, or ``--paper DATASET``), the mean for a sweep combination named as a
+row of paper Tables 2-4 (``configs/sweeps/``). It also says which evaluator mode and how many
+epochs the run used, next to the paper's.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from util.config import flat_keys
 from util.metrics import METRIC_NAMES
 
 IGNORED_KEYS = ("output_dir", "trainer.resume", "config_file")
+PAPER_RESULTS = Path(__file__).resolve().parent.parent / "configs" / "paper_results.json"
+ABLATION_TABLES = ("table2", "table3", "table4")
+PaperSection = tuple[list[str], list[str], list[list[Any]]]  # notes, header, rows
 _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
 
 
@@ -63,6 +73,17 @@ def _flat_config(run: Path) -> dict[str, Any]:
     return flat_keys(data)
 
 
+def _number(value: Any) -> float:
+    """A metric from metrics.json: null (undefined) or missing becomes NaN."""
+    return math.nan if value is None else float(value)
+
+
+def _mean(values: list[Any]) -> float:
+    """Mean of the defined values (NaN when none is)."""
+    defined = [v for v in map(_number, values) if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
 def mean_metrics(run: Path) -> dict[str, float]:
     """The final evaluation's mean over classes (x100) with mAD, from ``run/metrics.json``."""
     data = json.loads((run / "metrics.json").read_text())
@@ -73,8 +94,8 @@ def mean_metrics(run: Path) -> dict[str, float]:
         mean = dict(results["mean"])
     else:
         classes = list(results.values())
-        mean = {m: sum(c.get(m, math.nan) for c in classes) / len(classes) for m in METRIC_NAMES}
-    out = {m: 100.0 * float(mean.get(m, math.nan)) for m in METRIC_NAMES}
+        mean = {m: _mean([c.get(m) for c in classes]) for m in METRIC_NAMES}
+    out = {m: 100.0 * _number(mean.get(m)) for m in METRIC_NAMES}
     out["mAD"] = sum(out.values()) / len(METRIC_NAMES)
     return out
 
@@ -169,6 +190,145 @@ def render(header: list[str], rows: list[list[Any]], fmt: str, digits: int = 2) 
     raise ValueError(f"unknown format {fmt!r}; use markdown, csv or latex")
 
 
+def load_paper(path: Path = PAPER_RESULTS) -> dict[str, Any]:
+    """The published numbers (``configs/paper_results.json``)."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _class_key(name: str) -> str:
+    """Class names compared loosely: ``Metal Nut`` = ``metal_nut``."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def _with_mad(values: list[float] | None, mad: float | None = None) -> list[float]:
+    """Seven paper metrics plus mAD (the published one, else their mean); nan when unknown."""
+    if values is None:
+        return [math.nan] * (len(METRIC_NAMES) + 1)
+    return [*values, sum(values) / len(values) if mad is None else mad]
+
+
+def class_metrics(run: Path) -> dict[str, dict[str, float]]:
+    """Each class's final metrics (x100, with mAD) from ``run/metrics.json``, then ``mean``."""
+    data = json.loads((run / "metrics.json").read_text())
+    results = (data.get("final") or {}).get("results") or {}
+    out = {}
+    for cls, values in results.items():
+        if cls != "mean":
+            row = {m: 100.0 * float(values.get(m, math.nan)) for m in METRIC_NAMES}
+            out[cls] = {**row, "mAD": sum(row.values()) / len(METRIC_NAMES)}
+    out["mean"] = mean_metrics(run)
+    return out
+
+
+def paper_dataset(cfg: dict[str, Any], paper: dict[str, Any], run: Path, chosen: str = "auto") -> str:
+    """The paper data set a run is compared with: ``chosen``, else the one whose config the run used."""
+    datasets = paper["datasets"]
+    if chosen != "auto":
+        if chosen not in datasets:
+            raise ValueError(
+                f"--paper {chosen}: no such data set in the paper; use one of {', '.join(datasets)}"
+            )
+        return chosen
+    name = cfg.get("name")
+    found = [ds for ds, entry in datasets.items() if entry["config"] == name]
+    if not found:
+        raise ValueError(
+            f"{run}: cannot tell which paper data set config {name!r} ran; pass --paper DATASET "
+            f"(one of {', '.join(datasets)})"
+        )
+    return found[0]
+
+
+def ablation_row(label: str, run: Path, paper: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(table, row)`` of paper Tables 2-4 named as the run's sweep combination (label or folder)."""
+    for name in (label.split("/")[0], run.parent.name):
+        for table in ABLATION_TABLES:
+            row = paper["tables"][table]["rows"].get(name)
+            if row is not None:
+                return table, row
+    return None
+
+
+def _compare(label: str, ours: dict[str, float], theirs: list[float]) -> list[Any]:
+    row: list[Any] = [label]
+    for m, paper_value in zip((*METRIC_NAMES, "mAD"), theirs, strict=True):
+        row += [ours.get(m, math.nan), paper_value, ours.get(m, math.nan) - paper_value]
+    return row
+
+
+def _compare_header(first: str) -> list[str]:
+    return [first, *(f"{m}{suffix}" for m in (*METRIC_NAMES, "mAD") for suffix in ("", " paper", " diff"))]
+
+
+def run_note(label: str, cfg: dict[str, Any], paper: dict[str, Any]) -> str:
+    """The evaluator mode and epochs a run used, and whether the mode is the paper's."""
+    mode = cfg.get("evaluator.mode", "exact")
+    verdict = "as the paper" if mode == paper["evaluation"]["mode"] else "NOT the paper's mode"
+    return f"run {label}: evaluator.mode={mode} ({verdict}), trainer.epochs={cfg.get('trainer.epochs')}"
+
+
+def paper_note(paper: dict[str, Any]) -> str:
+    """How the paper's numbers were evaluated and trained."""
+    ev = paper["evaluation"]
+    return (
+        f"paper: evaluator.mode={ev['mode']} ({ev['protocol']}); {ev['epochs']} epochs "
+        f"({ev['epochs_note']}); diff = run - paper; a paper mAD the paper does not print is the mean "
+        f"of its seven values"
+    )
+
+
+def paper_sections(
+    runs: list[tuple[str, Path]], paper: dict[str, Any], chosen: str = "auto"
+) -> list[PaperSection]:
+    """``(notes, header, rows)`` per table: one per data-set run, one for all ablation-table runs."""
+    sections = []
+    ablation: list[list[Any]] = []
+    ablation_notes: list[str] = []
+    for label, run in runs:
+        cfg = _flat_config(run)
+        match = ablation_row(label, run, paper) if chosen == "auto" else None
+        if match is not None:
+            table, row = match
+            ablation.append([table, *_compare(label, mean_metrics(run), _with_mad(row["metrics"]))])
+            ablation_notes.append(run_note(label, cfg, paper))
+            continue
+        ds = paper_dataset(cfg, paper, run, chosen)
+        entry = paper["datasets"][ds]
+        source = entry["source"]
+        title = f"{label} vs paper {entry['name']} ({source['mean']}; classes: {source['classes']})"
+        notes = [title, run_note(label, cfg, paper), paper_note(paper)]
+        split = re.search(r"meta_20_(\d)", str(cfg.get("data.meta_file", "")))
+        paper_classes = {_class_key(c): v for c, v in entry["classes"].items()}
+        rows = []
+        for cls, ours in class_metrics(run).items():
+            if cls == "mean":
+                theirs = _with_mad(entry["mean"], entry["mAD"])
+                if ds == "coco" and split:  # one COCO-AD split per run: the paper's row of that split
+                    theirs = _with_mad(entry["classes"][split.group(1)])
+                    notes.append(f"COCO-AD split {split.group(1)}: the paper's mean is over all 4")
+            elif ds == "coco":
+                theirs = _with_mad(entry["classes"].get(split.group(1)) if split else None)
+            else:
+                theirs = _with_mad(paper_classes.get(_class_key(cls)))
+            rows.append(_compare(cls, ours, theirs))
+        sections.append((notes, _compare_header("class"), rows))
+    if ablation:
+        sources = "; ".join(paper["tables"][t]["source"] for t in sorted({r[0] for r in ablation}))
+        notes = [f"ablation runs vs paper {sources} (means)", *ablation_notes, paper_note(paper)]
+        sections.append((notes, ["table", *_compare_header("run")], ablation))
+    return sections
+
+
+def render_sections(sections: list[PaperSection], fmt: str, digits: int) -> str:
+    """Each section's notes (markdown text, ``#`` / ``%`` comments in csv / latex) and table."""
+    title, prefix = {"markdown": ("### ", "- "), "csv": ("# ", "# "), "latex": ("% ", "% ")}[fmt]
+    parts = []
+    for notes, header, rows in sections:
+        lines = [title + notes[0], *(prefix + n for n in notes[1:])]
+        parts.append("\n".join(lines) + "\n\n" + render(header, rows, fmt, digits))
+    return "\n\n".join(parts)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(
@@ -180,6 +340,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--digits", type=int, default=1, help="decimals of values (default 1, as in the paper)"
     )
     parser.add_argument("--cost", action="store_true", help="add each model's params (M) and GFLOPs")
+    parser.add_argument(
+        "--paper",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="DATASET",
+        help="compare with the paper's numbers (configs/paper_results.json): per class and mean; "
+        "DATASET (mvtec, visa, ...) when the run's config name does not tell it",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     return parser.parse_args(argv)
 
@@ -187,13 +356,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Print (and optionally write) the table; returns the process exit code."""
     args = parse_args(argv)
+    if args.paper is not None and args.cost:
+        print("error: --paper and --cost cannot be combined; run them separately", file=sys.stderr)
+        return 2
     try:
         runs = find_runs(args.runs)
-        header, rows = build_table(runs, cost=args.cost)
+        if args.paper is not None:
+            text = render_sections(paper_sections(runs, load_paper(), args.paper), args.format, args.digits)
+        else:
+            text = render(*build_table(runs, cost=args.cost), args.format, args.digits)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = render(header, rows, args.format, args.digits)
     print(text)
     if args.output is not None:
         args.output.write_text(text + "\n")

@@ -5,35 +5,41 @@
     python tools/predict.py --checkpoint runs/RUN --input path/to/images --output predictions/
 
 Without ``-c`` the config comes from the run folder's ``config.json`` (a run folder or a
-file inside one), else the paper model (official checkpoints). The model code is the
-Python API's (``mambaad.load_model`` / ``mambaad.predict``).
+file inside one), read as data without running any code, else the paper model (official
+checkpoints). A ``-c`` config file is Python and runs: pass only files you trust. The model
+code is the Python API's (``mambaad.load_model`` / ``mambaad.predict``).
 
 Writes, per image, ``<stem>.npy`` (float32 anomaly map at the model's input size, after
-the Gaussian blur), ``<stem>.png`` (the image with a heat-map overlay) and one
-``scores.csv`` (image, score). Overlays share one colour scale (the maps' global min and
-max unless ``--vmin/--vmax`` are given), so colours compare across images.
+the Gaussian blur) and ``<stem>.png`` (the image with a heat-map overlay), in the sub-folder
+the image has below ``--input``; images whose stems clash in one folder (``a.png`` and
+``a.jpg``) keep their extension instead (``a.png.npy``, ``a.jpg.npy``), so every input gets
+its own files. One ``scores.csv`` lists, per image, its path below ``--input``, its score and
+its two output files (paths below ``--output``). Overlays share one colour scale (the maps'
+global min and max unless ``--vmin/--vmax`` are given), so colours compare across images.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.default_ad import load_image
-from data.meta import IMAGE_EXTENSIONS
-from mambaad import load_model, predict_batch
+from data.meta import IMAGE_EXTENSIONS, DataError
+from mambaad import Detector, load_model, predict_batch
+from util.checkpoint import CheckpointError
 from util.config import ConfigError
 from util.distributed import resolve_device
 from util.logger import get_logger
+from util.progress import Progress
 
 
 def list_images(path: Path) -> list[Path]:
@@ -41,19 +47,60 @@ def list_images(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"--input {path} does not exist")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        raise FileNotFoundError(f"--input {path} does not exist; pass an image file or a folder of images")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"--input {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
 
 
-def output_names(files: list[Path], root: Path) -> list[str]:
-    """Output base names: the file stem, or the path below ``root`` joined by '__' when stems repeat."""
-    stems = [p.stem for p in files]
-    if len(set(stems)) == len(stems) or root.is_file():
-        return stems
-    return ["__".join(p.relative_to(root).with_suffix("").parts) for p in files]
+def relative_inputs(files: list[Path], root: Path) -> list[Path]:
+    """Each input's path below ``root`` (for a single file ``root``, its name)."""
+    return [Path(p.name) if root.is_file() else p.relative_to(root) for p in files]
+
+
+def output_names(relative: list[Path]) -> list[Path]:
+    """One distinct output base (relative, no extension) per input: sub-folder kept, then the stem.
+
+    Inputs whose stem clashes with another's in the same folder (``a.png``, ``a.jpg``) keep their
+    extension (``a.png``, ``a.jpg``). Names are compared case-insensitively (case-insensitive file
+    systems), and any clash left (``a.png.jpg`` next to ``a.png`` and ``a.jpg``) gets ``~2``, ``~3``...
+    """
+    stems = [rel.parent / rel.stem for rel in relative]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem.as_posix().lower()] = counts.get(stem.as_posix().lower(), 0) + 1
+    bases = [rel if counts[stem.as_posix().lower()] > 1 else stem for rel, stem in zip(relative, stems)]
+    taken: set[str] = set()
+    unique = []
+    for base in bases:
+        name, n = base, 1
+        while name.as_posix().lower() in taken:
+            n += 1
+            name = base.parent / f"{base.name}~{n}"
+        taken.add(name.as_posix().lower())
+        unique.append(name)
+    return unique
+
+
+def with_extension(base: Path, ext: str) -> Path:
+    """``base`` + ``ext`` without replacing a dot already in the name (``a.png`` -> ``a.png.npy``)."""
+    return base.parent / f"{base.name}{ext}"
+
+
+def check_output(output: Path, inputs: list[Path], targets: list[Path]) -> None:
+    """Refuse an ``--output`` that is a file, or outputs that would overwrite an input image."""
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(
+            f"--output {output} is an existing file, not a folder; pass a folder (it is created if needed)"
+        )
+    sources = {p.resolve() for p in inputs}
+    overwritten = [t for t in targets if t.resolve() in sources]
+    if overwritten:
+        raise FileExistsError(
+            f"writing to --output {output} would overwrite the input image {overwritten[0]}; "
+            "choose an output folder outside the input folder"
+        )
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
@@ -80,18 +127,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "-c", "--config", default=None, help="the config the model was trained with (default: the run's)"
     )
-    parser.add_argument(
-        "--checkpoint", required=True, help="a run folder, its net.pth / ckpt.pth, or an official file"
-    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder, its net.pth / ckpt.pth, or an official file")
+    source.add_argument("--model", help="an exported model.onnx / model.xml or its folder (tools/export.py)")
     parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
     parser.add_argument(
-        "--output", required=True, type=Path, help="folder for .npy maps, overlays and scores.csv"
+        "--output", required=True, type=Path, help="folder (created if needed) for maps, overlays, scores.csv"
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vmin", type=float, default=None, help="heat-map colour scale minimum")
     parser.add_argument("--vmax", type=float, default=None, help="heat-map colour scale maximum")
     parser.add_argument("overrides", nargs="*", help="config overrides such as model.scan.backend=ref")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.model and (args.config or args.overrides):
+        parser.error("--model takes an exported model; -c and config overrides apply to --checkpoint only")
+    return args
 
 
 @torch.no_grad()
@@ -100,47 +150,83 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
     try:
-        model = load_model(args.checkpoint, config=args.config, overrides=args.overrides, log=log)
-    except (ConfigError, FileNotFoundError) as err:
+        files = list_images(args.input)
+        relative = relative_inputs(files, args.input)
+        bases = output_names(relative)
+        npys = [with_extension(b, ".npy") for b in bases]
+        pngs = [with_extension(b, ".png") for b in bases]
+        check_output(args.output, files, [args.output / f for f in npys + pngs])
+        model = load_model(
+            args.model or args.checkpoint, config=args.config, overrides=args.overrides, log=log
+        )
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    device = resolve_device(model.cfg.device)
-    model.net.to(device)
-    model.device = device
-    files = list_images(args.input)
-    names = dict(zip(files, output_names(files, args.input), strict=True))
-    size = model.image_size
-    args.output.mkdir(parents=True, exist_ok=True)
-
-    maps: list[np.ndarray] = []
-    scores: list[float] = []
-    for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch"):
-        chunk = files[start : start + args.batch_size]
-        batch_maps, batch_scores = predict_batch(model, chunk)
-        for path, amap, score in zip(chunk, batch_maps.cpu().numpy(), batch_scores.tolist(), strict=True):
-            np.save(args.output / f"{names[path]}.npy", amap.astype(np.float32))
-            maps.append(amap)
-            scores.append(score)
-
-    vmin = args.vmin if args.vmin is not None else float(min(m.min() for m in maps))
-    vmax = args.vmax if args.vmax is not None else float(max(m.max() for m in maps))
-    for path, amap in zip(files, maps, strict=True):
-        rgb = load_image(path, size, normalize=False).permute(1, 2, 0).numpy()
-        Image.fromarray(overlay((rgb * 255).round().astype(np.uint8), amap, vmin, vmax)).save(
-            args.output / f"{names[path]}.png"
-        )
-    with open(args.output / "scores.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "score"])
-        writer.writerows([str(p), f"{s:.6f}"] for p, s in zip(files, scores, strict=True))
+    except (FileNotFoundError, NotADirectoryError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(model, Detector):  # an exported model (--model) runs where its runtime runs
+        device = resolve_device(model.cfg.device)
+        model.net.to(device)
+        model.device = device
+    try:
+        vmin, vmax = write_outputs(args, model, files, relative, npys, pngs)
+    except DataError as err:  # an input that cannot be decoded; the message names it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     log.info(
-        "wrote %d maps, overlays and scores.csv to %s (colour scale %.4f..%.4f)",
+        "wrote %d maps and overlays (one per input image) and scores.csv to %s (colour scale %.4f..%.4f)",
         len(files),
         args.output,
         vmin,
         vmax,
     )
     return 0
+
+
+def write_outputs(
+    args: argparse.Namespace,
+    model: Detector,
+    files: list[Path],
+    relative: list[Path],
+    npys: list[Path],
+    pngs: list[Path],
+) -> tuple[float, float]:
+    """Score ``files``; write each map, overlay and ``scores.csv``; return the colour scale used."""
+    size = model.image_size
+    for folder in sorted({(args.output / f).parent for f in npys}):
+        folder.mkdir(parents=True, exist_ok=True)
+    maps: list[np.ndarray] = []
+    scores: list[float] = []
+    batches = range(0, len(files), args.batch_size)
+    for start in Progress(batches, "predict (batches)", logging.getLogger("mambaad").info):
+        chunk = files[start : start + args.batch_size]
+        batch_maps, batch_scores = predict_batch(model, chunk)
+        for i, amap, score in zip(
+            range(start, start + len(chunk)), batch_maps.cpu().numpy(), batch_scores.tolist(), strict=True
+        ):
+            np.save(args.output / npys[i], amap.astype(np.float32))
+            maps.append(amap)
+            scores.append(score)
+
+    vmin = args.vmin if args.vmin is not None else float(min(m.min() for m in maps))
+    vmax = args.vmax if args.vmax is not None else float(max(m.max() for m in maps))
+    for path, amap, png in zip(files, maps, pngs, strict=True):
+        rgb = load_image(path, size, normalize=False).permute(1, 2, 0).numpy()
+        Image.fromarray(overlay((rgb * 255).round().astype(np.uint8), amap, vmin, vmax)).save(
+            args.output / png
+        )
+    with open(args.output / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "map", "overlay"])
+        writer.writerows(
+            [rel.as_posix(), f"{s:.6f}", npy.as_posix(), png.as_posix()]
+            for rel, s, npy, png in zip(relative, scores, npys, pngs, strict=True)
+        )
+    return vmin, vmax
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 and the split's test masks ``val2017_mask_ad_20_<split>/`` into the root; ``--out`` is then a folder.
 
 ``--check`` only validates an existing meta.json. Problems are all listed, each with the file and
-the fix, and the exit status is non-zero when there are any.
+the fix, and the exit status is non-zero when there are any. Paths must be relative to ``--root``
+and stay inside it; an entry with ``..`` climbing out of it, or an absolute path (unless
+``--allow-absolute-paths``), is a problem and its file is not read.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.coco import NUM_SPLITS, meta_name
-from data.meta import DataError, read_json, write_meta
+from data.meta import PATH_KEYS, DataError, path_problem, read_json, write_meta
 from data.prepare import LAYOUTS, PARSERS, count_table, structure_problems, validate_meta
 
 
@@ -33,6 +35,32 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, dict]]:
         return [(args.out or args.root / "meta.json", {"json_dir": args.json_dir, "views": views})]
     folder = args.out or args.root
     return [(folder / meta_name(s), {"split": s}) for s in sorted(set(args.split or range(NUM_SPLITS)))]
+
+
+def _split_unsafe(meta: dict, allow_absolute: bool) -> tuple[dict, list[str]]:
+    """``meta`` without the items whose paths leave the root, and one problem per refused path.
+
+    Every split is looked at (``train``, ``test`` and any other, e.g. ``validation``).
+    """
+    kept = dict(meta)
+    problems = []
+    for split, classes in meta.items():
+        if not isinstance(classes, dict):
+            continue
+        kept[split] = {}
+        for cls_name, items in classes.items():
+            kept[split][cls_name] = items
+            if not isinstance(items, list):
+                continue
+            kept[split][cls_name] = []
+            for i, item in enumerate(items):
+                keys = [k for k in PATH_KEYS if isinstance(item, dict) and k in item]
+                found = [path_problem(item[k], k, allow_absolute) for k in keys]
+                found = [f"[{split!r}][{cls_name!r}][{i}]: {f}" for f in found if f]
+                problems.extend(found)
+                if not found:
+                    kept[split][cls_name].append(item)
+    return kept, problems
 
 
 def _run_one(args: argparse.Namespace, out: Path, kwargs: dict) -> int:
@@ -57,7 +85,8 @@ def _run_one(args: argparse.Namespace, out: Path, kwargs: dict) -> int:
     problems = structure_problems(meta)
     if not problems:
         print(count_table(meta))
-        problems = validate_meta(args.root, meta, progress=not args.no_progress)
+        meta, problems = _split_unsafe(meta, args.allow_absolute_paths)  # never read outside the root
+        problems += validate_meta(args.root, meta, progress=not args.no_progress)
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
@@ -80,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", help="realiad: comma-separated camera views to keep, e.g. C1,C2")
     ap.add_argument(
         "--split", type=int, action="append", choices=range(NUM_SPLITS), help="coco: split(s) (default: all)"
+    )
+    ap.add_argument(
+        "--allow-absolute-paths",
+        action="store_true",
+        help="accept absolute image/mask paths (data kept outside the root; data.allow_absolute_paths)",
     )
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)

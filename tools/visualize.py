@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from util.config import ConfigError, load_run_config  # noqa: E402
+from util.config import ConfigError  # noqa: E402
+from util.run_config import load_run_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

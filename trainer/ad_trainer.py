@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from data import DATASETS
 from loss import LOSSES
 from model.build import build_model
 from model.ops.selective_scan import prepare_cpu
 from trainer import EVALUATORS
+from trainer.run_folder import RunLock, new_run_dir, write_status
 from util.anomaly_map import anomaly_maps_and_scores
 from util.checkpoint import atomic_save, load_file, remove_partial_writes, save_rotating
-from util.config import BaseConfig, config_to_dict, diff_configs, save_config
+from util.config import BaseConfig, ConfigError, config_to_dict, diff_configs, flat_keys, save_config
 from util.distributed import (
     EpochShardSampler,
     ShardSampler,
@@ -46,7 +47,8 @@ from util.distributed import (
     wrap_ddp,
 )
 from util.logger import get_logger
-from util.metrics import format_table
+from util.metrics import format_rows, format_table, json_ready, max_over_evaluations
+from util.progress import Progress
 from util.signals import StopRequest, TrainingInterruptedError
 
 
@@ -97,6 +99,20 @@ class _NullWriter:
 
 
 _AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# config keys that may differ on resume: not at all part of the run / changeable with trainer.resume_changes
+IGNORED_ON_RESUME = ("trainer.resume", "data.num_workers", "device", "output_dir", "config_file")
+SAFE_ON_RESUME = (
+    "trainer.epochs",
+    "trainer.test_every",
+    "trainer.save_every",
+    "trainer.save_every_steps",
+    "trainer.keep_checkpoints",
+    "trainer.log_every",
+    "data.batch_size_test",
+    "data.cache",
+    "evaluator.",
+    "vis",
+)
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
 
 
@@ -117,15 +133,31 @@ class ADTrainer:
         if self.device.type == "cpu":
             # from the first operation on, not from the first scan: runs stay bit-identical
             prepare_cpu()
-        self._check_options()
         if t.deterministic:
             enable_determinism()
+        self.resuming = mode == "train" and bool(t.resume)
+        self.lock = RunLock(t.resume) if self.resuming and self.dist.is_main else None
+        if self.lock is not None:
+            self.lock.acquire()  # before anything is read: another process may be writing there
         self.run_dir = broadcast_object(self._make_run_dir() if self.dist.is_main else None, self.dist)
         if self.dist.is_main:
+            if self.lock is None and mode == "train":
+                self.lock = RunLock(self.run_dir).acquire()
             self.log = get_logger(self.run_dir)
         else:
             self.log = get_logger(None, name=f"mambaad.rank{self.dist.rank}")
             self.log.setLevel(logging.ERROR)  # rank 0 reports; the others only on failure
+        try:
+            self._set_up()
+        except BaseException as err:
+            self._set_up_failed(err)
+            raise
+
+    def _set_up(self) -> None:
+        """Everything after the run folder exists: data, model, optimiser, evaluator, resume."""
+        cfg, t, mode = self.cfg, self.cfg.trainer, self.mode
+        if self.resuming:
+            self._check_resume_config(Path(t.resume))
         self.log.info("run folder: %s", self.run_dir)
         self.log.info(
             "device: %s%s",
@@ -163,43 +195,95 @@ class ADTrainer:
         if self.dist.is_main:
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
 
-    # ------------------------------------------------------------------ building
-    def _check_options(self) -> None:
-        t = self.cfg.trainer
-        if t.amp not in _AMP_DTYPES:
-            raise ValueError(f"trainer.amp={t.amp!r} is not supported; use one of {', '.join(_AMP_DTYPES)}")
-        if int(t.accumulate) < 1:
-            raise ValueError(f"trainer.accumulate={t.accumulate} must be at least 1")
-        if int(t.keep_checkpoints) < 1:
-            raise ValueError(f"trainer.keep_checkpoints={t.keep_checkpoints} must be at least 1")
+    def _set_up_failed(self, err: BaseException) -> None:
+        """A new run whose set-up failed leaves no folder; a resumed one is marked as failed."""
+        if not self.dist.is_main:
+            return
+        if self.resuming:
+            write_status(self.run_dir, "failed", error=f"{type(err).__name__}: {err}")
+            self.lock.release()
+            return
+        for handler in list(self.log.handlers):
+            if isinstance(handler, logging.FileHandler):
+                self.log.removeHandler(handler)
+                handler.close()
+        if self.lock is not None:
+            self.lock.release()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    # ------------------------------------------------------------------ building
     def _micro_batch(self) -> int:
         """Per-rank batch: the global ``data.batch_size`` split over ranks and accumulation steps."""
         total, world, acc = self.cfg.data.batch_size, self.dist.world_size, int(self.cfg.trainer.accumulate)
         if total % (world * acc):
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={total} must be divisible by {world} process(es) x "
                 f"trainer.accumulate={acc}; choose a batch size that is a multiple of {world * acc}"
             )
         return total // (world * acc)
 
     def _make_run_dir(self) -> Path:
-        if self.mode == "train" and self.cfg.trainer.resume:
+        if self.resuming:
             run_dir = Path(self.cfg.trainer.resume)
             if not (run_dir / "ckpt.pth").is_file():
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"trainer.resume={run_dir}: no ckpt.pth there; pass the run folder of an earlier training"
                 )
             return run_dir
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         suffix = "" if self.mode == "train" else f"_{self.mode}"
-        run_dir = Path(self.cfg.output_dir) / f"{self.cfg.name}{suffix}_{stamp}"
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = Path(self.cfg.output_dir) / f"{self.cfg.name}{suffix}_{stamp}-{n}"
-        run_dir.mkdir(parents=True)
-        return run_dir
+        return new_run_dir(self.cfg.output_dir, f"{self.cfg.name}{suffix}")
+
+    def _check_resume_config(self, run_dir: Path) -> None:
+        """Refuse a resume whose effective config differs from the saved run's.
+
+        With ``trainer.resume_changes=True`` the keys in :data:`SAFE_ON_RESUME` may change
+        (recorded in ``resume_changes.json`` and ``config.json``); values derived from them
+        keep the saved run's (the checkpoint's scheduler holds those).
+        """
+        path = run_dir / "config.json"
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        now = config_to_dict(self.cfg)
+        old, new = flat_keys(saved), flat_keys(now)
+        changed = [
+            k
+            for k in diff_configs(saved, now)
+            if not k.startswith(IGNORED_ON_RESUME)
+            # a key added to (or removed from) the project since the run was saved, not set by the user
+            and not ((k not in old or k not in new) and k not in self.cfg.overridden)
+        ]
+        if not changed:
+            return
+        listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        explicit = [k for k in changed if k in self.cfg.overridden]
+        unsafe = [k for k in explicit if not k.startswith(SAFE_ON_RESUME)]
+        if not self.cfg.trainer.resume_changes or unsafe:
+            raise ConfigError(
+                f"trainer.resume={run_dir}: the config differs from the saved run ({listing}). Resume with "
+                f"the overrides of the original run (see {path}); only "
+                f"{', '.join(k + '*' if k.endswith('.') else k for k in SAFE_ON_RESUME)} may change, "
+                f"with trainer.resume_changes=True" + (f" ({', '.join(unsafe)} cannot)" if unsafe else "")
+            )
+        for key in changed:
+            if key not in explicit:  # derived from a changed key: the checkpoint keeps the saved value
+                parent = self.cfg
+                *sections, leaf = key.split(".")
+                for name in sections:
+                    parent = getattr(parent, name)
+                value = old.get(key)
+                setattr(parent, leaf, tuple(value) if isinstance(getattr(parent, leaf), tuple) else value)
+        applied = {k: [old.get(k), new.get(k)] for k in explicit}
+        if self.dist.is_main:
+            record = run_dir / "resume_changes.json"
+            history = json.loads(record.read_text()) if record.is_file() else []
+            history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": applied})
+            record.write_text(json.dumps(history, indent=2, default=str) + "\n")
+            save_config(self.cfg, path)
+        self.log.warning(
+            "resuming with changed config values (recorded in resume_changes.json): %s",
+            ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in applied.items()),
+        )
 
     def _build_loader(self, split: str) -> DataLoader:
         cfg = self.cfg.data
@@ -222,8 +306,8 @@ class ADTrainer:
             # optional dataset features are passed only when set, so data sets without them still build
             **{
                 k: getattr(cfg, k)
-                for k in ("cache", "cache_dir", "views")
-                if getattr(cfg, k, None) is not None
+                for k in ("cache", "cache_dir", "views", "allow_absolute_paths")
+                if getattr(cfg, k, None) not in (None, False)
             },
         )
         self.log.info("%s set: %d images, classes: %s", split, len(dataset), ", ".join(dataset.cls_names))
@@ -284,14 +368,16 @@ class ADTrainer:
         o = self.cfg.optim
         if o.type != "adamw":
             raise ValueError(f"optim.type={o.type!r} is not supported; use 'adamw'")
-        groups = self.model.parameter_groups(o.weight_decay)
+        groups = self.model.parameter_groups(o.weight_decay, no_decay=o.no_decay)
         t = self.cfg.trainer
         self.log.info(
-            "optimizer AdamW lr %.6g (base %.6g x batch %d / 16); "
+            "optimizer AdamW lr %.6g (base %.6g x batch %d / 16), weight decay %g (no_decay=%s); "
             "%d process(es) x %d image(s) x %d accumulation step(s)",
             o.lr,
             o.base_lr,
             self.cfg.data.batch_size,
+            o.weight_decay,
+            o.no_decay,
             self.dist.world_size,
             self.micro_batch,
             t.accumulate,
@@ -340,15 +426,6 @@ class ADTrainer:
                 self.log.info("removed %s, left by an interrupted write", path.name)
         barrier(self.dist)
         state = load_file(run_dir / "ckpt.pth")
-        changed = [
-            k
-            for k in diff_configs(state.get("config", {}), config_to_dict(self.cfg))
-            if not k.startswith(("trainer.resume", "data.num_workers"))
-        ]
-        if changed:
-            self.log.warning(
-                "resuming with config values that differ from the saved run: %s", ", ".join(changed)
-            )
         self.model.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -382,6 +459,33 @@ class ADTrainer:
         SIGTERM or a first Ctrl-C saves a checkpoint at the next step and raises
         :class:`TrainingInterruptedError`; ``trainer.resume=RUN_DIR`` continues from it.
         """
+        with self._status():
+            return self._train()
+
+    @contextlib.contextmanager
+    def _status(self) -> Any:
+        """Keep ``status.json`` true: running, then finished, interrupted or failed (with the error)."""
+        if self.dist.is_main:
+            write_status(self.run_dir, "running", mode=self.mode)
+        try:
+            yield
+        except TrainingInterruptedError as stop:
+            if self.dist.is_main:
+                write_status(self.run_dir, "interrupted", mode=self.mode, message=str(stop))
+            raise
+        except BaseException as err:
+            if self.dist.is_main:
+                state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                write_status(self.run_dir, state, mode=self.mode, error=f"{type(err).__name__}: {err}")
+            raise
+        else:
+            if self.dist.is_main:
+                write_status(self.run_dir, "finished", mode=self.mode)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> dict[str, dict[str, float]] | None:
         t = self.cfg.trainer
         results = None
         if self.start_epoch > t.epochs and not self.eval_pending:
@@ -422,12 +526,8 @@ class ADTrainer:
         acc = int(t.accumulate)
         self.train_loader.sampler.set_epoch(epoch, skip_batches * self.micro_batch)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        bar = tqdm(
-            self.train_loader,
-            desc=f"epoch {epoch}/{t.epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not self.dist.is_main,
+        bar = Progress(
+            self.train_loader, f"epoch {epoch}/{t.epochs}", self.log.info, enabled=self.dist.is_main
         )
         n_batches = len(self.train_loader) + skip_batches
         losses = []
@@ -483,7 +583,7 @@ class ADTrainer:
                             if self.cfg.trainer.amp == "fp16"
                             else ""
                         )
-                        + "; the last good weights are in ckpt.pth."
+                        + self._last_good_weights()
                     )
                 self.scaler.scale(loss * scale).backward()
         except RuntimeError as err:
@@ -496,6 +596,11 @@ class ADTrainer:
                 ) from err
             raise
         return float(loss.item())
+
+    def _last_good_weights(self) -> str:
+        if (self.run_dir / "ckpt.pth").is_file():
+            return f"; the last good weights are in {self.run_dir / 'ckpt.pth'}."
+        return "; no checkpoint has been written yet (the failure came before the first save)."
 
     @torch.no_grad()
     def evaluate(self, epoch: int | None = None) -> dict[str, dict[str, float]] | None:
@@ -512,9 +617,7 @@ class ADTrainer:
         steps = steps_for_all(len(loader.dataset), loader.batch_size, self.dist.world_size)
         batches = iter(loader)
         seen: list[int] = []
-        for step in tqdm(
-            range(steps), desc="test", leave=False, dynamic_ncols=True, disable=not self.dist.is_main
-        ):
+        for step in Progress(range(steps), "test", self.log.info, enabled=self.dist.is_main):
             batch = next(batches, None)
             if batch is not None:
                 imgs = batch["img"].to(self.device, non_blocking=True)
@@ -576,8 +679,16 @@ class ADTrainer:
             label,
             len(seen),
             self.dist.world_size,
-            format_table(per_class),
+            format_table(per_class, getattr(self.evaluator, "undefined", None)),
         )
+        if epoch is not None and self.history:
+            best, at = max_over_evaluations([*self.history, {"epoch": epoch, "results": results}])
+            self.log.info(
+                "maximum over the %d evaluations so far, per class and metric ((eN) = from epoch N): "
+                "selection on the test set, not the reported result (values x100):\n%s",
+                len(self.history) + 1,
+                format_rows(best, at),
+            )
         step = self.global_step if epoch is not None else 0
         for cls, values in results.items():
             for name, value in values.items():
@@ -592,11 +703,26 @@ class ADTrainer:
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def _write_metrics(self) -> None:
-        """metrics.json: the final (latest) evaluation and the history; metrics.csv: every row."""
+        """Write metrics.json (final evaluation, history, maxima over it) and metrics.csv (every row).
+
+        Undefined metrics are null in the JSON (strict: no bare NaN) and empty in the CSV.
+        """
+
         final = self.history[-1]
-        payload = {"final": final, "history": self.history, "note": "values are fractions in [0, 1]"}
+        best, at = max_over_evaluations(self.history)
+        payload = {
+            "final": final,
+            "history": self.history,
+            "max_over_evaluations": {
+                "note": "per class and metric, the maximum over the evaluations in history: a selection "
+                "on the test set, not the reported result (that is final)",
+                "results": best,
+                "epoch": at,
+            },
+            "note": "values are fractions in [0, 1]; null = undefined (e.g. no anomalous test image)",
+        }
         tmp = self.run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.write_text(json.dumps(json_ready(payload), indent=2, allow_nan=False) + "\n")
         tmp.replace(self.run_dir / "metrics.json")
         names = list(next(iter(final["results"].values())).keys())
         with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
@@ -609,12 +735,13 @@ class ADTrainer:
                             entry["epoch"],
                             entry["step"],
                             cls,
-                            *(f"{values.get(n, math.nan):.6f}" for n in names),
+                            *("" if math.isnan(v := values.get(n, math.nan)) else f"{v:.6f}" for n in names),
                         ]
                     )
 
     def test(self) -> dict[str, dict[str, float]]:
         """Evaluate the (loaded) model once."""
-        results = self.evaluate(None)
+        with self._status():
+            results = self.evaluate(None)
         self.writer.close()
         return results

@@ -8,10 +8,14 @@ default) and is read back as a memory map. ``compute`` scores one class at a tim
 test set is never concatenated and peak memory is about one class's maps in float32 plus the
 in-RAM buffers. With a CUDA device (``device="auto"`` when CUDA is available) exact-mode metrics
 run in torch on the GPU (:mod:`util.metrics_torch`), one class's maps moved there at a time.
+A metric that is undefined for a class (e.g. image AUROC without anomalous images) is logged as a
+warning naming the class, the metric and why; ``ADEvaluator.undefined`` keeps the reasons for the
+table's notes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -23,7 +27,9 @@ import numpy as np
 import torch
 
 from util.metrics import (
+    METRIC_MODES,
     METRIC_NAMES,
+    SAMPLE_METRIC_NAMES,
     add_mad,
     average_over_classes,
     average_precision,
@@ -32,9 +38,10 @@ from util.metrics import (
     roc_auc,
 )
 
-MODES = ("exact", "ader")
+MODES = METRIC_MODES
 MAP_DTYPES = ("float16", "float32")
 _TRANSFER_MAPS = 256  # maps per host-to-device copy (bounds the host staging copy of memory maps)
+_LOG = logging.getLogger("mambaad.evaluator")  # a child of the trainer's logger: reaches log.txt
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -105,6 +112,12 @@ class _ClassStore:
             self.chunks = [np.concatenate(self.chunks)]
         return self.chunks[0]
 
+    def mask_labels(self) -> np.ndarray:
+        """Image labels from the masks (1 where the mask has a positive pixel), as [N] int64."""
+        out = np.zeros(self.n, dtype=np.int64)
+        out[list(self.mask_bits)] = 1
+        return out
+
     def masks(self) -> np.ndarray:
         """All masks [N, H, W] as bool."""
         out = np.zeros((self.n, *self.shape), dtype=bool)
@@ -122,17 +135,21 @@ class _ClassStore:
 class ADEvaluator:
     """Per-class metrics (fractions in [0, 1]) plus their mean over classes.
 
-    mode: ``exact`` (every threshold, as scikit-learn / the MVTec AU-PRO definition) or ``ader``
-    (the official code's 50-bin pixel histograms and 21-threshold pixel F1-max, to compare with
-    published tables; see :mod:`util.metrics_ader`). map_dtype: ``float16`` or ``float32`` storage
-    of the maps. spill_dir / spill_mb: where and beyond how many MB of maps in RAM (all classes
-    together) maps move to disk; ``spill_mb=None`` keeps everything in RAM. plots: write ROC / PR /
-    PRO curves per class when ``compute`` gets an ``out_dir``. With ``sample_ids`` (multi-view data)
+    mode: ``exact`` (every threshold, as scikit-learn / the MVTec AU-PRO definition), ``ader`` (the
+    ADer benchmark's 50-bin ADEval pixel histograms and 21-threshold pixel F1-max; see
+    :mod:`util.metrics_ader`) or ``mambaad`` (the MambaAD paper's evaluator: image labels from the
+    masks, 21-threshold pixel F1-max, 100-step AU-PRO; see :mod:`util.metrics_mambaad`).
+    map_dtype: ``float16`` or ``float32`` storage of the maps. spill_dir / spill_mb: where and
+    beyond how many MB of maps in RAM (all classes together) maps move to disk; ``spill_mb=None``
+    keeps everything in RAM. plots: write ROC / PR / PRO curves per class when ``compute`` gets an
+    ``out_dir``. With ``sample_ids`` (multi-view data)
     the sample-level S-AUROC / S-AP / S-F1max are added (sample score and label = max over views).
     device: where exact-mode metrics run. ``cpu``: numpy (:mod:`util.metrics`, the fastest on a
     CPU); a CUDA device such as ``cuda`` or ``cuda:1``: torch on that device
     (:mod:`util.metrics_torch`, the same numbers to ~1e-12); ``auto``: ``cuda`` when available,
-    else ``cpu``. Classes whose curves are needed (plots, vis) and ``ader`` mode use numpy.
+    else ``cpu``. Classes whose curves are needed (plots, vis), ``ader`` and ``mambaad`` use numpy.
+    After ``compute``, ``undefined[cls][metric]`` says why a metric is nan (e.g. "has no anomalous
+    test image").
     """
 
     def __init__(
@@ -166,6 +183,7 @@ class ADEvaluator:
         self._stores = {}
         self._ram_bytes = 0
         self.num_samples = 0
+        self.undefined: dict[str, dict[str, str]] = {}
 
     def _close(self) -> None:
         for store in getattr(self, "_stores", {}).values():
@@ -248,15 +266,15 @@ class ADEvaluator:
                 store.img_paths.extend(str(img_paths[i]) for i in idx)
         self.num_samples += len(names)
 
-    def _class_metrics(self, store: _ClassStore, curves: dict[str, Any] | None) -> dict[str, float]:
+    def _class_metrics(self, cls: str, store: _ClassStore, curves: dict[str, Any] | None) -> dict[str, float]:
         labels = np.concatenate(store.labels)
         scores = np.concatenate(store.scores)
         maps, masks = store.maps(), store.masks()
-        if self.mode == "ader":
-            from util.metrics_ader import compute_metrics_ader
-
-            row = compute_metrics_ader(
-                maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves
+        if self.mode == "mambaad":
+            _warn_label_mismatch(cls, labels, store.mask_labels())
+        if self.mode != "exact":
+            row = compute_metrics(
+                maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves, mode=self.mode
             )
         elif self._torch_device is not None and curves is None:
             from util.metrics_torch import compute_metrics_torch
@@ -282,10 +300,12 @@ class ADEvaluator:
         draw_curves = self.plots and out_dir is not None
         draw_vis = vis and out_dir is not None
         per_class: dict[str, dict[str, float]] = {}
+        self.undefined = {}
         for cls in sorted(self._stores):
             store = self._stores[cls]
             curves: dict[str, Any] | None = {} if draw_curves or draw_vis else None
-            per_class[cls] = add_mad(self._class_metrics(store, curves))
+            per_class[cls] = add_mad(self._class_metrics(cls, store, curves))
+            self._explain_undefined(cls, store, per_class[cls])
             if draw_curves:
                 from util.plots import save_curves
 
@@ -305,6 +325,68 @@ class ADEvaluator:
                     Path(out_dir) / "vis" / f"{safe_name(cls)}.png",
                 )
         return {**per_class, "mean": average_over_classes(per_class)}
+
+    def _explain_undefined(self, cls: str, store: _ClassStore, row: dict[str, float]) -> None:
+        """Record in ``undefined`` and log, per reason, the class's metrics that are nan."""
+        missing = [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in row and math.isnan(row[m])]
+        if not missing:
+            return
+        labels = store.mask_labels() if self.mode == "mambaad" else np.concatenate(store.labels)
+        maps = store.maps()
+        n_pos_px = sum(int(np.unpackbits(bits).sum()) for bits in store.mask_bits.values())
+        counts = {
+            "anomalous test image": int(labels.sum()),
+            "normal test image": int(len(labels) - labels.sum()),
+            "anomalous pixel": n_pos_px,
+            "normal pixel": maps.size - n_pos_px,
+        }
+        if len(store.sample_ids) == store.n:
+            sample_labels: dict[str, int] = {}
+            for sample, label in zip(store.sample_ids, np.concatenate(store.labels), strict=True):
+                sample_labels[sample] = max(sample_labels.get(sample, 0), int(label))
+            counts["anomalous sample"] = sum(sample_labels.values())
+            counts["normal sample"] = len(sample_labels) - counts["anomalous sample"]
+        constant = self.mode != "exact" and float(np.min(maps)) == float(np.max(maps))
+        reasons = {m: _undefined_reason(m, counts, constant) for m in missing}
+        self.undefined[cls] = reasons
+        for reason in dict.fromkeys(reasons.values()):
+            names = [m for m, r in reasons.items() if r == reason]
+            _LOG.warning(
+                "class %s: %s undefined (%s %s); reported as n/a (null in metrics.json) and left out "
+                "of the mean over classes",
+                cls,
+                ", ".join(names),
+                cls,
+                reason,
+            )
+
+
+def _undefined_reason(metric: str, counts: dict[str, int], constant_maps: bool) -> str:
+    """Why ``metric`` is nan for a class with these counts, as a phrase after the class name."""
+    needs_both = metric in ("I-AUROC", "P-AUROC", "AUPRO", "S-AUROC")
+    unit = {"I": "test image", "P": "pixel", "A": "pixel", "S": "sample"}[metric[0]]
+    if not counts.get(f"anomalous {unit}", 1):
+        return f"has no anomalous {unit}"
+    if needs_both and not counts.get(f"normal {unit}", 1):
+        return f"has no normal {unit}"
+    if constant_maps and unit == "pixel":
+        return "has constant anomaly maps"
+    return "gives no defined value"
+
+
+def _warn_label_mismatch(cls: str, labels: np.ndarray, from_masks: np.ndarray) -> None:
+    """Warn where the data set's image labels differ from the mask-derived ones mambaad mode uses."""
+    empty = int(np.count_nonzero((labels > 0) & (from_masks == 0)))
+    unlabelled = int(np.count_nonzero((labels == 0) & (from_masks > 0)))
+    if empty or unlabelled:
+        _LOG.warning(
+            "class %s: %d image(s) labelled anomalous have an empty mask and %d labelled normal have "
+            "mask pixels; evaluator.mode=mambaad takes the label from the mask, as the MambaAD "
+            "authors' evaluator did",
+            cls,
+            empty,
+            unlabelled,
+        )
 
 
 def _metric_device(device: str) -> torch.device | None:

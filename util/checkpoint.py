@@ -3,17 +3,34 @@
 ``ckpt.pth`` holds ``{"net", "optimizer", "scheduler", "epoch", "rng", ...}`` and
 ``net.pth`` the weights alone (ADer's layout). Writes go to a temporary file in the same
 folder, are flushed to disk, then renamed, so a crash never leaves a half-written file.
+
+Reading uses ``torch.load(weights_only=True)``: a checkpoint is a pickle, and unpickling
+an arbitrary one runs whatever code it names. Besides what PyTorch allows by default
+(tensors, numbers, strings, containers, ``OrderedDict``/``Counter``), only the NumPy
+arrays and scalars of numeric dtypes that our checkpoints hold (NumPy's RNG state, metric
+values) are allowed, and only during the load call.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from util.config import ConfigError
+from util.errors import DiskFullError, is_disk_full
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file cannot be read or holds objects outside the allow-list; the message says why."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -27,21 +44,87 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(err):
+            intact = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+            raise DiskFullError(path, intact + "; free some space, then resume") from err
         raise
 
 
+def _numpy_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
+    """What unpickling NumPy arrays and scalars of numeric dtypes needs (numpy 1.x and 2.x names)."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    scalar = np.float64(0).__reduce__()[0]
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+    numeric += (np.float16, np.float32, np.float64)
+    dtype_classes = {type(np.dtype(t)) for t in numeric}
+    aliases = [
+        (func, f"{module}.multiarray.{func.__name__}")
+        for func in (reconstruct, scalar)
+        for module in ("numpy.core", "numpy._core")
+    ]
+    return [*aliases, np.ndarray, np.dtype, *sorted(dtype_classes, key=lambda c: c.__name__)]
+
+
+_OUTSIDE_MARKERS = ("GLOBAL", "allowlisted", "Can only build", "Can only create")
+
+
+def _unpickler_reason(message: str) -> str:
+    """The restricted unpickler's own reason inside torch's wrapper message (without its advice)."""
+    skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    parts = [p.strip() for p in message.split("\n\n") if p.strip() and not p.strip().startswith(skip)]
+    reason = " ".join(parts).replace("WeightsUnpickler error:", "").strip()
+    return reason or message.strip()
+
+
+def _outside_names(path: Path, reason: str) -> list[str]:
+    """Globals a file needs beyond the allow-list (listed without unpickling), else the one in ``reason``."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) files cannot be listed
+        names = []
+    if not names:
+        found = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", reason)
+        names = [found.group(1) or found.group(2)] if found else []
+    return names
+
+
 def load_file(path: str | Path) -> Any:
-    """``torch.load`` on CPU with a clear error for a missing or corrupt file."""
+    """``torch.load(weights_only=True)`` on CPU, allowing exactly what our checkpoints hold.
+
+    A missing file raises ``FileNotFoundError``; a file that needs any other object (a pickle that
+    would run code, a custom class) or that is damaged raises :class:`CheckpointError` naming the
+    file. Nothing is ever loaded with ``weights_only=False``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path given in the config")
+    allowed = _numpy_globals()
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = _unpickler_reason(str(err))
+        if not any(marker in reason for marker in _OUTSIDE_MARKERS):
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({reason}); it is not a PyTorch checkpoint, or it is "
+                "truncated or corrupt"
+            ) from None
+        with torch.serialization.safe_globals(allowed):
+            names = _outside_names(path, reason)
+        raise CheckpointError(
+            f"checkpoint {path} contains objects outside the allow-list"
+            + (f" ({', '.join(names)})" if names else "")
+            + ", so it was refused: nothing was unpickled from it and no code in it ran. Checkpoints are "
+            "read with torch.load(weights_only=True), allowing tensors, numbers, strings, containers and "
+            "NumPy arrays, which covers this project's net.pth/ckpt.pth and the authors' weight files. "
+            "If you trust where the file comes from, re-save just its weights (a dict of tensors) "
+            "with torch.save and pass that file."
+        ) from None
     except Exception as err:  # torch raises several types for damaged archives
-        raise RuntimeError(
-            f"checkpoint {path} cannot be read ({err}); it may be truncated or corrupt"
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it may be truncated or corrupt"
         ) from err
 
 

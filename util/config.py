@@ -21,8 +21,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from util.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A config file, key or override value is invalid; the message says how to fix it."""
 
 
@@ -54,6 +56,9 @@ class BaseConfig(Section):
     def derive(self) -> None:
         """Compute values that depend on others; called after overrides are applied."""
 
+    def validate(self) -> None:
+        """Check values (after ``derive``); raise :class:`ConfigError` naming every bad key and its fix."""
+
     def set_derived(self, key: str, value: Any) -> None:
         """Fill the derived value at dotted ``key`` unless it was already set.
 
@@ -68,6 +73,44 @@ class BaseConfig(Section):
     def overridden(self) -> frozenset[str]:
         """Dotted keys set from the command line."""
         return frozenset(self._overridden)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def int_at_least(minimum: int) -> tuple[Any, str]:
+    """A rule for :func:`check_values`: a whole number of at least ``minimum``."""
+    return (lambda v: _is_int(v) and v >= minimum), f"a whole number of at least {minimum}"
+
+
+def number_at_least(minimum: float, allow_none: bool = False) -> tuple[Any, str]:
+    """A rule for :func:`check_values`: a number of at least ``minimum`` (or None)."""
+    text = f"a number of at least {minimum:g}" + (" or None" if allow_none else "")
+    return (lambda v: (allow_none and v is None) or (_is_number(v) and v >= minimum)), text
+
+
+def one_of(*choices: Any) -> tuple[Any, str]:
+    """A rule for :func:`check_values`: one of ``choices``."""
+    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+def check_values(cfg: Section, rules: dict[str, tuple[Any, str]]) -> None:
+    """Check dotted keys against ``(predicate, expectation)`` rules; one error lists every bad key."""
+    bad = []
+    for key, (ok, expected) in rules.items():
+        value = get_key(cfg, key)
+        if not ok(value):
+            bad.append(f"{key}={value!r} must be {expected}")
+    if bad:
+        raise ConfigError(
+            "invalid config value(s): " + "; ".join(bad) + ". Fix them in the config file or on the "
+            "command line (section.key=value)."
+        )
 
 
 def flat_keys(section: Section | dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -197,6 +240,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> BaseConfig:
     cfg.name = path.stem
     apply_overrides(cfg, overrides)
     cfg.derive()
+    cfg.validate()
     return cfg
 
 
@@ -210,56 +254,6 @@ def config_to_dict(cfg: BaseConfig) -> dict[str, Any]:
 def save_config(cfg: BaseConfig, path: str | Path) -> None:
     """Write the resolved config as JSON (what the run actually used)."""
     Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2, default=str) + "\n")
-
-
-def _set_saved_leaf(cfg: Section, key: str, value: Any) -> None:
-    """Set dotted ``key`` to a value read back from JSON (lists become tuples where the config has tuples)."""
-    node: Any = cfg
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = getattr(node, part, None)
-        if not isinstance(node, Section):
-            return
-    current = getattr(node, parts[-1], None)
-    if not hasattr(node, parts[-1]) or isinstance(current, Section):
-        return
-    setattr(
-        node, parts[-1], tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
-    )
-
-
-def load_run_config(
-    run_dir: str | Path, overrides: Sequence[str] = (), default_config: str | Path | None = None
-) -> BaseConfig:
-    """The config a run used: its config class with every value of ``run_dir/config.json`` restored.
-
-    Saved values win over the class's (derived ones included, so they are not recomputed);
-    keys the class no longer has are ignored; ``overrides`` (``a.b=value``) apply last.
-    ``default_config`` stands in for a config.json that names no config file.
-    """
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} does not exist; pass a run folder written by run.py (it holds config.json)"
-        )
-    saved = json.loads(path.read_text())
-    named = saved.get("config_file") or default_config
-    if not named:
-        raise ConfigError(f"{path} has no 'config_file' entry; it was not written by this project's run.py")
-    config_file = Path(named)
-    repo = Path(__file__).resolve().parent.parent
-    if not config_file.is_file() and (repo / config_file).is_file():
-        config_file = repo / config_file
-    if not config_file.is_file():
-        raise ConfigError(
-            f"{path} names config file {config_file}, which does not exist; pass the config file"
-        )
-    cfg = load_config(config_file)
-    for key, value in flat_keys({k: v for k, v in saved.items() if not k.startswith("_")}).items():
-        if key not in ("config_file", "name"):
-            _set_saved_leaf(cfg, key, value)
-    apply_overrides(cfg, list(overrides))
-    return cfg
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -38,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "METRIC_MODES",
     "METRIC_NAMES",
     "SAMPLE_METRIC_NAMES",
     "add_mad",
@@ -46,14 +47,19 @@ __all__ = [
     "average_precision",
     "compute_metrics",
     "f1_max",
+    "format_rows",
     "format_table",
     "inverse_region_sizes",
+    "json_ready",
+    "max_over_evaluations",
     "roc_auc",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 # Multi-view data (Real-IAD): one score per sample = max over its views; reported, not part of mAD.
 SAMPLE_METRIC_NAMES: tuple[str, ...] = ("S-AUROC", "S-AP", "S-F1max")
+# exact: every threshold; ader: the ADer benchmark's ADEval histograms; mambaad: the MambaAD paper's evaluator
+METRIC_MODES: tuple[str, ...] = ("exact", "ader", "mambaad")
 
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
@@ -381,6 +387,7 @@ def compute_metrics(
     metrics: Sequence[str] | None = None,
     scores: Any = None,
     curves: dict[str, Any] | None = None,
+    mode: str = "exact",
 ) -> dict[str, float]:
     """Compute the requested metrics (default: all of ``METRIC_NAMES``) as fractions in [0, 1].
 
@@ -391,7 +398,18 @@ def compute_metrics(
     ``curves``: if a dict is given, it receives the curve points for plots (``image_roc_fpr``,
     ``pixel_pr_recall``, ``pro_fpr``, ...) and ``pixel_threshold``, the map value of the pixel F1-max,
     all from the same ranking as the metrics.
+    ``mode``: ``exact`` (this function), ``ader`` (the ADer benchmark's ADEval pixel metrics,
+    :mod:`util.metrics_ader`) or ``mambaad`` (the MambaAD paper's evaluator, which takes the image
+    labels from the masks, :mod:`util.metrics_mambaad`).
     """
+    if mode not in METRIC_MODES:
+        raise ValueError(f"unknown metrics mode {mode!r}; use one of {', '.join(METRIC_MODES)}")
+    if mode != "exact":
+        from util.metrics_ader import compute_metrics_ader
+        from util.metrics_mambaad import compute_metrics_mambaad
+
+        fn = compute_metrics_ader if mode == "ader" else compute_metrics_mambaad
+        return fn(anomaly_maps, masks, labels, metrics=metrics, scores=scores, curves=curves)
     wanted = _wanted_metrics(metrics)
     maps, gts = _prepare_maps(anomaly_maps, masks)
     results: dict[str, float] = {}
@@ -433,9 +451,13 @@ def _columns(per_class: Mapping[str, Mapping[str, float]]) -> list[str]:
 
 
 def _with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, float]:
-    """The row's values for ``columns``, with ``mAD`` (mean of the standard seven) after those seven."""
+    """The row's values for ``columns``, with ``mAD`` (mean of the standard seven) after those seven.
+
+    mAD is nan when one of them is: a mean over fewer metrics would not compare with other rows.
+    """
     out = {c: float(row.get(c, math.nan)) for c in columns if c in METRIC_NAMES}
-    out["mAD"] = _nanmean(list(out.values()))
+    values = list(out.values())
+    out["mAD"] = sum(values) / len(values) if values and not any(map(math.isnan, values)) else math.nan
     out.update({c: float(row.get(c, math.nan)) for c in columns if c not in METRIC_NAMES})
     return out
 
@@ -443,13 +465,18 @@ def _with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, flo
 def add_mad(row: Mapping[str, float]) -> dict[str, float]:
     """``row``'s metrics in canonical order plus ``mAD``, the mean of its ``METRIC_NAMES`` entries.
 
-    Sample-level metrics (``S-*``), when present, follow ``mAD`` and are not part of it.
+    ``mAD`` is nan if one of those is nan. Sample-level metrics (``S-*``), when present, follow
+    ``mAD`` and are not part of it.
     """
     return _with_mad(row, [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in row])
 
 
 def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Mean of each metric over classes (nan entries ignored) plus ``mAD``, the mean of the seven means."""
+    """Mean of each metric over the classes where it is defined, plus ``mAD``, the mean of the seven means.
+
+    A metric undefined (nan) for some classes is averaged over the others; ``format_table`` says
+    which. It is nan only where no class defines it.
+    """
     if not per_class:
         raise ValueError("per_class is empty")
     columns = _columns(per_class)
@@ -457,21 +484,115 @@ def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[s
     return _with_mad(mean, columns)
 
 
-def format_table(per_class: Mapping[str, Mapping[str, float]]) -> str:
-    """Markdown table: one row per class and a final ``mean`` row, metrics x100 with 2 decimals.
+def _cell(value: float | None, epoch: Any = None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{100.0 * value:.2f}" + (f" (e{epoch})" if epoch is not None else "")
 
-    ``mAD`` is the mean of a row's standard metrics (nan entries ignored); sample-level columns
-    (``S-AUROC``, ``S-AP``, ``S-F1max``) are shown after it when any class has them.
+
+def format_rows(
+    rows: Mapping[str, Mapping[str, float]], epochs: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
+    """Markdown table of ``rows`` as given (one row per key), values x100 with 2 decimals.
+
+    Undefined (nan or None) values read ``n/a``; with ``epochs``, each value is followed by the
+    epoch it comes from, e.g. ``97.12 (e50)``.
     """
-    columns = _columns(per_class)
-    rows = {name: _with_mad(row, columns) for name, row in per_class.items()}
-    rows["mean"] = average_over_classes(per_class)
     header = ["class", *next(iter(rows.values()))]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":---", *["---:"] * (len(header) - 1)]) + "|",
     ]
     for name, row in rows.items():
-        cells = [name, *(f"{100.0 * row[c]:.2f}" for c in header[1:])]
+        at = (epochs or {}).get(name, {})
+        cells = [name, *(_cell(row.get(c), at.get(c)) for c in header[1:])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _coverage_notes(
+    rows: Mapping[str, Mapping[str, float]],
+    columns: Sequence[str],
+    reasons: Mapping[str, Mapping[str, str]] | None,
+) -> list[str]:
+    """One line per group of columns whose class mean leaves out the same classes, and one for mAD."""
+    n = len(rows)
+    groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for c in columns:
+        missing = tuple(
+            (cls, (reasons or {}).get(cls, {}).get(c, "gives no defined value"))
+            for cls, row in rows.items()
+            if math.isnan(row[c])
+        )
+        if missing:
+            groups.setdefault(missing, []).append(c)
+    notes = [
+        f"* mean of {', '.join(cols)} over {n - len(missing)} of {n} classes "
+        f"({'; '.join(f'{cls} {why}' for cls, why in missing)})"
+        for missing, cols in groups.items()
+    ]
+    no_mad = [cls for cls, row in rows.items() if math.isnan(row["mAD"])]
+    if no_mad:
+        notes.append(
+            f"* mAD is n/a for {', '.join(no_mad)} (not all seven metrics defined); "
+            "the mean row's mAD is the mean of its seven means"
+        )
+    return notes
+
+
+def format_table(
+    per_class: Mapping[str, Mapping[str, float]], reasons: Mapping[str, Mapping[str, str]] | None = None
+) -> str:
+    """Markdown table: one row per class and a final ``mean`` row, metrics x100 with 2 decimals.
+
+    ``mAD`` is the mean of a row's standard metrics; sample-level columns (``S-AUROC``, ``S-AP``,
+    ``S-F1max``) are shown after it when any class has them. Undefined (nan) values read ``n/a``
+    and, below the table, a note per affected mean says over how many classes it averages and why
+    the others are left out (``reasons[cls][metric]``, a phrase such as "has no anomalous test
+    image", e.g. from ``ADEvaluator.undefined``).
+    """
+    columns = _columns(per_class)
+    rows = {name: _with_mad(row, columns) for name, row in per_class.items()}
+    notes = _coverage_notes(rows, columns, reasons)
+    rows["mean"] = average_over_classes(per_class)
+    table = format_rows(rows)
+    return table + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def max_over_evaluations(
+    history: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Per row (class or ``mean``) and metric, the highest value over ``history`` and its epoch.
+
+    ``history`` holds evaluations as the trainer records them (``{"epoch", "results"}``). This
+    is what the official log prints as "(Max)": a selection on the test set, never the reported
+    result. Undefined values are skipped; a metric never defined stays nan with epoch None. Ties
+    keep the earliest evaluation.
+    """
+    best: dict[str, dict[str, float]] = {}
+    epochs: dict[str, dict[str, Any]] = {}
+    for entry in history:
+        for row_name, row in entry["results"].items():
+            row_best = best.setdefault(row_name, {})
+            row_epochs = epochs.setdefault(row_name, {})
+            for metric, value in row.items():
+                v = math.nan if value is None else float(value)
+                current = row_best.setdefault(metric, math.nan)
+                row_epochs.setdefault(metric, None)
+                if not math.isnan(v) and (math.isnan(current) or v > current):
+                    row_best[metric] = v
+                    row_epochs[metric] = entry.get("epoch")
+    return best, epochs
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every nan or infinite float (also numpy scalars) replaced by None, for strict JSON."""
+    if isinstance(obj, Mapping):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,4 +1,4 @@
-"""ADer-compatible pixel metrics: the approximations behind the published MambaAD tables.
+"""ADer-benchmark pixel metrics: ADEval's 50-bin approximations (ADer with ``use_adeval=True``).
 
 The official ADer evaluator (``util/metric.py`` with ``use_adeval``) computes, per class:
 
@@ -15,10 +15,13 @@ The official ADer evaluator (``util/metric.py`` with ``use_adeval``) computes, p
   ``norm > t``, with ``precision = I / (pred + 1e-8)``, ``recall = I / (gt + 1e-8)`` and
   ``F1 = 2PR / (P + R + 1e-8)``.
 
+This is what ADer's benchmark configs (``configs/benchmark/*``, ``use_adeval=True``) computed; the
+MambaAD paper's own configs left ADEval off (see :mod:`util.metrics_mambaad`).
 Image-level (and sample-level) metrics were computed exactly with scikit-learn there, so they use
-the exact functions of :mod:`util.metrics` here too. Bin indices are computed in float64 as
-``floor((x - min) * 50 / (max - min))``; values within rounding error of a bin edge may land in
-the neighbouring bin compared with the GPU kernel.
+the exact functions of :mod:`util.metrics` here too (with the data set's image labels; ADer took
+the label from the mask, which differs only for anomalous images with an empty mask). Bin
+indices are computed in float64 as ``floor((x - min) * 50 / (max - min))``; values within rounding
+error of a bin edge may land in the neighbouring bin compared with the GPU kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ import numpy as np
 
 from util.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes
 
-__all__ = ["ADER_BINS", "ADER_F1_THRESHOLDS", "ader_pixel_metrics", "compute_metrics_ader"]
+__all__ = [
+    "ADER_BINS",
+    "ADER_F1_THRESHOLDS",
+    "ader_pixel_metrics",
+    "compute_metrics_ader",
+    "f1_max_from_counts",
+    "f1_threshold_counts",
+]
 
 ADER_BINS = 50
 ADER_F1_THRESHOLDS = np.arange(0.0, 1.0 + 1e-3, 0.05)  # the same 21 floats as the official code
@@ -89,11 +99,35 @@ def _accumulate(
         h.neg[-1] += np.count_nonzero(over[~gt])
         h.pos_weighted[-1] += weights[over_pos].sum()
         del slot, over, pos_slot, neg_slot
-        # F1: number of thresholds t with norm > t, i.e. strictly below the normalised value.
-        k = np.searchsorted(ADER_F1_THRESHOLDS, (x - lo) / (hi - lo), side="left")
-        h.f1_all += np.bincount(k.ravel(), minlength=len(h.f1_all))
-        h.f1_pos += np.bincount(k[gt], minlength=len(h.f1_pos))
+        f1_all, f1_pos = f1_threshold_counts(x, gt, lo, hi)
+        h.f1_all += f1_all
+        h.f1_pos += f1_pos
     return h
+
+
+def f1_threshold_counts(x: np.ndarray, gt: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """All and anomalous pixels of a chunk by the number of F1 thresholds below their normalised value.
+
+    A pixel with count ``k`` is predicted (``norm > t``) at the first ``k`` of ``ADER_F1_THRESHOLDS``;
+    ``x`` is float64, normalised as the official code does, ``(x - min) / (max - min)``.
+    """
+    k = np.searchsorted(ADER_F1_THRESHOLDS, (x - lo) / (hi - lo), side="left")
+    n = len(ADER_F1_THRESHOLDS) + 1
+    return np.bincount(k.ravel(), minlength=n), np.bincount(k[gt], minlength=n)
+
+
+def f1_max_from_counts(f1_pos: np.ndarray, f1_all: np.ndarray) -> tuple[float, int]:
+    """The official 21-threshold F1-max (with its 1e-8 terms) from summed ``f1_threshold_counts``.
+
+    Returns the F1 and the index of its threshold in ``ADER_F1_THRESHOLDS``.
+    """
+    inter = np.cumsum(f1_pos[::-1])[::-1][1:]  # anomalous pixels predicted at threshold j
+    pred = np.cumsum(f1_all[::-1])[::-1][1:]
+    p = inter / (pred + _EPS)
+    r = inter / (f1_pos.sum() + _EPS)
+    f1 = 2 * p * r / (p + r + _EPS)
+    best = int(np.argmax(f1))
+    return float(f1[best]), best
 
 
 def _curve(stat: np.ndarray) -> tuple[np.ndarray, float]:
@@ -152,13 +186,8 @@ def ader_pixel_metrics(
     precision = np.divide(tp, predicted, out=np.ones_like(tp), where=predicted > 0)
     out["P-AP"] = _trapezoid(precision[::-1], recall[::-1])
 
-    inter = np.cumsum(h.f1_pos[::-1])[::-1][1:]  # anomalous pixels predicted at threshold j
-    pred = np.cumsum(h.f1_all[::-1])[::-1][1:]
-    p = inter / (pred + _EPS)
-    r = inter / (h.f1_pos.sum() + _EPS)  # the true pixel count: the histogram quirk does not apply here
-    f1 = 2 * p * r / (p + r + _EPS)
-    best = int(np.argmax(f1))
-    out["P-F1max"] = float(f1[best])
+    # the true pixel counts: the histogram quirk does not apply to F1
+    out["P-F1max"], best = f1_max_from_counts(h.f1_pos, h.f1_all)
 
     if n_neg > 0:
         fpr = fp / n_neg

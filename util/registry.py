@@ -13,8 +13,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from util.errors import UsageError
 
-class RegistryError(KeyError):
+
+class RegistryError(UsageError, KeyError):
     """Raised for an unknown or badly declared registry entry."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.

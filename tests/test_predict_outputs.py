@@ -1,0 +1,97 @@
+"""tools/predict.py writes one map and one overlay per input image and says which row is which."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.build import build_model
+from util.config import load_config, save_config
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import predict  # noqa: E402
+
+SMALL = [
+    "model.depths=[2,2,2,2]",
+    "model.teacher.name=resnet18",
+    "data.image_size=64",
+    "model.scan.directions=2",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model saved as a run folder (config.json + net.pth)."""
+    run = tmp_path_factory.mktemp("predict_run")
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/mambaad_demo.py", SMALL)
+    save_config(cfg, run / "config.json")
+    torch.save(build_model(cfg, logging.getLogger("test_predict")).state_dict(), run / "net.pth")
+    return run
+
+
+def _image(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+
+
+def test_every_input_gets_its_own_files_and_csv_row(run_dir: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    names = ["a.png", "a.jpg", "b.png", "sub/a.png", "sub/c.bmp"]
+    for i, name in enumerate(names):
+        _image(inputs / name, i)
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(out)]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
+    assert sorted(r["image"] for r in rows) == sorted(names)
+    by_image = {r["image"]: r for r in rows}
+    assert by_image["a.png"]["map"] == "a.png.npy" and by_image["a.jpg"]["map"] == "a.jpg.npy"
+    assert by_image["b.png"]["map"] == "b.npy" and by_image["b.png"]["overlay"] == "b.png"
+    assert by_image["sub/a.png"]["map"] == "sub/a.npy" and by_image["sub/c.bmp"]["overlay"] == "sub/c.png"
+    maps = {r["map"] for r in rows} | {r["overlay"] for r in rows}
+    assert len(maps) == 2 * len(names)
+    for row in rows:
+        amap = np.load(out / row["map"])
+        assert amap.shape == (64, 64) and amap.dtype == np.float32
+        assert float(row["score"]) == pytest.approx(float(amap.max()), rel=1e-5)
+        assert (out / row["overlay"]).is_file()
+    assert float(by_image["a.png"]["score"]) != float(by_image["a.jpg"]["score"])  # two maps, not one
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(written) == 2 * len(names) + 1  # nothing overwritten: one map and one overlay each + csv
+
+
+def test_output_names_stay_distinct_in_corner_cases() -> None:
+    rel = [Path(n) for n in ["a.png", "a.jpg", "a.png.jpg", "A.PNG.tif", "x/y.png", "x__y.png"]]
+    bases = predict.output_names(rel)
+    assert len({b.as_posix().lower() for b in bases}) == len(rel)
+    assert bases[4] == Path("x/y") and bases[5] == Path("x__y")
+    assert predict.with_extension(Path("a.png"), ".npy") == Path("a.png.npy")
+
+
+def test_output_that_is_a_file_or_would_overwrite_inputs_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = tmp_path / "in"
+    _image(inputs / "a.png", 0)
+    target = tmp_path / "out.txt"
+    target.write_text("keep me")
+    args = ["--checkpoint", str(run_dir), "--input", str(inputs), "--output"]
+    assert predict.main([*args, str(target)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+    before = (inputs / "a.png").read_bytes()
+    assert predict.main([*args, str(inputs)]) == 2  # the overlay a.png would replace the input a.png
+    assert "would overwrite the input image" in capsys.readouterr().err
+    assert (inputs / "a.png").read_bytes() == before
+    (inputs / "broken.png").write_bytes(before[:40])  # truncated: a clean error naming the file
+    assert predict.main([*args, str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot read image file {inputs}")

@@ -1,0 +1,100 @@
+"""Rebuild the config of a run folder from its ``config.json`` without running code from the folder.
+
+A config file is Python and runs when loaded, so a run folder (which may come from anyone) must not
+decide which file runs. :func:`config_from_json` starts from one of this project's own config
+classes (the ``configs/<name>.py`` that ``config.json`` names when it is this repository's file, else
+``configs/defaults.py``) and restores every saved value over it as plain data. To use a config file
+of your own, pass it explicitly (``-c`` / ``config=``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from util.config import BaseConfig, ConfigError, Section, apply_overrides, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+DEFAULT_CONFIG = CONFIGS / "defaults.py"
+NOT_RESTORED = ("config_file",)  # names the file a run was started with; ours may differ
+
+
+def project_config(named: Any) -> Path:
+    """This repository's config file that ``named`` (a ``config_file`` entry) refers to, else the defaults.
+
+    Only a file directly in ``configs/`` counts: the entry ``configs/X.py`` (relative, as run.py
+    records it when started from the repository root) or the absolute path of that file.
+    """
+    if not isinstance(named, str) or not named.endswith(".py"):
+        return DEFAULT_CONFIG
+    given = Path(named)
+    candidate = CONFIGS / given.name
+    if not candidate.is_file():
+        return DEFAULT_CONFIG
+    ours = candidate.resolve()
+    if given.is_absolute():
+        return ours if given.resolve() == ours else DEFAULT_CONFIG
+    return ours if (REPO / given).resolve() == ours else DEFAULT_CONFIG
+
+
+def _restore(node: Section, saved: dict[str, Any]) -> None:
+    """Set every saved value on ``node`` (nested dicts into sections; lists to tuples where expected).
+
+    Private names and names of the classes' own attributes (methods, properties) are skipped, so
+    saved data can only ever fill config values.
+    """
+    for key, value in saved.items():
+        if not isinstance(key, str) or key.startswith("_") or hasattr(type(node), key):
+            continue
+        current = getattr(node, key, None)
+        if isinstance(value, dict):
+            if not isinstance(current, Section):
+                current = Section()
+                setattr(node, key, current)
+            _restore(current, value)
+        elif not isinstance(current, Section):
+            setattr(
+                node, key, tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+            )
+
+
+def config_from_json(
+    saved: dict[str, Any], overrides: Sequence[str] = (), source: str = "config.json"
+) -> BaseConfig:
+    """A config built from saved values over the project's own config class; ``overrides`` apply last.
+
+    Saved values win over the class's (derived ones included, so nothing is recomputed); keys the
+    class lacks (e.g. sections a custom config added) are restored as plain values.
+    """
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"{source} must hold a JSON object of config sections; it was not written by run.py"
+        )
+    base = project_config(saved.get("config_file"))
+    cfg = load_config(base)
+    name = cfg.name
+    _restore(cfg, {k: v for k, v in saved.items() if k not in NOT_RESTORED})
+    if not isinstance(cfg.name, str):
+        cfg.name = name
+    apply_overrides(cfg, list(overrides))
+    cfg.validate()
+    return cfg
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> BaseConfig:
+    """The config a run used, from ``run_dir/config.json`` as data: no file from the folder is executed."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} does not exist; pass a run folder written by run.py (it holds config.json)"
+        )
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}); restore it from the run or pass -c CONFIG"
+        ) from err
+    return config_from_json(saved, overrides, source=str(path))
