@@ -10,7 +10,10 @@ subprocess so the memory peak belongs to that configuration alone; (4) on CUDA, 
 images/s at batch 16 with and without bf16 autocast, the peak GPU memory and the implied
 duration of the paper's 500-epoch MVTec schedule; (5) with ``--ddp``, data-parallel
 training throughput for 1 process vs 2 ``torchrun`` processes (Gloo on CPU, NCCL on GPUs)
-at the same global batch. Writes a JSON
+at the same global batch; (6) with ``--export``, batch-1 CPU inference of the whole exported path
+(normalisation to blurred map and score) in PyTorch (``cpu`` and ``export`` scan backends),
+onnxruntime and OpenVINO (when installed): median time, model file size and peak RSS, each in
+its own process (the runtimes' processes do not import PyTorch). Writes a JSON
 and prints a markdown table. Slow pure-PyTorch backends are skipped where one call would
 take too long or too much memory.
 """
@@ -269,6 +272,89 @@ def bench_ddp(image_size: int, batch: int, repeats: int) -> dict:
     return {"batch": batch, "runs": rows, "two_vs_one": ratio}
 
 
+EXPORT_ENGINES = ("pytorch", "pytorch-export", "onnxruntime", "openvino")
+
+
+def export_child(image_size: int, out_dir: str) -> dict:
+    """Run in a fresh process: export the paper model (random weights) to ONNX and OpenVINO IR."""
+    from deploy.export import build_graph, export_onnx
+
+    out = Path(out_dir)
+    torch.manual_seed(0)
+    model = build_model(image_size, "cpu", torch.device("cpu")).eval()
+    torch.save(model.state_dict(), out / "net.pth")
+    graph = build_graph(model, image_size, 4.0)
+    start = time.perf_counter()
+    export_onnx(graph, out / "model.onnx", batch=None)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"onnx_export_s": time.perf_counter() - start, "onnx_export_peak_rss_mib": peak_mib}
+    try:
+        import openvino as ov
+    except ImportError:
+        return result
+    start = time.perf_counter()
+    ov.save_model(ov.convert_model(str(out / "model.onnx")), str(out / "model.xml"), compress_to_fp16=False)
+    result["openvino_convert_s"] = time.perf_counter() - start
+    return result
+
+
+def torch_infer_child(engine: str, image_size: int, repeats: int) -> dict:
+    """Run in a fresh process: the whole inference path in PyTorch, batch 1, and the peak RSS."""
+    from deploy.export import InferenceGraph, set_scan_backend
+
+    torch.manual_seed(0)
+    graph = InferenceGraph(build_model(image_size, "cpu", torch.device("cpu")).eval(), (image_size,) * 2, 4.0)
+    if engine == "pytorch-export":
+        set_scan_backend(graph, "export")
+    images = torch.randint(0, 256, (1, image_size, image_size, 3), dtype=torch.uint8)
+
+    def run():
+        with torch.no_grad():
+            graph(images)
+
+    seconds = time_call(run, repeats, torch.device("cpu"))
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"median_s": seconds, "peak_rss_mib": peak_kib / 1024}
+
+
+def _child_json(cmd: list[str], what: str) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_export(image_size: int, repeats: int) -> dict:
+    """Batch-1 CPU inference of the exported path per engine: seconds, model file MB, peak RSS."""
+    import tempfile
+
+    script = str(Path(__file__).resolve())
+    size = ["--image-size", str(image_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        exported = _child_json([sys.executable, script, "--export-child", tmp, *size], "export")
+        files = {
+            "pytorch": [folder / "net.pth"],
+            "pytorch-export": [folder / "net.pth"],
+            "onnxruntime": [folder / "model.onnx"],
+            "openvino": [folder / "model.xml", folder / "model.bin"],
+        }
+        rows = []
+        for engine in EXPORT_ENGINES:
+            if not all(p.is_file() for p in files[engine]):
+                rows.append({"engine": engine, "skipped": "not installed"})
+                continue
+            if engine.startswith("pytorch"):
+                cmd = [sys.executable, script, "--infer-child", engine, *size, "--repeats", str(repeats)]
+            else:
+                model = files[engine][0]
+                cmd = [sys.executable, "-m", "deploy.runtime", str(model), "--benchmark", str(repeats)]
+            result = _child_json(cmd, f"{engine} inference")
+            mb = sum(p.stat().st_size for p in files[engine]) / 1e6
+            rows.append({"engine": engine, "model_mb": mb, **result})
+    return {"image_size": image_size, "batch": 1, "repeats": repeats, **exported, "rows": rows}
+
+
 def machine_info() -> dict:
     info = {
         "cpu_count": os.cpu_count(),
@@ -337,6 +423,17 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| GPU train peak memory MiB ({name}) | auto | {shape} | {mem} |")
             hours = _fmt(cuda[name]["paper_schedule_hours"], 3)
             lines.append(f"| 500 MVTec epochs, hours ({name}) | auto | {shape} | {hours} |")
+    exp = report.get("export")
+    if exp:
+        shape = f"{exp['image_size']}x{exp['image_size']}, batch 1 (cpu)"
+        for row in exp["rows"]:
+            where = f"{row['engine']} | {shape}"
+            if "skipped" in row:
+                lines.append(f"| exported inference | {where} | skipped ({row['skipped']}) |")
+                continue
+            lines.append(f"| exported inference (s/image) | {where} | {_fmt(row['median_s'])} |")
+            lines.append(f"| exported model file (MB) | {where} | {row['model_mb']:.1f} |")
+            lines.append(f"| exported peak RSS (MiB) | {where} | {row['peak_rss_mib']:.0f} |")
     ddp = report.get("train_ddp")
     if ddp:
         shape = f"{size}x{size}, global batch {ddp['batch']}"
@@ -380,6 +477,8 @@ def run(args: argparse.Namespace) -> dict:
         report["train_cpu"] = bench_train_cpu(cpu_backends[0], image_size, 4, max(1, min(repeats, 3)))
     if torch.cuda.is_available() and not args.no_train:
         report["train_cuda"] = bench_train_cuda(image_size, 16, repeats)
+    if args.export:
+        report["export"] = bench_export(image_size, repeats)
     if args.ddp:
         batch = 16 if torch.cuda.is_available() else 4
         report["train_ddp"] = bench_ddp(image_size, batch, max(1, min(repeats, 3)))
@@ -400,6 +499,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time training in 1 vs 2 torchrun processes (same global batch)",
     )
+    parser.add_argument(
+        "--export",
+        action="store_true",
+        help="also time batch-1 CPU inference of the exported model: PyTorch, onnxruntime, OpenVINO",
+    )
+    parser.add_argument("--export-child", help=argparse.SUPPRESS)
+    parser.add_argument("--infer-child", help=argparse.SUPPRESS)
     parser.add_argument("--train-child", help=argparse.SUPPRESS)
     parser.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -412,6 +518,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result = ddp_child(args.image_size, args.batch, args.repeats)
         if result["processes"] == 1 or os.environ.get("RANK") == "0":
             print(json.dumps(result))
+        return {}
+    if args.export_child:
+        print(json.dumps(export_child(args.image_size, args.export_child)))
+        return {}
+    if args.infer_child:
+        prepare_cpu()
+        print(json.dumps(torch_infer_child(args.infer_child, args.image_size, args.repeats)))
         return {}
     if args.train_child:
         prepare_cpu()  # flush denormals, start Numba keeping OMP_NUM_THREADS

@@ -14,7 +14,8 @@ parallel scan, CPU or GPU), ``cpu`` (fused Numba kernels for forward and backwar
 no per-step states, CPU tensors only, needs numba; see ``selective_scan_cpu``), ``triton``
 (Triton kernels for forward and backward, CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``; see ``selective_scan_triton``) and ``mamba_ssm`` (the CUDA kernel,
-CUDA tensors only).
+CUDA tensors only), and ``export`` (a blocked scan in plain tensor ops that exports to
+standard ONNX operators; see ``selective_scan_export``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-_PURE_BACKENDS = ("chunked", "ref")
+_PURE_BACKENDS = ("chunked", "ref", "export")
 
 
 _denormals_flushed = False
@@ -210,7 +211,7 @@ def selective_scan_fn(
 ) -> torch.Tensor:
     """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32), differentiable in every input.
 
-    ``backend``: ``auto``, ``mamba_ssm``, ``triton``, ``cpu``, ``chunked`` or ``ref``. ``auto``
+    ``backend``: ``auto``, ``mamba_ssm``, ``triton``, ``cpu``, ``chunked``, ``ref`` or ``export``. ``auto``
     takes for CUDA tensors the mamba-ssm kernel when installed, else ``triton`` when triton is
     installed, else ``chunked``; on the CPU ``cpu`` when numba is installed, else ``ref``, whose
     step loop over cache-sized tensors beats the parallel scan's passes over whole sequences
@@ -269,6 +270,10 @@ def selective_scan_fn(
         return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "chunked":
         return _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "export":
+        from model.ops.selective_scan_export import selective_scan_export
+
+        return selective_scan_export(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "ref":
         return _selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
     raise ValueError(f"unknown selective-scan backend {backend!r}; available: {available_backends()}")

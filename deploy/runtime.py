@@ -1,0 +1,339 @@
+"""Run an exported MambaAD model without PyTorch: onnxruntime (``model.onnx``) or OpenVINO (``model.xml``).
+
+    from deploy.runtime import load_exported
+    model = load_exported("export/model.onnx")          # or the folder, or export/model.xml
+    maps, scores = model.predict(["a.png", pil_image, uint8_array])
+
+Needs only NumPy, Pillow and onnxruntime (or openvino); this module imports nothing from the
+rest of the project, so it can be copied next to the model. Images are read and resized as
+in training and evaluation (RGB, Pillow bilinear resize to the model's input size); the
+graph itself normalises them and computes the blurred anomaly maps and the scores, so the
+results equal ``mambaad.predict`` (see docs/deploy.md for the measured differences).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+ImageInput = str | Path | Image.Image | np.ndarray
+METADATA_FILE = "model.json"
+MODEL_FILES = ("model.onnx", "model.xml")
+
+__all__ = [
+    "ExportedModel",
+    "Prediction",
+    "load_exported",
+    "load_onnx",
+    "load_openvino",
+    "main",
+    "read_image",
+    "to_rgb",
+]
+
+
+class Prediction(NamedTuple):
+    """Anomaly maps ``[N, H, W]`` and image scores ``[N]`` (float32); unpacks as ``maps, scores``."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB; 16/32-bit and float images are rescaled (as the training data loader)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+        gray = np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        factor = 255.0 if arr.max() <= 1.0 else 1.0
+        gray = np.clip(arr * factor + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image {path} does not exist") from err
+    except Exception as err:  # Pillow reports damaged files with many exception types
+        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
+
+
+def read_image(image: ImageInput, size: tuple[int, int] | None) -> np.ndarray:
+    """One input as uint8 RGB ``[H, W, 3]``, resized (Pillow bilinear) to ``size`` ``(H, W)`` unless None.
+
+    Accepts a file path, a PIL image (any mode) or a uint8 array (``HxW``, ``HxWx3`` RGB or ``HxWx4``).
+    """
+    if isinstance(image, (str, Path)):
+        image = _open(Path(image))
+    elif isinstance(image, np.ndarray):
+        channels_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+        if image.dtype != np.uint8 or not channels_ok:
+            raise ValueError(
+                f"array images must be uint8 HxW, HxWx3 (RGB) or HxWx4, got {image.dtype} {image.shape}; "
+                "convert floats with (x * 255).round().astype(np.uint8)"
+            )
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"cannot predict on {type(image).__name__}; pass paths, PIL images or uint8 arrays")
+    image = to_rgb(image)
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class ExportedModel:
+    """An exported model and its input contract: uint8 RGB ``[B, H, W, 3]`` in, maps and scores out."""
+
+    def __init__(
+        self,
+        path: Path,
+        runner: Runner,
+        image_size: tuple[int, int],
+        batch: int | None,
+        metadata: dict[str, Any] | None,
+        engine: str,
+    ) -> None:
+        self.path = path
+        self._runner = runner
+        self.image_size = image_size
+        self.batch = batch
+        self.metadata = metadata
+        self.engine = engine
+
+    def __repr__(self) -> str:
+        h, w = self.image_size
+        batch = "dynamic" if self.batch is None else self.batch
+        return f"ExportedModel({self.path}, {self.engine}, input uint8 [{batch}, {h}, {w}, 3])"
+
+    def _size_text(self) -> str:
+        h, w = self.image_size
+        return f"{h}x{w} (HxW)"
+
+    def run(self, images: np.ndarray) -> Prediction:
+        """Run one batch ``uint8 [B, H, W, 3]`` (RGB, already at the model's size) as it is."""
+        images = np.asarray(images)
+        h, w = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (h, w, 3):
+            raise ValueError(
+                f"the exported model {self.path.name} takes uint8 RGB images of {self._size_text()} as "
+                f"[B, {h}, {w}, 3] (NHWC), got shape {list(images.shape)}; resize the images to {h}x{w} "
+                "(predict() does so when resize=True)"
+            )
+        if images.dtype != np.uint8:
+            raise ValueError(f"the exported model takes uint8 images, got {images.dtype}")
+        if self.batch is not None and images.shape[0] != self.batch:
+            raise ValueError(
+                f"the exported model {self.path.name} has a fixed batch of {self.batch}, "
+                f"got {images.shape[0]} images"
+            )
+        maps, scores = self._runner(np.ascontiguousarray(images))
+        return Prediction(np.asarray(maps, np.float32), np.asarray(scores, np.float32))
+
+    def prepare(self, images: Sequence[ImageInput] | ImageInput, resize: bool = True) -> np.ndarray:
+        """Inputs as one uint8 ``[N, H, W, 3]`` array; without ``resize`` a wrong size is an error."""
+        if isinstance(images, (str, Path, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim <= 3
+        ):
+            images = [images]
+        arrays = []
+        for i, image in enumerate(images):
+            rgb = read_image(image, self.image_size if resize else None)
+            if rgb.shape[:2] != self.image_size:
+                name = image if isinstance(image, (str, Path)) else f"image {i}"
+                raise ValueError(
+                    f"{name} is {rgb.shape[0]}x{rgb.shape[1]} but the exported model takes "
+                    f"{self._size_text()}; pass resize=True or resize it to that size"
+                )
+            arrays.append(rgb)
+        if not arrays:
+            raise ValueError("predict needs at least one image")
+        return np.stack(arrays)
+
+    def predict(
+        self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8, resize: bool = True
+    ) -> Prediction:
+        """Maps ``[N, H, W]`` and scores ``[N]`` for paths, PIL images or uint8 arrays.
+
+        Images are resized to the model's input size as in evaluation (``resize=False``: a
+        different size is an error naming the model's size).
+        """
+        batch = self.prepare(images, resize)
+        step = self.batch or max(1, int(batch_size))
+        maps, scores = [], []
+        for start in range(0, len(batch), step):
+            chunk = batch[start : start + step]
+            real = len(chunk)
+            if self.batch is not None and real < self.batch:  # fixed batch: repeat the last image
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - real, axis=0)])
+            out = self.run(chunk)
+            maps.append(out.maps[:real])
+            scores.append(out.scores[:real])
+        return Prediction(np.concatenate(maps), np.concatenate(scores))
+
+
+def _read_metadata(model_path: Path) -> dict[str, Any] | None:
+    path = model_path.parent / METADATA_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _input_contract(shape: Sequence[Any], path: Path) -> tuple[tuple[int, int], int | None]:
+    """``((H, W), batch or None)`` from the model's input shape ``[B, H, W, 3]``."""
+    dims = list(shape)
+    if len(dims) != 4 or dims[3] != 3 or not all(isinstance(d, int) and d > 0 for d in dims[1:3]):
+        raise ValueError(f"{path} is not a MambaAD export: its input shape is {dims}, not [B, H, W, 3]")
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    return (dims[1], dims[2]), batch
+
+
+def _existing(path: str | Path, suffix: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"model{suffix}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; export one with tools/export.py")
+    return path
+
+
+def load_onnx(
+    path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None
+) -> ExportedModel:
+    """An exported ``model.onnx`` (or its folder) on onnxruntime (CPU unless ``providers`` say otherwise)."""
+    import onnxruntime as ort
+
+    path = _existing(path, ".onnx")
+    options = ort.SessionOptions()
+    # decays that underflow into denormals slow x86 CPUs down by 10x or more; flush them to zero
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(
+        str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+    )
+    inp = session.get_inputs()[0]
+    size, batch = _input_contract(inp.shape, path)
+    names = [o.name for o in session.get_outputs()]
+
+    def runner(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = session.run(names, {inp.name: images})
+        return maps, scores
+
+    return ExportedModel(path, runner, size, batch, _read_metadata(path), "onnxruntime")
+
+
+def load_openvino(path: str | Path, device: str = "CPU", threads: int | None = None) -> ExportedModel:
+    """An exported ``model.xml`` (OpenVINO IR; an ``.onnx`` file works too) compiled for ``device``."""
+    import openvino as ov
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.xml"
+    path = _existing(path, path.suffix or ".xml")
+    core = ov.Core()
+    model = core.read_model(str(path))
+    shape = model.inputs[0].get_partial_shape()
+    dims = [d.get_length() if d.is_static else None for d in shape]
+    size, batch = _input_contract(dims, path)
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # no silent bf16 on CPUs that have it
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = core.compile_model(model, device, config)
+    request = compiled.create_infer_request()
+    by_name = {name: out for out in compiled.outputs for name in out.get_names()}
+    map_out = by_name.get("anomaly_map", compiled.outputs[0])
+    score_out = by_name.get("score", compiled.outputs[1])
+
+    def runner(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = request.infer({0: images})
+        return np.array(result[map_out]), np.array(result[score_out])
+
+    return ExportedModel(path, runner, size, batch, _read_metadata(path), "openvino")
+
+
+def load_exported(path: str | Path, **kwargs: Any) -> ExportedModel:
+    """``model.onnx`` -> onnxruntime, ``model.xml`` -> OpenVINO; a folder: whichever of the two it holds."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in MODEL_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"{path} holds neither model.onnx nor model.xml; export one with tools/export.py"
+            )
+        path = found[0]
+    if path.suffix.lower() == ".xml":
+        return load_openvino(path, **kwargs)
+    if path.suffix.lower() == ".onnx":
+        return load_onnx(path, **kwargs)
+    raise ValueError(f"{path}: expected an exported model.onnx or model.xml (see tools/export.py)")
+
+
+def _benchmark(model: ExportedModel, repeats: int) -> dict[str, Any]:
+    """Median seconds of one ``run`` on a random batch (after a warm-up) and this process's peak RSS."""
+    import resource
+    import statistics
+    import time
+
+    h, w = model.image_size
+    images = np.random.default_rng(0).integers(0, 256, (model.batch or 1, h, w, 3), dtype=np.uint8)
+    start = time.perf_counter()
+    model.run(images)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        model.run(images)
+        times.append(time.perf_counter() - start)
+    return {
+        "engine": model.engine,
+        "batch": len(images),
+        "image_size": [h, w],
+        "first_s": first,
+        "median_s": statistics.median(times),
+        "repeats": len(times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m deploy.runtime MODEL IMAGE...`` prints one score per image; ``--benchmark N`` times it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Score images with an exported MambaAD model (no PyTorch).")
+    parser.add_argument("model", help="model.onnx, model.xml or the export folder")
+    parser.add_argument("images", nargs="*", help="image files")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    parser.add_argument("--benchmark", type=int, metavar="N", help="time N runs on random input; print JSON")
+    args = parser.parse_args(argv)
+    model = load_exported(args.model, threads=args.threads)
+    if args.benchmark:
+        print(json.dumps(_benchmark(model, args.benchmark)))
+        return 0
+    if not args.images:
+        parser.error("give image files to score, or --benchmark N")
+    result = model.predict(args.images, batch_size=args.batch_size)
+    for path, score in zip(args.images, result.scores):
+        print(f"{path}\t{score:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,373 @@
+"""Deployment: the ``export`` scan backend, tools/export.py and the torch-free runtime (deploy/runtime.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.default_ad import load_image
+from data.synthetic import generate_demo_dataset
+from deploy.export import build_graph, compress_onnx_fp16, export_onnx, export_openvino, export_torchscript
+from deploy.runtime import load_exported, load_onnx, load_openvino, read_image
+from mambaad import Detector, load_model, predict
+from model.build import build_model
+from model.ops.selective_scan import available_backends, selective_scan_fn
+from model.ops.selective_scan_export import blocked_scan
+from model.scan import NUM_DIRECTIONS, SCAN_METHODS
+from tests.scan_helpers import NAMES, assert_close_rel, run_backend
+from tools import export as export_cli
+from util.config import load_config, save_config
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs/mambaad_demo.py"
+SMALL = ["model.depths=[2,2,2,2]", "model.teacher.name=resnet18", "data.image_size=64"]
+TOL = 1e-4
+HAS_OPENVINO = True
+try:
+    import openvino  # noqa: F401
+except ImportError:
+    HAS_OPENVINO = False
+
+
+def _scan_inputs(b: int, k: int, d: int, length: int, n: int, seed: int, a_scale: float) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    channels = k * d
+    return {
+        "u": torch.randn(b, channels, length, generator=g),
+        "delta": torch.randn(b, channels, length, generator=g) * 0.5,
+        "A": -torch.rand(channels, n, generator=g) * a_scale - 0.1,
+        "B": torch.randn(b, k, n, length, generator=g),
+        "C": torch.randn(b, k, n, length, generator=g),
+        "D": torch.randn(channels, generator=g),
+        "delta_bias": torch.randn(channels, generator=g) * 0.3,
+    }
+
+
+@pytest.mark.parametrize("length", [1, 5, 16, 17, 64, 300])
+def test_export_scan_equals_reference_forward_and_backward(length: int) -> None:
+    tensors = _scan_inputs(2, 2, 3, length, 4, seed=length, a_scale=8.0)
+    y_ref, g_ref = run_backend("ref", tensors)
+    y, g = run_backend("export", tensors)
+    assert_close_rel(y, y_ref, 1e-5)
+    for name in NAMES:  # with one step the decay is never used: no gradient (None) means zero
+        grad = torch.zeros_like(g_ref[name]) if g[name] is None else g[name]
+        assert_close_rel(grad, g_ref[name], 1e-5)
+
+
+def test_blocked_scan_does_not_overflow_with_strong_decays() -> None:
+    # total log decay over the sequence reaches -1e5: any exp(-cumsum) formulation gives inf / nan here
+    g = torch.Generator().manual_seed(0)
+    length = 1000
+    log_a = -torch.rand(length, 3, generator=g) * 200.0
+    log_a[::7] = -1e-4  # some steps barely decay
+    x = torch.randn(length, 3, generator=g)
+    h = blocked_scan(log_a, x, chunk=8)
+    expected = torch.zeros(length, 3, dtype=torch.float64)
+    state = torch.zeros(3, dtype=torch.float64)
+    for t in range(length):
+        state = torch.exp(log_a[t].double()) * state + x[t].double()
+        expected[t] = state
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_backend_is_registered() -> None:
+    assert "export" in available_backends()
+    t = _scan_inputs(1, 2, 2, 40, 3, seed=1, a_scale=1.0)
+    args = [t[name] for name in NAMES]
+    expected = selective_scan_fn(*args, delta_softplus=True, backend="ref")
+    assert_close_rel(selective_scan_fn(*args, delta_softplus=True, backend="export"), expected, 1e-5)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Five demo test images at 80x80 (resized to the model's 64x64 on reading)."""
+    root = tmp_path_factory.mktemp("export_data")
+    generate_demo_dataset(
+        root, image_size=80, n_train=1, n_test_good=1, n_test_bad=2, classes=["weave", "wood"]
+    )
+    return sorted(root.rglob("test/*/*.png"))[:5]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder (config.json + net.pth) of the small model with random weights (seed 0)."""
+    run = tmp_path_factory.mktemp("export_run")
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, SMALL)
+    save_config(cfg, run / "config.json")
+    torch.save(build_model(cfg, logging.getLogger("test_export")).state_dict(), run / "net.pth")
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tools/export.py --format onnx --batch dynamic of the small run; returns the output folder."""
+    out = tmp_path_factory.mktemp("export_onnx")
+    assert export_cli.main(["--checkpoint", str(small_run), "--format", "onnx", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(small_run: Path, images: list[Path]):
+    """PyTorch's maps and scores (mambaad.predict, the ``cpu`` or default scan backend)."""
+    return predict(load_model(small_run), images, batch_size=4)
+
+
+def test_onnx_equals_pytorch_at_batch_1_and_4(exported: Path, images: list[Path], reference) -> None:
+    model = load_onnx(exported / "model.onnx")
+    assert model.image_size == (64, 64) and model.batch is None
+    one = model.predict(images[:1])
+    four = model.predict(images[:4], batch_size=4)
+    assert one.maps.shape == (1, 64, 64) and four.maps.shape == (4, 64, 64)
+    np.testing.assert_allclose(one.maps, reference.maps[:1], rtol=0, atol=TOL)
+    np.testing.assert_allclose(four.maps, reference.maps[:4], rtol=0, atol=TOL)
+    np.testing.assert_allclose(four.scores, reference.scores[:4], rtol=0, atol=TOL)
+    np.testing.assert_allclose(one.scores, reference.scores[:1], rtol=0, atol=TOL)
+    assert reference.maps.std() > 1e-3  # the maps are not trivially constant
+
+
+def test_graph_uses_standard_operators_only(exported: Path) -> None:
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    domains = {node.domain for node in graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    assert not {"Loop", "Scan"} & {node.op_type for node in graph.node}  # no loop operator either
+
+
+class _Scan(torch.nn.Module):
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return selective_scan_fn(*args, delta_softplus=True, backend="export")
+
+
+def _export_scan(length: int, path: Path) -> tuple[int, float]:
+    """Export one scan of ``length`` steps; ``(node count, max error of onnxruntime vs ref / scale)``."""
+    t = _scan_inputs(1, 2, 3, length, 4, seed=length, a_scale=4.0)
+    args = tuple(t[name] for name in NAMES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Scan(), args, str(path), dynamo=False, opset_version=17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    (y,) = session.run(None, feed)
+    expected = selective_scan_fn(*args, delta_softplus=True, backend="ref").numpy()
+    return len(onnx.load(str(path)).graph.node), float(abs(y - expected).max() / abs(expected).max())
+
+
+def test_scan_graph_is_small_and_exact_for_any_length(tmp_path: Path) -> None:
+    nodes = {}
+    for length in (5, 37, 64, 4096, 5000):  # 37 and 5000 are not multiples of the chunk: padded
+        nodes[length], err = _export_scan(length, tmp_path / f"scan{length}.onnx")
+        assert err < 1e-5, (length, err)
+    assert max(nodes.values()) < 600, nodes  # not one node per step: 5000 steps
+    assert nodes[4096] - nodes[64] < 150, nodes  # grows with log(L) only
+
+
+def test_metadata_beside_the_model(exported: Path, small_run: Path) -> None:
+    info = json.loads((exported / "model.json").read_text())
+    assert info["image_size"] == [64, 64]
+    assert info["input"]["layout"] == "NHWC" and info["input"]["dtype"] == "uint8"
+    assert info["input"]["shape"] == [None, 64, 64, 3] and info["input"]["batch"] == "dynamic"
+    assert info["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    assert info["training_data"]["root"] == "datasets/demo" and info["thresholds"] is None
+    assert info["config_hash"].startswith("sha256:") and len(info["config_hash"]) == 7 + 64
+    assert info["project_version"] and info["model"]["scan_backend"] == "export"
+    assert info["model_bytes"] == (exported / "model.onnx").stat().st_size
+    assert load_onnx(exported).metadata == info
+
+
+def test_runtime_does_not_import_torch(exported: Path, images: list[Path], reference) -> None:
+    code = (
+        "import sys, json; from deploy.runtime import load_exported; "
+        f"m = load_exported({str(exported)!r}); r = m.predict([{str(images[0])!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(json.dumps(float(r.scores[0])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert abs(json.loads(out.stdout.strip().splitlines()[-1]) - reference.scores[0]) <= TOL
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16"])
+def test_runtime_reads_images_like_the_training_loader(tmp_path: Path, mode: str) -> None:
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65535, (50, 70), dtype=np.uint16))
+    else:
+        bands = len(mode)
+        im = Image.fromarray(rng.integers(0, 256, (50, 70, bands), dtype=np.uint8).squeeze(), mode=mode)
+    path = tmp_path / "im.png"
+    im.save(path)
+    expected = (load_image(path, 64, normalize=False).permute(1, 2, 0).numpy() * 255).round()
+    np.testing.assert_array_equal(read_image(path, (64, 64)), expected.astype(np.uint8))
+    np.testing.assert_array_equal(read_image(Image.open(path), (64, 64)), expected.astype(np.uint8))
+
+
+def test_wrong_image_size_names_the_models_size(exported: Path) -> None:
+    model = load_onnx(exported)
+    with pytest.raises(ValueError, match="64x64"):
+        model.run(np.zeros((1, 32, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="64x64"):
+        model.predict(np.zeros((32, 48, 3), np.uint8), resize=False)
+    assert model.predict(np.zeros((32, 48, 3), np.uint8)).maps.shape == (1, 64, 64)  # resized by default
+
+
+def test_fp16_weights_halve_the_file(exported: Path, tmp_path: Path, images: list[Path], reference) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes((exported / "model.onnx").read_bytes())
+    assert compress_onnx_fp16(path) > 0
+    assert path.stat().st_size < 0.6 * (exported / "model.onnx").stat().st_size
+    result = load_onnx(path).predict(images[:2])
+    np.testing.assert_allclose(result.scores, reference.scores[:2], rtol=0.02)
+
+
+def test_checkpoint_config_mismatch_names_the_keys(small_run: Path, tmp_path: Path, capsys) -> None:
+    code = export_cli.main(
+        [
+            "-c",
+            str(CONFIG),
+            "--checkpoint",
+            str(small_run / "net.pth"),
+            "--out",
+            str(tmp_path / "out"),
+            "model.teacher.name=resnet18",
+            "data.image_size=64",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "does not match the configured model" in err and "net_s.layers_up." in err
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def _check_export(
+    overrides: list[str], images: list[Path], tmp_path: Path, batch: int | None = None, fmt: str = "onnx"
+) -> None:
+    """Export a random model (seed 0) and compare the runtime's maps with PyTorch's default backend."""
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, overrides)
+    net = build_model(cfg, logging.getLogger("test_export")).eval()
+    expected = predict(Detector(net=net, cfg=cfg, device=torch.device("cpu")), images, batch_size=4)
+    graph = build_graph(copy.deepcopy(net), cfg.data.image_size, cfg.evaluator.sigma)
+    if fmt == "torchscript":
+        export_torchscript(graph, tmp_path / "model.pt", batch)
+        module = torch.jit.load(str(tmp_path / "model.pt"))
+        arrays = np.stack([read_image(p, (64, 64)) for p in images[:4]])
+        with torch.no_grad():
+            maps, scores = (t.numpy() for t in module(torch.from_numpy(arrays)))
+    else:
+        if fmt == "openvino":
+            export_openvino(graph, tmp_path / "model.xml", batch, fp16=False)
+        else:
+            export_onnx(graph, tmp_path / "model.onnx", batch)
+        maps, scores = load_exported(tmp_path).predict(images[:4], batch_size=4)
+    np.testing.assert_allclose(maps, expected.maps[:4], rtol=0, atol=TOL)
+    np.testing.assert_allclose(scores, expected.scores[:4], rtol=0, atol=TOL)
+
+
+def test_fixed_batch_export_with_another_scan(images: list[Path], tmp_path: Path) -> None:
+    # batch fixed to 3: predict pads the last chunk of 4 images; zigzag with 2 directions
+    _check_export([*SMALL, "model.scan.method=zigzag", "model.scan.directions=2"], images, tmp_path, batch=3)
+    assert load_onnx(tmp_path).batch == 3
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_openvino_reads_the_onnx_export(exported: Path, images: list[Path], reference) -> None:
+    model = load_openvino(exported / "model.onnx")
+    maps, scores = model.predict(images[:4], batch_size=4)
+    np.testing.assert_allclose(maps, reference.maps[:4], rtol=0, atol=TOL)
+    np.testing.assert_allclose(scores, reference.scores[:4], rtol=0, atol=TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_openvino_ir_export(images: list[Path], tmp_path: Path) -> None:
+    _check_export(SMALL, images, tmp_path, fmt="openvino")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_export(images: list[Path], tmp_path: Path) -> None:
+    _check_export(SMALL, images, tmp_path, fmt="torchscript")
+
+
+@pytest.mark.slow
+def test_paper_model_exports_at_64(images: list[Path], tmp_path: Path) -> None:
+    _check_export(["data.image_size=64"], images, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("directions", NUM_DIRECTIONS)
+@pytest.mark.parametrize("method", SCAN_METHODS)
+def test_every_scan_method_and_direction_count(
+    method: str, directions: int, images: list[Path], tmp_path: Path
+) -> None:
+    _check_export(
+        [*SMALL, f"model.scan.method={method}", f"model.scan.directions={directions}"], images, tmp_path
+    )
+
+
+def test_benchmark_table_lists_the_export_rows() -> None:
+    from tools.benchmark import markdown_table
+
+    rows = [
+        {"engine": "onnxruntime", "median_s": 1.25, "model_mb": 102.7, "peak_rss_mib": 812.4},
+        {"engine": "openvino", "skipped": "not installed"},
+    ]
+    report = {"scan": [], "inference": [], "image_size": 256, "export": {"image_size": 256, "rows": rows}}
+    table = markdown_table(report)
+    assert "| exported inference (s/image) | onnxruntime | 256x256, batch 1 (cpu) | 1.25 |" in table
+    assert "| exported model file (MB) | onnxruntime | 256x256, batch 1 (cpu) | 102.7 |" in table
+    assert "| exported peak RSS (MiB) | onnxruntime | 256x256, batch 1 (cpu) | 812 |" in table
+    assert "| exported inference | openvino | 256x256, batch 1 (cpu) | skipped (not installed) |" in table
+
+
+@pytest.mark.slow
+def test_benchmark_export_measures_every_engine() -> None:
+    from tools.benchmark import bench_export
+
+    result = bench_export(64, 1)
+    rows = {row["engine"]: row for row in result["rows"]}
+    expected = {"pytorch", "pytorch-export", "onnxruntime"} | ({"openvino"} if HAS_OPENVINO else set())
+    for engine in expected:
+        row = rows[engine]
+        assert row["median_s"] > 0 and row["model_mb"] > 50 and row["peak_rss_mib"] > 50, row
+    assert result["onnx_export_s"] > 0
+
+
+def test_predict_tool_and_api_take_the_exported_model(
+    exported: Path, small_run: Path, images: list[Path], reference, tmp_path: Path
+) -> None:
+    import csv
+
+    from tools import predict as predict_cli
+
+    api = predict(load_model(exported / "model.onnx"), images, batch_size=4)
+    np.testing.assert_allclose(api.maps, reference.maps, rtol=0, atol=TOL)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        (folder / f"{i}.png").write_bytes(img.read_bytes())
+    rows = {}
+    for flag, source in (("--model", exported / "model.onnx"), ("--checkpoint", small_run)):
+        out = tmp_path / flag.strip("-")
+        assert predict_cli.main([flag, str(source), "--input", str(folder), "--output", str(out)]) == 0
+        table = csv.DictReader((out / "scores.csv").read_text().splitlines())
+        rows[flag] = {r["image"]: float(r["score"]) for r in table}
+        assert len(list(out.glob("*.npy"))) == len(images)
+    assert rows["--model"].keys() == rows["--checkpoint"].keys()
+    for name, score in rows["--model"].items():
+        assert score == pytest.approx(rows["--checkpoint"][name], abs=TOL)
