@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data import as_hw
 from data.default_ad import image_to_tensor, load_image
 from model.build import build_model
 from model.ops.selective_scan import prepare_cpu
-from util.anomaly_map import anomaly_maps_and_scores
 from util.config import BaseConfig, load_config
 from util.distributed import resolve_device
 from util.run_config import load_run_config
@@ -59,8 +59,7 @@ class Detector:
     @property
     def image_size(self) -> tuple[int, int]:
         """Input size ``(H, W)`` the images are resized to."""
-        size = self.cfg.data.image_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return as_hw(self.cfg.data.image_size)
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> Prediction:
         """Same as :func:`predict` ``(self, images, batch_size)``."""
@@ -159,8 +158,7 @@ def predict_batch(model: Detector, images: Sequence[ImageInput]) -> tuple[torch.
         return torch.from_numpy(out.maps), torch.from_numpy(out.scores)
     size = model.image_size
     imgs = torch.stack([prepare_image(im, size) for im in images]).to(model.device)
-    feats_t, feats_s = model.net(imgs)
-    return anomaly_maps_and_scores(feats_t, feats_s, size, model.cfg.evaluator.sigma)
+    return model.net.predict(imgs, size)
 
 
 def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> Prediction:

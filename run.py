@@ -8,12 +8,11 @@ python run.py -c configs/mambaad_mvtec.py -m test model.checkpoint=runs/.../net.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from util.config import ConfigError, config_to_dict, load_config
+from util.cli import add_config_args, config_from_args, print_config, report_error
+from util.config import ConfigError
 from util.distributed import shutdown
-from util.errors import debug_requested, report
 from util.signals import TrainingInterruptedError
 
 
@@ -22,23 +21,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-c", "--config", required=True, help="config file, e.g. configs/mambaad_mvtec.py")
     parser.add_argument("-m", "--mode", choices=("train", "test"), default="train")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
-    parser.add_argument("overrides", nargs="*", help="config overrides such as trainer.epochs=10")
+    add_config_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2: usage error, 1: other error)."""
     args = parse_args(argv)
-    debug = args.debug or debug_requested([])
     trainer = None
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = config_from_args(args)
         if args.print_config:
-            print(json.dumps(config_to_dict(cfg), indent=2, default=str))
+            print_config(cfg)
             return 0
         if args.mode == "test" and not cfg.model.checkpoint:
             raise ConfigError("-m test needs model.checkpoint=PATH (a net.pth or ckpt.pth)")
@@ -64,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.log.info("done; results in %s", trainer.run_dir)
         return 0
     except Exception as err:
-        return report(err, debug, log=trainer.log if trainer is not None else None)
+        return report_error(err, args, log=trainer.log if trainer is not None else None)
     finally:
         shutdown()
 

@@ -54,6 +54,7 @@ class MambaADDefaults(BaseConfig):
             # stage depth is a multiple of 3, else 2); kernels = depth-wise kernel of each local
             # branch; pointwise = 1x1 convs around each depth-wise conv; residual = "+ x" skip.
             lss=Section(blocks=None, kernels=[5, 7], pointwise=True, residual=True),
+            sigma=4.0,  # Gaussian blur of the anomaly maps
             checkpoint=None,  # full MambaAD weights (net.pth / ckpt.pth) to test or start from
             image_size=None,  # derived: data.image_size
         )
@@ -88,7 +89,6 @@ class MambaADDefaults(BaseConfig):
         )
         self.evaluator = Section(
             type="ad_evaluator",
-            sigma=4.0,  # Gaussian blur of the anomaly maps
             # "exact" (all thresholds), "ader" (ADer benchmark: ADEval 50-bin pixel metrics) or
             # "mambaad" (the MambaAD paper's evaluator: mask-derived image labels, 21-threshold pixel
             # F1-max, 100-step AU-PRO)
@@ -159,6 +159,6 @@ class MambaADDefaults(BaseConfig):
                 "optim.base_lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
                 "optim.weight_decay": number_at_least(0),
                 "optim.no_decay": one_of("ader", "flagged"),
-                "evaluator.sigma": number_at_least(0),
+                "model.sigma": number_at_least(0),
             },
         )

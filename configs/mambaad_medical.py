@@ -4,7 +4,7 @@ from configs.defaults import MambaADDefaults
 
 
 class MambaADMedical(MambaADDefaults):
-    """Paper setting on Uni-Medical; expects `datasets/medical/meta.json` (see README, Data)."""
+    """Paper setting on Uni-Medical; expects `datasets/medical/meta.json` (see docs/data.md)."""
 
     def __init__(self) -> None:
         super().__init__()

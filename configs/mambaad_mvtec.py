@@ -4,7 +4,7 @@ from configs.defaults import MambaADDefaults
 
 
 class MambaADMvtec(MambaADDefaults):
-    """Paper setting on MVTec AD; expects `datasets/mvtec/meta.json` (see README, Data)."""
+    """Paper setting on MVTec AD; expects `datasets/mvtec/meta.json` (see docs/data.md)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ from configs.defaults import MambaADDefaults
 
 
 class MambaADMvtec3d(MambaADDefaults):
-    """Paper setting on MVTec 3D-AD (RGB); expects `datasets/mvtec3d/meta.json` (see README, Data)."""
+    """Paper setting on MVTec 3D-AD (RGB); expects `datasets/mvtec3d/meta.json` (see docs/data.md)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ from configs.defaults import MambaADDefaults
 
 
 class MambaADRealiad(MambaADDefaults):
-    """Paper setting on Real-IAD; expects `datasets/realiad/meta.json` (see README, Data).
+    """Paper setting on Real-IAD; expects `datasets/realiad/meta.json` (see docs/data.md).
 
     All five camera views are used (`data.views=None`); `data.views=['C1','C2']` keeps only those.
     Test items carry their sample id, so sample-level metrics can be computed. Real-IAD has about

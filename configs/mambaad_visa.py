@@ -4,7 +4,7 @@ from configs.defaults import MambaADDefaults
 
 
 class MambaADVisa(MambaADDefaults):
-    """Paper setting on VisA; expects `datasets/visa/meta.json` (see README, Data)."""
+    """Paper setting on VisA; expects `datasets/visa/meta.json` (see docs/data.md)."""
 
     def __init__(self) -> None:
         super().__init__()

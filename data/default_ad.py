@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data import as_hw
 from data.cache import CACHE_MODES, ImageCache, cache_key
 from data.meta import DataError, load_meta, select_classes, with_extra_train_splits
 
@@ -97,6 +98,11 @@ def _read_rgb(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, 
     return np.asarray(im), src_size
 
 
+def read_rgb(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 array [H, W, 3] of the file, resized to ``size`` (H, W) as the data set resizes it."""
+    return _read_rgb(str(path), size)[0]
+
+
 def _rgb_to_tensor(rgb: np.ndarray, normalize: bool) -> torch.Tensor:
     arr = rgb.transpose(2, 0, 1).astype(np.float32)
     arr = arr * _SCALE - _SHIFT if normalize else arr / 255.0
@@ -107,7 +113,7 @@ def image_to_tensor(
     im: Image.Image, image_size: int | tuple[int, int], normalize: bool = True
 ) -> torch.Tensor:
     """A decoded PIL image (any mode) as float32 [3, H, W], exactly as :func:`load_image` prepares files."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    h, w = as_hw(image_size)
     im = _to_rgb(im)
     if im.size != (w, h):
         im = im.resize((w, h), _RESAMPLE)
@@ -116,8 +122,7 @@ def image_to_tensor(
 
 def load_image(path: str | Path, image_size: int | tuple[int, int], normalize: bool = True) -> torch.Tensor:
     """One image as float32 [3, H, W]: ImageNet-normalised, or in [0, 1] with ``normalize=False``."""
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    return _rgb_to_tensor(_read_rgb(str(path), size)[0], normalize)
+    return _rgb_to_tensor(_read_rgb(str(path), as_hw(image_size))[0], normalize)
 
 
 def _writable_dir(path: Path) -> bool:
@@ -184,8 +189,7 @@ class DefaultAD(Dataset):
             raise DataError(f"split must be 'train' or 'test', got {split!r}")
         self.root = str(root)
         self.split = split
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.image_size = (int(h), int(w))
+        self.image_size = as_hw(image_size)
         meta = load_meta(root, meta_file, log=log, allow_absolute_paths=bool(allow_absolute_paths))
         meta = select_classes(meta, cls_names)
         if split == "train":  # a 'validation' split (MVTec 3D-AD) trains too, as in the authors' loader

@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,41 +45,93 @@ class DataError(UserError, ValueError):
     """A data set on disk is missing, malformed or inconsistent; the message says how to fix it."""
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (extension case-insensitive)."""
+def image_files(
+    folder: Path,
+    extensions: frozenset[str] = IMAGE_EXTENSIONS,
+    skip_hidden: bool = False,
+    notes: list[str] | None = None,
+) -> list[Path]:
+    """Files directly inside ``folder`` with one of ``extensions`` (any case), sorted by name.
+
+    ``skip_hidden`` drops dot-files; other files are reported to ``notes`` (when given), so that
+    a parser can say what it ignored.
+    """
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    out = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or (skip_hidden and p.name.startswith(".")):
+            continue
+        if p.suffix.lower() in extensions:
+            out.append(p)
+        elif notes is not None:
+            notes.append(f"ignored non-image file {p}")
+    return out
 
 
-def mvtec_classes(root: str | Path) -> list[str]:
-    """Sorted names of the sub-folders of ``root`` that look like MVTec classes (have ``train/good``)."""
+def mvtec_classes(root: str | Path, normal: str = NORMAL_SPECIE) -> list[str]:
+    """Sorted names of the sub-folders of ``root`` that look like MVTec classes (have ``train/<normal>``)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    return sorted(p.name for p in root.iterdir() if (p / "train" / normal).is_dir())
 
 
-def _find_mask(gt_dir: Path, stem: str) -> Path | None:
-    """The mask for image ``stem`` in ``gt_dir``: ``<stem>_mask.<ext>`` first, then ``<stem>.<ext>``."""
-    if not gt_dir.is_dir():
-        return None
-    by_stem: dict[str, list[Path]] = {}
-    for p in _image_files(gt_dir):
-        by_stem.setdefault(p.stem, []).append(p)
-    for candidate in (f"{stem}_mask", stem):
-        if candidate in by_stem:
-            return by_stem[candidate][0]
-    return None
+@dataclass(frozen=True)
+class MvtecTestImage:
+    """One image under ``<cls>/test/<specie>`` and its mask (None when normal or not found)."""
+
+    path: Path
+    specie: str
+    normal: bool
+    mask: Path | None
+    gt_dir: Path
 
 
-def _item(root: Path, img: Path, mask: Path | None, cls_name: str, specie: str) -> dict[str, Any]:
+def walk_mvtec_class(
+    cls_dir: Path,
+    normal: str = NORMAL_SPECIE,
+    extensions: frozenset[str] = IMAGE_EXTENSIONS,
+    skip_hidden: bool = False,
+    notes: list[str] | None = None,
+) -> tuple[list[Path], list[MvtecTestImage]]:
+    """The training images and test images of one MVTec-style class folder, each sorted.
+
+    The layout is ``train/<normal>/*``, ``test/{<normal>,<defect>}/*`` and masks
+    ``ground_truth/<defect>/<stem>_mask.<ext>`` (else ``<stem>.<ext>``), so that every data set
+    laid out like MVTec AD (MPDD, BTAD, the medical sets, custom folders) is read by this one
+    walker. ``extensions``, ``skip_hidden`` and ``notes`` apply as in :func:`image_files`;
+    ``skip_hidden`` also skips hidden species folders (``.ipynb_checkpoints``), and the mask
+    folders add no notes.
+    """
+    train = image_files(cls_dir / "train" / normal, extensions, skip_hidden, notes)
+    test_dir = cls_dir / "test"
+    species = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
+    tests = []
+    for specie in species:
+        if skip_hidden and specie.startswith("."):  # .ipynb_checkpoints and the like
+            continue
+        is_normal = specie == normal
+        gt_dir = cls_dir / "ground_truth" / specie
+        masks: dict[str, Path] = {}
+        for p in [] if is_normal else image_files(gt_dir, extensions, skip_hidden):
+            masks.setdefault(p.stem, p)
+        for img in image_files(test_dir / specie, extensions, skip_hidden, notes):
+            mask = None if is_normal else masks.get(f"{img.stem}_mask") or masks.get(img.stem)
+            tests.append(MvtecTestImage(img, specie, is_normal, mask, gt_dir))
+    return train, tests
+
+
+def make_item(
+    root: Path, img: Path, mask: Path | None, cls_name: str, specie: str, anomaly: int
+) -> dict[str, Any]:
+    """A meta item for ``img`` (and ``mask``) under ``root``, paths relative to it."""
     return {
         "img_path": img.relative_to(root).as_posix(),
         "mask_path": mask.relative_to(root).as_posix() if mask is not None else "",
         "cls_name": cls_name,
         "specie_name": specie,
-        "anomaly": 0 if specie == NORMAL_SPECIE else 1,
+        "anomaly": anomaly,
     }
 
 
@@ -92,25 +145,17 @@ def build_mvtec_meta(root: str | Path) -> Meta:
     root = Path(root)
     meta: Meta = {"train": {}, "test": {}}
     for cls_name in mvtec_classes(root):
-        cls_dir = root / cls_name
-        train_imgs = _image_files(cls_dir / "train" / NORMAL_SPECIE)
-        meta["train"][cls_name] = [_item(root, p, None, cls_name, NORMAL_SPECIE) for p in train_imgs]
-        test_items: list[dict[str, Any]] = []
-        test_dir = cls_dir / "test"
-        species = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
-        for specie in species:
-            gt_dir = cls_dir / "ground_truth" / specie
-            for img in _image_files(test_dir / specie):
-                mask = None
-                if specie != NORMAL_SPECIE:
-                    mask = _find_mask(gt_dir, img.stem)
-                    if mask is None:
-                        raise DataError(
-                            f"no mask for anomalous image {img}: expected {gt_dir}/{img.stem}_mask.png "
-                            f"(or {img.stem}.png); add the mask or remove the image"
-                        )
-                test_items.append(_item(root, img, mask, cls_name, specie))
-        meta["test"][cls_name] = test_items
+        train, tests = walk_mvtec_class(root / cls_name)
+        meta["train"][cls_name] = [make_item(root, p, None, cls_name, NORMAL_SPECIE, 0) for p in train]
+        for t in tests:
+            if not t.normal and t.mask is None:
+                raise DataError(
+                    f"no mask for anomalous image {t.path}: expected {t.gt_dir}/{t.path.stem}_mask.png "
+                    f"(or {t.path.stem}.png); add the mask or remove the image"
+                )
+        meta["test"][cls_name] = [
+            make_item(root, t.path, t.mask, cls_name, t.specie, int(not t.normal)) for t in tests
+        ]
     return meta
 
 

@@ -25,8 +25,11 @@ from data.meta import (
     TRAIN_EXTRA_SPLITS,
     DataError,
     Meta,
+    image_files,
+    make_item,
     mvtec_classes,
     read_json,
+    walk_mvtec_class,
 )
 
 PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
@@ -51,68 +54,23 @@ LAYOUTS = {
 }
 
 
+def _pillow_files(folder: Path, notes: list[str]) -> list[Path]:
+    """Files in ``folder`` that Pillow can read by extension; others (not hidden ones) get a note."""
+    return image_files(folder, PILLOW_EXTENSIONS, skip_hidden=True, notes=notes)
+
+
 def _layout_error(dataset: str, root: Path, why: str) -> DataError:
     return DataError(f"{why}; --dataset {dataset} expects {LAYOUTS[dataset]} under --root {root}")
 
 
-def _rel(root: Path, path: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _make_item(root: Path, img: Path, mask: Path | None, cls_name: str, specie: str, anomaly: int) -> dict:
-    return {
-        "img_path": _rel(root, img),
-        "mask_path": _rel(root, mask) if mask is not None else "",
-        "cls_name": cls_name,
-        "specie_name": specie,
-        "anomaly": anomaly,
-    }
-
-
-def _files(folder: Path, notes: list[str]) -> list[Path]:
-    """Files in ``folder`` that Pillow can read by extension; others are skipped with a note."""
-    if not folder.is_dir():
-        return []
-    out = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        if p.suffix.lower() in PILLOW_EXTENSIONS:
-            out.append(p)
-        else:
-            notes.append(f"ignored non-image file {p}")
-    return out
-
-
-def _mask_for(gt_dir: Path, stem: str) -> Path | None:
-    """The mask of image ``stem``: ``<stem>_mask.<ext>`` first, then ``<stem>.<ext>``."""
-    by_stem = {p.stem: p for p in reversed(_files(gt_dir, []))}
-    return by_stem.get(f"{stem}_mask") or by_stem.get(stem)
-
-
-def _scan_class(
-    root: Path,
-    cls_dir: Path,
-    cls_name: str,
-    normal: str,
-    meta: Meta,
-    notes: list[str],
-    train_dirs: list[Path],
-) -> None:
+def _scan_class(root: Path, cls_dir: Path, cls_name: str, normal: str, meta: Meta, notes: list[str]) -> None:
     """MVTec-like class folder with ``normal`` as the name of the normal specie; missing masks stay ""."""
-    meta["train"][cls_name] = [
-        _make_item(root, p, None, cls_name, NORMAL_SPECIE, 0) for d in train_dirs for p in _files(d, notes)
+    train, tests = walk_mvtec_class(cls_dir, normal, PILLOW_EXTENSIONS, skip_hidden=True, notes=notes)
+    meta["train"][cls_name] = [make_item(root, p, None, cls_name, NORMAL_SPECIE, 0) for p in train]
+    meta["test"][cls_name] = [
+        make_item(root, t.path, t.mask, cls_name, NORMAL_SPECIE if t.normal else t.specie, int(not t.normal))
+        for t in tests
     ]
-    test_dir = cls_dir / "test"
-    items = []
-    species = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
-    for specie in (s for s in species if not s.startswith(".")):  # skip .ipynb_checkpoints and the like
-        is_normal = specie == normal
-        for img in _files(test_dir / specie, notes):
-            mask = None if is_normal else _mask_for(cls_dir / "ground_truth" / specie, img.stem)
-            name = NORMAL_SPECIE if is_normal else specie
-            items.append(_make_item(root, img, mask, cls_name, name, 0 if is_normal else 1))
-    meta["test"][cls_name] = items
 
 
 def _require_dir(dataset: str, root: Path) -> None:
@@ -133,22 +91,20 @@ def prepare_mvtec(root: Path, dataset: str = "mvtec") -> Parsed:
     meta: Meta = {"train": {}, "test": {}}
     notes: list[str] = []
     for cls_name in classes:
-        cls_dir = root / cls_name
-        _scan_class(root, cls_dir, cls_name, NORMAL_SPECIE, meta, notes, [cls_dir / "train" / NORMAL_SPECIE])
+        _scan_class(root, root / cls_name, cls_name, NORMAL_SPECIE, meta, notes)
     return meta, notes
 
 
 def prepare_btad(root: Path) -> Parsed:
     """BTAD: ``ok``/``ko`` instead of ``good``/<defect>; masks named like their image (png or bmp)."""
     _require_dir("btad", root)
-    classes = sorted(p.name for p in root.iterdir() if (p / "train" / "ok").is_dir())
+    classes = mvtec_classes(root, normal="ok")
     if not classes:
         raise _layout_error("btad", root, f"no class folder with train/ok in {root}")
     meta: Meta = {"train": {}, "test": {}}
     notes: list[str] = []
     for cls_name in classes:
-        cls_dir = root / cls_name
-        _scan_class(root, cls_dir, cls_name, "ok", meta, notes, [cls_dir / "train" / "ok"])
+        _scan_class(root, root / cls_name, cls_name, "ok", meta, notes)
     return meta, notes
 
 
@@ -250,18 +206,18 @@ def prepare_mvtec3d(root: Path) -> Parsed:
     for cls_name in classes:
         cls_dir = root / cls_name
         meta["train"][cls_name] = [
-            _make_item(root, p, None, cls_name, NORMAL_SPECIE, 0)
+            make_item(root, p, None, cls_name, NORMAL_SPECIE, 0)
             for split in ("train", "validation")
-            for p in _files(cls_dir / split / NORMAL_SPECIE / "rgb", notes)
+            for p in _pillow_files(cls_dir / split / NORMAL_SPECIE / "rgb", notes)
         ]
         items = []
         test_dir = cls_dir / "test"
         for specie in sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []:
             normal = specie == NORMAL_SPECIE
-            for img in _files(test_dir / specie / "rgb", notes):
+            for img in _pillow_files(test_dir / specie / "rgb", notes):
                 gt = test_dir / specie / "gt" / img.name
                 mask = None if normal else (gt if gt.is_file() else None)
-                items.append(_make_item(root, img, mask, cls_name, specie, 0 if normal else 1))
+                items.append(make_item(root, img, mask, cls_name, specie, 0 if normal else 1))
         meta["test"][cls_name] = items
     return meta, notes
 
@@ -282,7 +238,7 @@ def prepare_folder(root: Path) -> Parsed:
     meta: Meta = {"train": {}, "test": {}}
     notes: list[str] = []
     for cls_name, cls_dir in class_dirs:
-        _scan_class(root, cls_dir, cls_name, NORMAL_SPECIE, meta, notes, [cls_dir / "train" / NORMAL_SPECIE])
+        _scan_class(root, cls_dir, cls_name, NORMAL_SPECIE, meta, notes)
     return meta, notes
 
 

@@ -3,7 +3,7 @@
 The exported graph takes uint8 RGB images ``images [B, H, W, 3]`` (NHWC, the layout PIL and
 NumPy give, no transposition or normalisation on the caller's side) and computes exactly
 what ``mambaad.predict`` does after reading and resizing: ImageNet normalisation, teacher,
-Half-FPN bottleneck, Mamba decoder, the anomaly map of :mod:`util.anomaly_map` (upsampling,
+Half-FPN bottleneck, Mamba decoder, the anomaly map of :mod:`model.anomaly_map` (upsampling,
 Gaussian blur) and the image score. Outputs: ``anomaly_map [B, H, W]`` and ``score [B]``,
 float32. The selective scan uses the ``export`` backend (standard ONNX operators only; see
 :mod:`model.ops.selective_scan_export`). A ``model.json`` beside the model describes the
@@ -30,7 +30,6 @@ from torch import nn
 from data.default_ad import IMAGENET_MEAN, IMAGENET_STD
 from model.mamba_decoder import SS2D
 from model.ops.selective_scan_export import CHUNK
-from util.anomaly_map import anomaly_maps_and_scores
 from util.config import BaseConfig, config_to_dict
 from util.errors import UsageError
 
@@ -63,19 +62,17 @@ def normalisation_constants() -> tuple[np.ndarray, np.ndarray]:
 class InferenceGraph(nn.Module):
     """uint8 RGB ``[B, H, W, 3]`` -> ``(anomaly_map [B, H, W], score [B])``, the whole inference path."""
 
-    def __init__(self, net: nn.Module, image_size: tuple[int, int], sigma: float) -> None:
+    def __init__(self, net: nn.Module, image_size: tuple[int, int]) -> None:
         super().__init__()
         self.net = net
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.sigma = float(sigma)
         scale, shift = normalisation_constants()
         self.register_buffer("scale", torch.from_numpy(scale).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", torch.from_numpy(shift).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.shift
-        feats_t, feats_s = self.net(x)
-        return anomaly_maps_and_scores(feats_t, feats_s, self.image_size, self.sigma)
+        return self.net.predict(x, self.image_size)
 
 
 def set_scan_backend(net: nn.Module, backend: str) -> int:
@@ -95,10 +92,10 @@ def check_image_size(size: int) -> int:
     return int(size)
 
 
-def build_graph(net: nn.Module, image_size: int, sigma: float) -> InferenceGraph:
+def build_graph(net: nn.Module, image_size: int) -> InferenceGraph:
     """The inference graph around ``net`` (switched to the ``export`` scan backend), in eval mode."""
     set_scan_backend(net, EXPORT_BACKEND)
-    return InferenceGraph(net.cpu().eval(), (image_size, image_size), sigma).eval()
+    return InferenceGraph(net.cpu().eval(), (image_size, image_size)).eval()
 
 
 def _example(image_size: int, batch: int | None) -> torch.Tensor:
@@ -255,7 +252,7 @@ def metadata(
             "scale": scale.tolist(),
             "shift": shift.tolist(),
         },
-        "anomaly_map": {"sigma": float(cfg.evaluator.sigma), "upsampling": "bilinear, align_corners=True"},
+        "anomaly_map": {"sigma": float(cfg.model.sigma), "upsampling": "bilinear, align_corners=True"},
         "training_data": {
             "config": getattr(cfg, "name", None),
             "root": cfg.data.root,
@@ -312,7 +309,7 @@ def export(
     except RuntimeError as err:  # load_weights: the checkpoint's keys or shapes do not fit the config
         raise ExportError(str(err)) from err
     size = check_image_size(image_size or detector.image_size[0])
-    graph = build_graph(detector.net, size, detector.cfg.evaluator.sigma)
+    graph = build_graph(detector.net, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; pass a folder (it is created if needed)")

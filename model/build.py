@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
 from model import MODELS
 from model.official import load_weights
-from util.config import BaseConfig
+from util.config import BaseConfig, Section
 
 
-def model_kwargs(cfg: BaseConfig) -> dict:
-    """Constructor arguments of the configured model, teacher options excluded."""
-    m = cfg.model
-    lss = m.lss
+def model_kwargs(cfg: BaseConfig) -> dict[str, Any]:
+    """Constructor arguments of the configured model: the ``model.*`` keys as they are.
+
+    Sections (``teacher``, ``scan``, ``lss``) become dicts; ``type`` and ``checkpoint`` are for
+    :func:`build_model` itself.
+    """
     return {
-        "depths": tuple(m.depths),
-        "scan_method": m.scan.method,
-        "num_directions": m.scan.directions,
-        "d_state": m.d_state,
-        "drop_path_rate": m.drop_path,
-        "scan_backend": m.scan.backend,
-        "image_size": m.image_size,
-        "lss_blocks": lss.blocks,
-        "lss_kernels": tuple(lss.kernels),
-        "lss_pointwise": lss.pointwise,
-        "lss_residual": lss.residual,
+        k: v.to_dict() if isinstance(v, Section) else v
+        for k, v in cfg.model.items()
+        if k not in ("type", "checkpoint")
     }
 
 
@@ -42,14 +37,13 @@ def build_model(
     """
     m = cfg.model
     full = bool(m.checkpoint)
-    pretrained = m.teacher.pretrained if teacher_pretrained is None else teacher_pretrained
+    kwargs = model_kwargs(cfg)
+    if full or teacher_pretrained is False:  # the checkpoint holds the teacher / a random one is asked for
+        kwargs["teacher"] = {**kwargs["teacher"], "pretrained": False, "checkpoint": None}
+    elif teacher_pretrained:
+        kwargs["teacher"] = {**kwargs["teacher"], "pretrained": True}
     model = MODELS.build(
-        m.type,
-        teacher=m.teacher.name,
-        teacher_pretrained=pretrained and not full,
-        teacher_checkpoint=None if full or teacher_pretrained is False else m.teacher.checkpoint,
-        log=log.info if full or teacher_pretrained is False else log.warning,
-        **model_kwargs(cfg),
+        m.type, log=log.info if full or teacher_pretrained is False else log.warning, **kwargs
     )
     if full:
         load_weights(model, m.checkpoint, log=log.info)

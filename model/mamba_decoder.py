@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import lru_cache
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,8 @@ from torch import nn
 
 from model.ops.selective_scan import selective_scan_fn
 from model.scan import direction_permutations, scan_decode, scan_encode
+
+T = TypeVar("T")
 
 SCAN_METHODS = ("sweep", "scan", "zorder", "zigzag", "hilbert")
 NUM_DIRECTIONS = (2, 4, 8)
@@ -221,6 +225,38 @@ class HSSBlock(nn.Module):
 DEFAULT_KERNELS = (5, 7)
 
 
+@dataclass(frozen=True)
+class ScanOptions:
+    """The ``model.scan`` config section: scan curve(s), number of directions, selective-scan backend."""
+
+    method: str = "hilbert"
+    directions: int = 8
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class LSSOptions:
+    """The ``model.lss`` config section (paper Table 4): HSS blocks per LSS module, local branches."""
+
+    blocks: int | None = None
+    kernels: tuple[int, ...] = DEFAULT_KERNELS
+    pointwise: bool = True
+    residual: bool = True
+
+
+def options(kind: type[T], value: T | Mapping[str, Any] | None) -> T:
+    """``value`` as the options dataclass ``kind``: a config section's dict, an instance, or None."""
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    names = {f.name for f in fields(kind)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} key(s) {unknown}; valid: {', '.join(sorted(names))}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
 def _conv_in_silu(dim: int, kernel_size: int = 1, depthwise: bool = False) -> nn.Sequential:
     """Conv (1x1 with bias, or depth-wise k x k without bias) + InstanceNorm2d + SiLU."""
     if depthwise:
@@ -395,8 +431,8 @@ class MambaDecoder(nn.Module):
     ``[B, C, H, W]`` maps (``dims[3]`` at ``8h``, ``dims[2]`` at ``4h``, ``dims[1]`` at ``2h``).
     ``image_size`` only fixes the size of the stored ``index_flat`` buffers (stage ``i`` is
     built for ``image_size / 32 * 2**i``); forward adapts to the actual input size.
-    ``lss_blocks``, ``lss_kernels``, ``lss_pointwise``, ``lss_residual`` select the LSS
-    design (paper Table 4; see :class:`LSSModule`, :func:`lss_layout`).
+    ``scan`` (:class:`ScanOptions`) and ``lss`` (:class:`LSSOptions`, paper Table 4; see
+    :class:`LSSModule`, :func:`lss_layout`) are the ``model.scan`` / ``model.lss`` config sections.
     """
 
     def __init__(
@@ -404,17 +440,13 @@ class MambaDecoder(nn.Module):
         dims: Sequence[int] = (512, 256, 128, 64),
         depths: Sequence[int] = (3, 4, 6, 3),
         d_state: int = 16,
-        drop_path_rate: float = 0.2,
-        scan_method: str = "hilbert",
-        num_directions: int = 8,
-        scan_backend: str = "auto",
+        drop_path: float = 0.2,
+        scan: ScanOptions | Mapping[str, Any] | None = None,
+        lss: LSSOptions | Mapping[str, Any] | None = None,
         image_size: int = 256,
-        lss_blocks: int | None = None,
-        lss_kernels: Sequence[int] = DEFAULT_KERNELS,
-        lss_pointwise: bool = True,
-        lss_residual: bool = True,
     ) -> None:
         super().__init__()
+        scan, lss = options(ScanOptions, scan), options(LSSOptions, lss)
         dims, depths = [int(c) for c in dims], [int(d) for d in depths]
         if len(dims) != len(depths):
             raise ValueError(f"dims {dims} and depths {depths} must have the same length")
@@ -427,7 +459,7 @@ class MambaDecoder(nn.Module):
                 f"2x2 cells for its instance norms), got {image_size}; set data.image_size accordingly"
             )
         self.dims, self.depths = dims, depths
-        schedule = drop_path_schedule(depths, drop_path_rate, lss_blocks)
+        schedule = drop_path_schedule(depths, drop_path, lss.blocks)
         base = image_size // 32
         self.layers_up = nn.ModuleList(
             LSSLayer(
@@ -437,13 +469,13 @@ class MambaDecoder(nn.Module):
                 upsample=i != 0,
                 d_state=d_state,
                 size=base * 2**i,
-                scan_method=scan_method,
-                num_directions=num_directions,
-                scan_backend=scan_backend,
-                lss_blocks=lss_blocks,
-                kernels=lss_kernels,
-                pointwise=lss_pointwise,
-                residual=lss_residual,
+                scan_method=scan.method,
+                num_directions=scan.directions,
+                scan_backend=scan.backend,
+                lss_blocks=lss.blocks,
+                kernels=lss.kernels,
+                pointwise=lss.pointwise,
+                residual=lss.residual,
             )
             for i, (dim, depth) in enumerate(zip(dims, depths))
         )

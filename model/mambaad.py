@@ -5,15 +5,16 @@ Submodule names (``net_t``, ``mff_oce``, ``net_s``) are the official checkpoint 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from model.anomaly_map import anomaly_maps_and_scores
 from model.hfpn import HalfFPN
-from model.mamba_decoder import MambaDecoder
-from model.teacher import build_teacher, calibrate_batchnorm
+from model.mamba_decoder import LSSOptions, MambaDecoder, ScanOptions, options
+from model.teacher import TeacherOptions, build_teacher, calibrate_batchnorm
 
 INDEX_BUFFER_NAMES = ("index_flat", "index_flat_inv")
 _NORM_TYPES = (
@@ -27,32 +28,30 @@ _NORM_TYPES = (
 class MambaAD(nn.Module):
     """Teacher features ``net_t(x)`` vs. student reconstruction ``net_s(mff_oce(net_t(x)))``.
 
-    ``lss_*`` select the LSS design of the decoder (paper Table 4); the defaults are the
-    paper's model, whose state dict matches the authors' ADer checkpoints key for key.
+    The arguments are the ``model.*`` config keys, sections as dicts (or their options classes):
+    ``teacher`` (:class:`TeacherOptions`, or just the timm name), ``scan`` (:class:`ScanOptions`),
+    ``lss`` (:class:`LSSOptions`, paper Table 4). The defaults are the paper's model, whose state
+    dict matches the authors' ADer checkpoints key for key.
+    :meth:`predict` turns the two into anomaly maps (blurred with ``sigma``) and image scores.
     """
 
     def __init__(
         self,
-        teacher: str = "resnet34",
-        teacher_pretrained: bool = False,
-        teacher_checkpoint: str | Path | None = None,
+        teacher: str | TeacherOptions | Mapping[str, Any] = "resnet34",
         depths: Sequence[int] = (3, 4, 6, 3),
-        scan_method: str = "hilbert",
-        num_directions: int = 8,
+        scan: ScanOptions | Mapping[str, Any] | None = None,
         d_state: int = 16,
-        drop_path_rate: float = 0.2,
-        scan_backend: str = "auto",
+        drop_path: float = 0.2,
+        lss: LSSOptions | Mapping[str, Any] | None = None,
+        sigma: float = 4.0,
         image_size: int = 256,
-        lss_blocks: int | None = None,
-        lss_kernels: Sequence[int] = (5, 7),
-        lss_pointwise: bool = True,
-        lss_residual: bool = True,
         log: Callable[[str], object] = print,
     ) -> None:
         super().__init__()
-        self.net_t = build_teacher(
-            teacher, pretrained=teacher_pretrained, checkpoint=teacher_checkpoint, log=log
-        )
+        self.sigma = float(sigma)
+        self.teacher = options(TeacherOptions, {"name": teacher} if isinstance(teacher, str) else teacher)
+        t = self.teacher
+        self.net_t = build_teacher(t.name, pretrained=t.pretrained, checkpoint=t.checkpoint, log=log)
         channels = list(self.net_t.feature_info.channels())
         if len(channels) != 3:
             raise ValueError(f"teacher must yield 3 feature maps, got channels {channels}")
@@ -62,15 +61,10 @@ class MambaAD(nn.Module):
             dims=dims,
             depths=depths,
             d_state=d_state,
-            drop_path_rate=drop_path_rate,
-            scan_method=scan_method,
-            num_directions=num_directions,
-            scan_backend=scan_backend,
+            drop_path=drop_path,
+            scan=scan,
+            lss=lss,
             image_size=image_size,
-            lss_blocks=lss_blocks,
-            lss_kernels=lss_kernels,
-            lss_pointwise=lss_pointwise,
-            lss_residual=lss_residual,
         )
         self.frozen_layers = ("net_t",)
         self.train(True)
@@ -92,14 +86,15 @@ class MambaAD(nn.Module):
         """True when the teacher was built without pretrained or checkpoint weights."""
         return bool(getattr(self.net_t, "is_random", False))
 
-    def calibrate_teacher(self, images: Iterable[torch.Tensor], max_batches: int = 8) -> int:
+    def calibrate_teacher(self, images: Iterable[torch.Tensor]) -> int:
         """Estimate a random teacher's BatchNorm statistics on training images (no-op otherwise).
 
-        Returns the number of batches used (0 when the teacher has real weights).
+        Uses up to ``teacher.calibrate_batches`` batches; returns how many were used (0 when the
+        teacher has real weights or calibration is off).
         """
-        if not self.teacher_is_random:
+        if not self.teacher_is_random or not self.teacher.calibrate_batches:
             return 0
-        return calibrate_batchnorm(self.net_t, images, max_batches)
+        return calibrate_batchnorm(self.net_t, images, self.teacher.calibrate_batches)
 
     def forward(self, imgs: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Return ``(teacher_feats, student_feats)``, each largest map first; teacher detached."""
@@ -107,6 +102,23 @@ class MambaAD(nn.Module):
             feats_t = [f.detach() for f in self.net_t(imgs)]
         feats_s = self.net_s(self.mff_oce(feats_t))
         return feats_t, feats_s
+
+    @torch.no_grad()
+    def predict(
+        self, imgs: torch.Tensor, out_size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps ``[B, H, W]`` (at ``out_size``, default the input's) and image scores ``[B]``.
+
+        The maps are ``1 - cos`` between teacher and student features, upsampled and summed over
+        scales, then blurred with ``sigma``; a score is its map's maximum. Computed in float32
+        (outside autocast), so 16-bit training does not change the reported maps' precision.
+        """
+        feats_t, feats_s = self(imgs)
+        size = tuple(imgs.shape[-2:]) if out_size is None else out_size
+        with torch.autocast(imgs.device.type, enabled=False):
+            feats_t = [f.float() for f in feats_t]
+            feats_s = [f.float() for f in feats_s]
+            return anomaly_maps_and_scores(feats_t, feats_s, size, self.sigma)
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters forward never uses (the official LSS's ``conv33``); DDP must not wait for them."""

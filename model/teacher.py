@@ -8,6 +8,7 @@ ImageNet weights matter a great deal. This machine is offline, hence the explici
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -141,6 +142,20 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    """The ``model.teacher`` config section: timm name (with the weights' tag) and where weights come from.
+
+    ``calibrate_batches``: a random teacher (neither ``pretrained`` nor ``checkpoint``) gets
+    BatchNorm statistics from this many training batches before training; 0 disables it.
+    """
+
+    name: str = "resnet34"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    calibrate_batches: int = 8
 
 
 def build_teacher(

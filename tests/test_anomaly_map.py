@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from loss.feature_mse import FeatureMSELoss
-from util.anomaly_map import anomaly_maps_and_scores, cosine_anomaly_map, gaussian_blur
+from model.anomaly_map import anomaly_maps_and_scores, cosine_anomaly_map, gaussian_blur
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 48), (1, 9, 13)])

@@ -13,8 +13,8 @@ from PIL import Image
 from data.default_ad import load_image
 from data.synthetic import generate_demo_dataset
 from mambaad import Detector, config_from_run, load_model, predict, prepare_image
+from model.anomaly_map import anomaly_maps_and_scores
 from model.build import build_model
-from util.anomaly_map import anomaly_maps_and_scores
 from util.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def test_predict_matches_the_evaluation_path(saved: dict, model: Detector) -> No
     np.testing.assert_allclose(result.scores, result.maps.reshape(3, -1).max(axis=1), rtol=1e-6)
     imgs = torch.stack([load_image(p, 64) for p in saved["images"]])
     with torch.no_grad():
-        maps, scores = anomaly_maps_and_scores(*model.net(imgs), (64, 64), model.cfg.evaluator.sigma)
+        maps, scores = anomaly_maps_and_scores(*model.net(imgs), (64, 64), model.cfg.model.sigma)
     np.testing.assert_allclose(result.maps, maps.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.scores, scores.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -95,7 +95,7 @@ def test_config_from_run_restores_every_value(saved: dict) -> None:
     cfg = config_from_run(saved["run"])
     assert cfg.model.depths == [2, 2, 2, 2] and cfg.model.teacher.name == "resnet18"
     assert cfg.data.image_size == 64 and cfg.model.scan.directions == 2
-    assert config_from_run(saved["run"], ["evaluator.sigma=2.0"]).evaluator.sigma == 2.0
+    assert config_from_run(saved["run"], ["model.sigma=2.0"]).model.sigma == 2.0
 
 
 def test_input_errors(model: Detector, tmp_path: Path) -> None:

@@ -12,11 +12,12 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-import util.metrics_torch
-from trainer.evaluator import ADEvaluator, sample_metrics
-from util.metrics import METRIC_NAMES, SAMPLE_METRIC_NAMES, compute_metrics, format_table
-from util.metrics_ader import compute_metrics_ader
-from util.metrics_torch import compute_metrics_torch
+import evaluation.metrics_torch
+from evaluation.evaluator import ADEvaluator, sample_metrics
+from evaluation.metrics import METRIC_NAMES, SAMPLE_METRIC_NAMES, compute_metrics
+from evaluation.metrics_ader import compute_metrics_ader
+from evaluation.metrics_torch import compute_metrics_torch
+from evaluation.report import format_table
 
 
 def _batch(rng: np.random.Generator, n: int, cls_names: list[str]) -> tuple:
@@ -228,7 +229,7 @@ def test_masks_are_stored_packed_and_only_for_anomalous_images() -> None:
 
 @pytest.mark.parametrize("spill", [False, True])
 def test_torch_metric_path_gives_the_numpy_numbers(tmp_path, monkeypatch, spill: bool) -> None:
-    monkeypatch.setattr("trainer.evaluator._TRANSFER_MAPS", 2)  # several block copies per class
+    monkeypatch.setattr("evaluation.evaluator._TRANSFER_MAPS", 2)  # several block copies per class
     batches = _batches()
     spill_mb = 0.001 if spill else None
     numpy_ev = ADEvaluator(device="cpu")
@@ -240,7 +241,7 @@ def test_torch_metric_path_gives_the_numpy_numbers(tmp_path, monkeypatch, spill:
         calls.append(args[0].device)
         return compute_metrics_torch(*args, **kwargs)
 
-    monkeypatch.setattr(util.metrics_torch, "compute_metrics_torch", counting)
+    monkeypatch.setattr(evaluation.metrics_torch, "compute_metrics_torch", counting)
     for batch in batches:
         numpy_ev.update(*batch)
         torch_ev.update(*batch)

@@ -261,7 +261,7 @@ def _check_export(
     cfg = load_config(CONFIG, overrides)
     net = build_model(cfg, logging.getLogger("test_export")).eval()
     expected = predict(Detector(net=net, cfg=cfg, device=torch.device("cpu")), images, batch_size=4)
-    graph = build_graph(copy.deepcopy(net), cfg.data.image_size, cfg.evaluator.sigma)
+    graph = build_graph(copy.deepcopy(net), cfg.data.image_size)
     if fmt == "torchscript":
         export_torchscript(graph, tmp_path / "model.pt", batch)
         module = torch.jit.load(str(tmp_path / "model.pt"))

@@ -38,7 +38,9 @@ def test_selective_scan_counted_analytically() -> None:
     assert selective_scan_flops(1, 64, 8192, 16) == 9 * 64 * 8192 * 16 + 64 * 8192
     assert selective_scan_flops(2, 10, 4, 16, with_d=False) == 9 * 2 * 10 * 4 * 16
     torch.manual_seed(0)
-    dec = MambaDecoder(dims=(64, 32, 16, 8), depths=(2, 2, 2, 2), num_directions=4, image_size=64).eval()
+    dec = MambaDecoder(
+        dims=(64, 32, 16, 8), depths=(2, 2, 2, 2), scan={"directions": 4}, image_size=64
+    ).eval()
     _, scan, out = _count(dec, lambda: dec(torch.randn(1, 64, 2, 2)))
     expected = 0
     for i, layer in enumerate(dec.layers_up):
@@ -87,7 +89,7 @@ def test_model_flops_scale_with_input_size() -> None:
 
     torch.manual_seed(0)
     model = MambaAD(
-        teacher="resnet18", depths=(2, 2, 2, 2), num_directions=2, image_size=64, log=lambda s: None
+        teacher="resnet18", depths=(2, 2, 2, 2), scan={"directions": 2}, image_size=64, log=lambda s: None
     )
     small = model_flops(model, 64)
     large = model_flops(model, 128)

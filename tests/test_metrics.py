@@ -1,4 +1,4 @@
-"""Tests for util.metrics against scikit-learn and a slow, direct AU-PRO reference."""
+"""Tests for evaluation.metrics against scikit-learn and a slow, direct AU-PRO reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from util.metrics import (
+from evaluation.metrics import (
     METRIC_NAMES,
     SAMPLE_METRIC_NAMES,
     _split,
@@ -21,9 +21,9 @@ from util.metrics import (
     average_precision,
     compute_metrics,
     f1_max,
-    format_table,
     roc_auc,
 )
+from evaluation.report import format_table
 
 
 def sk_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

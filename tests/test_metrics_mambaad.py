@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from util.metrics import METRIC_NAMES, compute_metrics
-from util.metrics_mambaad import compute_metrics_mambaad, mambaad_pixel_metrics, mask_labels
+from evaluation.metrics import METRIC_NAMES, compute_metrics
+from evaluation.metrics_mambaad import compute_metrics_mambaad, mambaad_pixel_metrics, mask_labels
 
 
 def pro_case() -> tuple[np.ndarray, np.ndarray]:

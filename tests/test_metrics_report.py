@@ -6,12 +6,10 @@ import csv
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from trainer.ad_trainer import ADTrainer
-from util.metrics import format_rows, json_ready, max_over_evaluations
+from evaluation.report import format_rows, json_ready, max_over_evaluations, write_metrics
 
 NAN = math.nan
 
@@ -57,8 +55,7 @@ def test_json_ready_replaces_non_finite_floats_with_null() -> None:
 
 
 def test_metrics_files_are_strict_json_with_nulls_and_hold_the_maxima(tmp_path: Path) -> None:
-    fake = SimpleNamespace(history=_history(), run_dir=tmp_path)
-    ADTrainer._write_metrics(fake)
+    write_metrics(tmp_path, _history())
     data = _strict_json((tmp_path / "metrics.json").read_text())
     assert data["final"]["results"]["washer"]["I-AUROC"] is None
     assert data["final"]["results"]["weave"]["I-AUROC"] == 0.80  # the last epoch, not the best one

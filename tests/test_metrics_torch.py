@@ -1,4 +1,4 @@
-"""util.metrics_torch gives the numbers of util.metrics (exact numpy path), on CPU and CUDA tensors."""
+"""evaluation.metrics_torch gives the numbers of the exact numpy path (evaluation.metrics) on CPU and CUDA."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.metrics import METRIC_NAMES, _au_pro, _rank, _Ranked, compute_metrics, region_weights
+from evaluation.metrics_torch import _au_pro as torch_au_pro
+from evaluation.metrics_torch import _rank as torch_rank
+from evaluation.metrics_torch import compute_metrics_torch
 from tests.test_metrics import random_case
-from util.metrics import METRIC_NAMES, _au_pro, _rank, _Ranked, _region_weights, compute_metrics
-from util.metrics_torch import _au_pro as torch_au_pro
-from util.metrics_torch import _rank as torch_rank
-from util.metrics_torch import compute_metrics_torch
 
 TOL = 1e-9  # float64 sums in another order; AUROC is an integer statistic and must match exactly
 
@@ -75,7 +75,7 @@ def test_explicit_scores_subsets_and_key_order() -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_au_pro_cut_and_whole_curve(seed: int, fpr_limit: float) -> None:
     maps, masks, _ = tied_case(seed + 5)
-    weights = _region_weights(masks)
+    weights = region_weights(masks)
     expected = _au_pro(_rank(maps.reshape(-1), masks.reshape(-1), weights.copy()), fpr_limit)
     ranked = torch_rank(
         torch.from_numpy(maps).reshape(-1), torch.from_numpy(masks).reshape(-1), torch.from_numpy(weights)
@@ -85,7 +85,7 @@ def test_au_pro_cut_and_whole_curve(seed: int, fpr_limit: float) -> None:
 
 def test_rank_statistics_equal_numpy() -> None:
     maps, masks, _ = tied_case(1)
-    weights = _region_weights(masks)
+    weights = region_weights(masks)
     ref: _Ranked = _rank(maps.reshape(-1), masks.reshape(-1), weights.copy())
     got = torch_rank(
         torch.from_numpy(maps).reshape(-1), torch.from_numpy(masks).reshape(-1), torch.from_numpy(weights)

@@ -18,7 +18,7 @@ from model.scan import direction_permutations
 from model.teacher import build_teacher, calibrate_batchnorm
 
 QUIET = {"log": lambda s: None}
-TINY = {"depths": (2, 2, 2, 2), "num_directions": 2, "scan_method": "sweep", "image_size": 64}
+TINY = {"depths": (2, 2, 2, 2), "scan": {"directions": 2, "method": "sweep"}, "image_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def test_output_shapes_match_teacher(tiny_model: MambaAD) -> None:
 
 def test_shapes_when_input_differs_from_construction_size() -> None:
     torch.manual_seed(0)
-    model = MambaAD(teacher="resnet18", depths=(2, 2, 2, 2), num_directions=4, image_size=128, **QUIET).eval()
+    model = MambaAD(teacher="resnet18", depths=(2, 2, 2, 2), scan={"directions": 4}, image_size=128, **QUIET)
+    model.eval()
     with torch.no_grad():
         ft, fs = model(torch.randn(1, 3, 64, 64))
     assert [tuple(f.shape) for f in fs] == [(1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 4, 4)]
@@ -334,9 +335,8 @@ def test_hfpn_init_and_layout() -> None:
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_all_scan_methods_and_directions_run(method: str, k: int) -> None:
     torch.manual_seed(0)
-    dec = MambaDecoder(
-        dims=(32, 16, 8, 4), depths=(2, 2, 2, 2), scan_method=method, num_directions=k, image_size=64
-    ).eval()
+    scan = {"method": method, "directions": k}
+    dec = MambaDecoder(dims=(32, 16, 8, 4), depths=(2, 2, 2, 2), scan=scan, image_size=64).eval()
     with torch.no_grad():
         outs = dec(torch.randn(1, 32, 2, 2))
     assert [tuple(o.shape) for o in outs] == [(1, 4, 16, 16), (1, 8, 8, 8), (1, 16, 4, 4)]
@@ -416,7 +416,7 @@ def test_scan_index_buffers_are_curve_and_inverse() -> None:
 
 def test_decoder_init_as_official() -> None:
     torch.manual_seed(0)
-    dec = MambaDecoder(dims=(64, 32, 16, 8), depths=(2, 2, 2, 2), image_size=64, num_directions=2)
+    dec = MambaDecoder(dims=(64, 32, 16, 8), depths=(2, 2, 2, 2), image_size=64, scan={"directions": 2})
     lin = dec.layers_up[0].blocks[0].smm_blocks[0].self_attention.in_proj.weight
     # timm's trunc_normal_ truncates at absolute +-2, so with std .02 it is a plain normal.
     assert abs(lin.std().item() - 0.02) < 0.003 and abs(lin.mean().item()) < 0.002
@@ -449,7 +449,7 @@ def test_invalid_depths_raise(depth: int) -> None:
     with pytest.raises(ValueError, match="depth"):
         lss_layout(depth)
     with pytest.raises(ValueError):
-        MambaDecoder(dims=(32, 16, 8, 4), depths=(2, depth, 2, 2), image_size=64, num_directions=2)
+        MambaDecoder(dims=(32, 16, 8, 4), depths=(2, depth, 2, 2), image_size=64, scan={"directions": 2})
 
 
 def test_stage_layout() -> None:
@@ -504,8 +504,7 @@ def test_calibration_is_a_no_op_for_loaded_teachers(tmp_path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)
     model = MambaAD(
-        teacher="resnet18",
-        teacher_checkpoint=str(path),
+        teacher={"name": "resnet18", "checkpoint": str(path)},
         depths=(2, 2, 2, 2),
         image_size=64,
         log=lambda *_: None,
@@ -564,7 +563,7 @@ def test_lss_blocks_per_module() -> None:
     with pytest.raises(ValueError, match=r"model\.lss\.blocks=3"):
         lss_layout(4, blocks=3)
     dec = MambaDecoder(
-        dims=(32, 16, 8, 4), depths=(3, 4, 6, 3), image_size=64, num_directions=2, lss_blocks=1
+        dims=(32, 16, 8, 4), depths=(3, 4, 6, 3), image_size=64, scan={"directions": 2}, lss={"blocks": 1}
     )
     assert [len(layer.blocks) for layer in dec.layers_up] == [3, 4, 6, 3]
     assert all(len(m.smm_blocks) == 1 for layer in dec.layers_up for m in layer.blocks)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evaluation.metrics import METRIC_MODES, METRIC_NAMES
 from tools import collect, sweep
 from util.config import load_config
-from util.metrics import METRIC_MODES, METRIC_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = collect.load_paper()

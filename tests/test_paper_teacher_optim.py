@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -13,7 +11,7 @@ import yaml
 
 from model.mambaad import MambaAD
 from model.teacher import AUTHORS_TEACHER_TAGS, build_teacher, resolve_weights
-from trainer.ad_trainer import ADTrainer
+from trainer.optim import OPTIMIZERS
 from util.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,11 +111,8 @@ def test_checkpoint_with_extra_tensor_names_it(tmp_path: Path) -> None:
 def test_trainer_optimizer_follows_optim_no_decay(no_decay: str) -> None:
     cfg = load_config(REPO / "configs/mambaad_demo.py", [f"optim.no_decay={no_decay}"])
     torch.manual_seed(0)
-    model = MambaAD(teacher="resnet18", depths=(2, 2, 2, 2), num_directions=2, image_size=64, **QUIET)
-    trainer = SimpleNamespace(
-        cfg=cfg, model=model, log=logging.getLogger("test"), dist=SimpleNamespace(world_size=1), micro_batch=8
-    )
-    optimizer = ADTrainer._build_optimizer(trainer)
+    model = MambaAD(teacher="resnet18", depths=(2, 2, 2, 2), scan={"directions": 2}, image_size=64, **QUIET)
+    optimizer = OPTIMIZERS.build(cfg.optim.type, model, cfg.optim)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     a_logs = "net_s.layers_up.1.blocks.0.smm_blocks.0.self_attention.A_logs"

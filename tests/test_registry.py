@@ -43,10 +43,11 @@ def test_decorator_and_duplicates() -> None:
 
 def test_project_registries_do_not_import_models_eagerly() -> None:
     import data
+    import evaluation
     import loss
     import model
     import trainer
 
     assert "mambaad" in model.MODELS and "DefaultAD" in data.DATASETS
     assert "feature_mse" in loss.LOSSES and "ad_trainer" in trainer.TRAINERS
-    assert "ad_evaluator" in trainer.EVALUATORS
+    assert "ad_evaluator" in evaluation.EVALUATORS

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from evaluation.metrics import METRIC_NAMES
 from model.mamba_decoder import LSSModule, split_scan_method
 from tools import collect, sweep
 from util.config import load_config
-from util.metrics import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "configs" / "sweeps"

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.evaluator import ADEvaluator
+from data.default_ad import read_rgb
+from evaluation.evaluator import ADEvaluator
+from evaluation.metrics import compute_metrics
+from evaluation.visualize import pick_cases
 from util.config import load_config, save_config
-from util.metrics import compute_metrics
 from util.run_config import load_run_config
-from util.visualize import pick_cases
 
 pytest.importorskip("matplotlib")
 
@@ -69,7 +70,7 @@ def test_evaluator_writes_curves_and_case_grids(tmp_path, mode: str) -> None:
     names = ["bottle"] * 4 + ["wood/ x"] * 4
     ev.update(maps, maps.flatten(1).amax(1), torch.from_numpy(masks), labels, names, img_paths=paths)
     out = tmp_path / "run"
-    ev.compute(out_dir=out, vis=True)
+    ev.compute(out_dir=out, read_image=read_rgb)
     for kind in ("roc", "pr", "pro"):
         assert _png_size(out / "curves" / f"bottle_{kind}.png")[0] > 100
     assert not list((out / "curves").glob("wood*"))  # only normal images: every curve is undefined

@@ -128,13 +128,7 @@ def bench_scan(backend: str, shape: dict[str, int], repeats: int, device: torch.
 
 def build_model(image_size: int, backend: str, device: torch.device) -> MambaAD:
     """The paper model with a random teacher (speed does not depend on the weights)."""
-    model = MambaAD(
-        teacher="resnet34",
-        teacher_pretrained=False,
-        image_size=image_size,
-        scan_backend=backend,
-        log=lambda *a: None,
-    )
+    model = MambaAD(teacher="resnet34", image_size=image_size, scan={"backend": backend}, log=lambda *a: None)
     return model.to(device)
 
 
@@ -283,7 +277,7 @@ def export_child(image_size: int, out_dir: str) -> dict:
     torch.manual_seed(0)
     model = build_model(image_size, "cpu", torch.device("cpu")).eval()
     torch.save(model.state_dict(), out / "net.pth")
-    graph = build_graph(model, image_size, 4.0)
+    graph = build_graph(model, image_size)
     start = time.perf_counter()
     export_onnx(graph, out / "model.onnx", batch=None)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -303,7 +297,7 @@ def torch_infer_child(engine: str, image_size: int, repeats: int) -> dict:
     from deploy.export import InferenceGraph, set_scan_backend
 
     torch.manual_seed(0)
-    graph = InferenceGraph(build_model(image_size, "cpu", torch.device("cpu")).eval(), (image_size,) * 2, 4.0)
+    graph = InferenceGraph(build_model(image_size, "cpu", torch.device("cpu")).eval(), (image_size,) * 2)
     if engine == "pytorch-export":
         set_scan_backend(graph, "export")
     images = torch.randint(0, 256, (1, image_size, image_size, 3), dtype=torch.uint8)

@@ -8,9 +8,9 @@ Every measurement runs in its own subprocess, so its peak RSS (``VmHWM``) is its
 synthetic maps are generated once into a temporary folder (float32 maps, bool masks) and read
 class by class through memory maps: per-metric rows time only the metric calls, summed over
 classes, and their peak RSS includes the class's input maps. ``evaluator`` rows stream batches of
-32 maps into ``trainer.evaluator.ADEvaluator`` (float16 storage) and time ``compute()``; their peak
+32 maps into ``evaluation.evaluator.ADEvaluator`` (float16 storage) and time ``compute()``; their peak
 RSS is the whole evaluation. The ``torch`` group times all seven metrics with
-``util.metrics_torch`` on ``--torch-device`` (default cpu; the time includes moving the maps
+``evaluation.metrics_torch`` on ``--torch-device`` (default cpu; the time includes moving the maps
 there). Results go to a JSON file (merged with an existing one, so groups can be run separately)
 and a markdown table on stdout.
 """
@@ -138,11 +138,11 @@ def _worker_metric(task: dict[str, Any]) -> dict[str, Any]:
     metric, impl = task["metric"], task["impl"]
     wanted = list(METRICS) if metric == "all" else [metric]
     if impl == "ader":
-        from util.metrics_ader import compute_metrics_ader as fn
+        from evaluation.metrics_ader import compute_metrics_ader as fn
     elif impl == "exact":
-        from util.metrics import compute_metrics as fn
+        from evaluation.metrics import compute_metrics as fn
     elif impl.startswith("torch-"):
-        from util.metrics_torch import compute_metrics_torch
+        from evaluation.metrics_torch import compute_metrics_torch
 
         def fn(
             maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, metrics: list[str]
@@ -172,7 +172,7 @@ def _worker_evaluator(task: dict[str, Any]) -> dict[str, Any]:
     """Stream every map into ADEvaluator in batches of 32, then compute (per-class metrics)."""
     import torch
 
-    from trainer.evaluator import ADEvaluator
+    from evaluation.evaluator import ADEvaluator
 
     ev = ADEvaluator(mode=task["mode"], spill_dir=task.get("spill_dir"), spill_mb=task.get("spill_mb", 512))
     t0 = time.perf_counter()

@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evaluation.metrics import METRIC_NAMES
 from util.config import flat_keys
-from util.metrics import METRIC_NAMES
 
 IGNORED_KEYS = ("output_dir", "trainer.resume", "config_file")
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "configs" / "paper_results.json"

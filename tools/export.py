@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deploy.export import FORMATS, export
-from util.errors import UserError, debug_requested, report
+from util.cli import add_config_args, report_error
 from util.logger import get_logger
 
 
@@ -44,7 +44,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-c", "--config", default=None, help="the config the model was trained with")
     parser.add_argument(
         "--checkpoint", required=True, help="a run folder, its net.pth / ckpt.pth, or an official file"
     )
@@ -61,8 +60,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("torchscript", "dynamo"),
         help="PyTorch's ONNX exporter (torchscript: tracing, fast; dynamo: torch.export)",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
-    parser.add_argument("overrides", nargs="*", help="config overrides such as model.scan.method=zigzag")
+    add_config_args(
+        parser,
+        required=False,
+        print_config=False,
+        config_help="the config the model was trained with",
+        overrides_help="config overrides such as model.scan.method=zigzag",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exporter=args.exporter,
             log=log,
         )
-    except (UserError, FileNotFoundError, ValueError) as err:
-        return report(err, debug=args.debug or debug_requested(list(argv or [])))
+    except Exception as err:
+        return report_error(err, args)
     return 0
 
 

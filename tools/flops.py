@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model.mamba_decoder as mamba_decoder
+from data import as_hw
 from model.build import build_model
 from model.mambaad import MambaAD, count_parameters
-from util.config import ConfigError, load_config
+from util.cli import add_config_args, config_from_args, print_config, report_error
 
 PARTS = ("teacher", "bottleneck", "decoder")
 
@@ -95,7 +96,7 @@ def model_flops(model: MambaAD, image_size: int | tuple[int, int]) -> dict[str, 
     """FLOPs for one image in eval mode: ``teacher``, ``bottleneck``, ``decoder``, ``total``
     (fvcore's count, which skips the selective scan, as in the paper), ``scan`` (analytic)
     and ``total_with_scan``."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = as_hw(image_size)
     model = model.eval()
     x = torch.randn(1, 3, h, w)
     teacher, _, feats = _count(model.net_t, lambda: model.net_t(x))
@@ -127,9 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-c", "--config", required=True, help="config file, e.g. configs/mambaad_mvtec.py")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("overrides", nargs="*", help="config overrides such as model.depths=[2,2,2,2]")
+    add_config_args(parser, overrides_help="config overrides such as model.depths=[2,2,2,2]")
     return parser.parse_args(argv)
 
 
@@ -137,17 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     """Print the parameter and FLOP counts; returns the process exit code."""
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    torch.manual_seed(0)
-    result = measure(cfg)
+        cfg = config_from_args(args)
+        if args.print_config:
+            print_config(cfg)
+            return 0
+        torch.manual_seed(0)
+        result = measure(cfg)
+    except Exception as err:
+        return report_error(err, args)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    size = cfg.data.image_size
-    print(f"{cfg.name}: input {size}x{size}, batch 1 (fvcore counting, 1 FLOP = 1 multiply-add)")
+    h, w = as_hw(cfg.data.image_size)
+    print(f"{cfg.name}: input {h}x{w}, batch 1 (fvcore counting, 1 FLOP = 1 multiply-add)")
     print("| part | params (M) | GFLOPs |")
     print("|---|---:|---:|")
     for key in ("total", *PARTS):

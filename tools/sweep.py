@@ -37,14 +37,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.config import ConfigError, load_config
+from util.cli import add_config_args, config_from_args, report_error
+from util.config import ConfigError
+from util.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 _RESERVED = ("grid", "rows", "fixed")
 _MAX_NAME = 96
 
 
-class GridError(ValueError):
+class GridError(UsageError, ValueError):
     """A grid file is malformed; the message names the file and what to change."""
 
 
@@ -201,7 +203,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", "-c", required=True, help="config file, e.g. configs/mambaad_mvtec.py")
     parser.add_argument("--grid", required=True, type=Path, help="grid YAML (see configs/sweeps/)")
     parser.add_argument("--out", type=Path, default=None, help="default runs/sweeps/<config>_<grid>")
     parser.add_argument("--dry-run", action="store_true", help="print what would run or be skipped")
@@ -213,7 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print the pending commands (shell lines, a Slurm array script, or torchrun lines) instead",
     )
     parser.add_argument("--nproc", type=int, default=1, help="GPUs per run for --emit torchrun/slurm")
-    parser.add_argument("overrides", nargs="*", help="overrides for every run, e.g. trainer.epochs=100")
+    add_config_args(
+        parser, print_config=False, overrides_help="overrides for every run, e.g. trainer.epochs=100"
+    )
     return parser.parse_args(argv)
 
 
@@ -222,18 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         combos = load_grid(args.grid)
-    except GridError as err:
-        print(f"grid error: {err}", file=sys.stderr)
-        return 2
-    if not Path(args.config).is_file():
-        print(f"config error: config file {args.config} does not exist", file=sys.stderr)
-        return 2
-    for combo in combos:  # every combination must be a valid config before anything runs
-        try:
-            load_config(args.config, [*args.overrides, *combo.overrides])
-        except ConfigError as err:
-            print(f"grid error: combination {combo.name}: {err}", file=sys.stderr)
-            return 2
+        if not Path(args.config).is_file():
+            config_from_args(args)  # raises the ConfigError that names the missing file
+        for combo in combos:  # every combination must be a valid config before anything runs
+            try:
+                config_from_args(args, combo.overrides)
+            except ConfigError as err:
+                raise GridError(f"combination {combo.name}: {err}") from err
+    except Exception as err:
+        return report_error(err, args)
     out = (args.out or REPO / "runs" / "sweeps" / f"{Path(args.config).stem}_{args.grid.stem}").resolve()
     pending: list[tuple[Combination, list[str]]] = []
     for combo in combos:

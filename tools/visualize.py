@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from util.cli import report_error  # noqa: E402
 from util.config import ConfigError  # noqa: E402
 from util.run_config import load_run_config  # noqa: E402
 
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder with config.json and net.pth")
     p.add_argument("--out", help="folder for the new test run (default: the run's output_dir)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     p.add_argument("overrides", nargs="*", help="config overrides such as data.root=PATH")
     return p.parse_intermixed_args(argv)
 
@@ -42,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if not weights.is_file():
             raise ConfigError(f"{weights} does not exist; the run has not saved weights yet")
         cfg = load_run_config(run_dir, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        return report_error(err, args)
     cfg.model.checkpoint = str(weights)
     cfg.trainer.resume = None
     cfg.evaluator.plots = True
@@ -52,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         cfg.output_dir = args.out
 
+    from data.default_ad import read_rgb
     from trainer import TRAINERS
 
     trainer = TRAINERS.build(cfg.trainer.type, cfg, mode="test")
     trainer.test()
     if not (trainer.run_dir / "vis").is_dir():
         # The trainer's evaluate() did not ask for figures: draw them from the maps it still holds.
-        trainer.evaluator.compute(out_dir=trainer.run_dir, vis=True)
+        trainer.evaluator.compute(out_dir=trainer.run_dir, read_image=read_rgb)
     if not (trainer.run_dir / "vis").is_dir():
         trainer.log.warning("no vis/ written: the trainer does not pass img_paths to the evaluator")
     trainer.log.info("figures in %s", trainer.run_dir)

@@ -10,12 +10,14 @@ that died, so a stale lock never blocks anyone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from util.config import BaseConfig, ConfigError, config_to_dict, diff_configs, flat_keys, save_config
 from util.errors import UserError
 
 try:
@@ -23,6 +25,20 @@ try:
 except ImportError:  # Windows: no advisory locks; the folder is then not protected
     fcntl = None
 
+# config keys that may differ on resume: not at all part of the run / changeable with trainer.resume_changes
+IGNORED_ON_RESUME = ("trainer.resume", "data.num_workers", "device", "output_dir", "config_file")
+SAFE_ON_RESUME = (
+    "trainer.epochs",
+    "trainer.test_every",
+    "trainer.save_every",
+    "trainer.save_every_steps",
+    "trainer.keep_checkpoints",
+    "trainer.log_every",
+    "data.batch_size_test",
+    "data.cache",
+    "evaluator.",
+    "vis",
+)
 STATUS_FILE = "status.json"
 LOCK_FILE = ".lock"
 
@@ -103,3 +119,56 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
     """The recorded status, or None for folders written before status files existed."""
     path = Path(run_dir) / STATUS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_resume_config(cfg: BaseConfig, run_dir: Path, log: logging.Logger, write: bool = True) -> None:
+    """Refuse a resume whose effective config differs from the saved run's.
+
+    With ``trainer.resume_changes=True`` the keys in :data:`SAFE_ON_RESUME` may change
+    (recorded, when ``write`` (rank 0), in ``resume_changes.json`` and ``config.json``); values
+    derived from them keep the saved run's (the checkpoint's scheduler holds those).
+    """
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    now = config_to_dict(cfg)
+    old, new = flat_keys(saved), flat_keys(now)
+    changed = [
+        k
+        for k in diff_configs(saved, now)
+        if not k.startswith(IGNORED_ON_RESUME)
+        # a key added to (or removed from) the project since the run was saved, not set by the user
+        and not ((k not in old or k not in new) and k not in cfg.overridden)
+    ]
+    if not changed:
+        return
+    listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    explicit = [k for k in changed if k in cfg.overridden]
+    unsafe = [k for k in explicit if not k.startswith(SAFE_ON_RESUME)]
+    if not cfg.trainer.resume_changes or unsafe:
+        raise ConfigError(
+            f"trainer.resume={run_dir}: the config differs from the saved run ({listing}). Resume with "
+            f"the overrides of the original run (see {path}); only "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in SAFE_ON_RESUME)} may change, "
+            f"with trainer.resume_changes=True" + (f" ({', '.join(unsafe)} cannot)" if unsafe else "")
+        )
+    for key in changed:
+        if key not in explicit:  # derived from a changed key: the checkpoint keeps the saved value
+            parent = cfg
+            *sections, leaf = key.split(".")
+            for name in sections:
+                parent = getattr(parent, name)
+            value = old.get(key)
+            setattr(parent, leaf, tuple(value) if isinstance(getattr(parent, leaf), tuple) else value)
+    applied = {k: [old.get(k), new.get(k)] for k in explicit}
+    if write:
+        record = run_dir / "resume_changes.json"
+        history = json.loads(record.read_text()) if record.is_file() else []
+        history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": applied})
+        record.write_text(json.dumps(history, indent=2, default=str) + "\n")
+        save_config(cfg, path)
+    log.warning(
+        "resuming with changed config values (recorded in resume_changes.json): %s",
+        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in applied.items()),
+    )

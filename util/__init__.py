@@ -1,1 +1,1 @@
-"""Shared utilities: registries, configuration, metrics, logging and I/O helpers."""
+"""Shared utilities: registries, configuration, errors, logging, progress and I/O helpers."""

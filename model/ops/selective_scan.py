@@ -104,8 +104,6 @@ def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus):
     """
     b, channels, length = u.shape
     groups = B.shape[1]
-    if channels % groups:
-        raise ValueError(f"{channels} channels cannot be split into {groups} groups of B/C")
     u = u.float()
     delta = delta.float()
     if delta_bias is not None:
@@ -198,6 +196,43 @@ def _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus, ch
     return _finish(torch.cat(outputs), u_t, D)
 
 
+def _check_args(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first input whose shape does not fit the others.
+
+    The one shape check of the scan: :func:`selective_scan_fn` runs it before it dispatches, so
+    the backends (``selective_scan_cpu``, ``selective_scan_triton``, ``selective_scan_export`` and
+    the pure-PyTorch ones) take their inputs as given.
+    """
+    if u.dim() != 3 or A.dim() != 2 or B.dim() != 4:
+        raise ValueError(
+            f"selective scan: expected u [b, K*d, L], A [K*d, N], B [b, K, N, L], got u "
+            f"{tuple(u.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
+        )
+    batch, channels, length = u.shape
+    groups, n_state = B.shape[1], A.shape[1]
+    if groups == 0 or channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} groups of B/C")
+    expected = {
+        "delta": (delta, (batch, channels, length)),
+        "A": (A, (channels, n_state)),
+        "B": (B, (batch, groups, n_state, length)),
+        "C": (C, (batch, groups, n_state, length)),
+        "D": (D, (channels,)),
+        "delta_bias": (delta_bias, (channels,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+
+
 def selective_scan_fn(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -215,7 +250,7 @@ def selective_scan_fn(
     takes for CUDA tensors the mamba-ssm kernel when installed, else ``triton`` when triton is
     installed, else ``chunked``; on the CPU ``cpu`` when numba is installed, else ``ref``, whose
     step loop over cache-sized tensors beats the parallel scan's passes over whole sequences
-    (see README, Selective-scan backends).
+    (see docs/scan_backends.md).
     """
     if not u.is_cuda:
         flush_denormals_on_cpu()
@@ -225,6 +260,7 @@ def selective_scan_fn(
             args = (u, delta, A, B, C, D, delta_bias)
             u, delta, A, B, C, D, delta_bias = (None if x is None else x.float() for x in args)
             return selective_scan_fn(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
+    _check_args(u, delta, A, B, C, D, delta_bias)
     if backend == "auto":
         if u.is_cuda:
             if _mamba_ssm_kernel() is not None:
@@ -258,15 +294,19 @@ def selective_scan_fn(
             raise ValueError(
                 f"backend 'cpu' needs numba (pip install numba); available: {available_backends()}"
             )
+        if any(t is not None and t.device.type != "cpu" for t in (u, delta, A, B, C, D, delta_bias)):
+            raise ValueError("selective-scan backend 'cpu' takes CPU tensors only")
         return selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "triton":
-        from model.ops.selective_scan_triton import selective_scan_triton
+        from model.ops.selective_scan_triton import INTERPRET, selective_scan_triton
 
         if not _triton_available():
             raise ValueError(
                 "backend 'triton' needs triton and CUDA (or TRITON_INTERPRET=1); "
                 f"available: {available_backends()}"
             )
+        if not (u.is_cuda or INTERPRET):
+            raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
         return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "chunked":
         return _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)

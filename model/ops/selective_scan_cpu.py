@@ -435,26 +435,9 @@ def selective_scan_cpu(
 ) -> torch.Tensor:
     """Selective scan on CPU tensors with the Numba kernels; fp32 ``[b, K*d, L]``, differentiable.
 
-    Raises ``ValueError`` when Numba is missing, for non-CPU tensors, or on mismatched shapes.
+    Raises ``ValueError`` when Numba is missing. The arguments are checked by
+    :func:`model.ops.selective_scan.selective_scan_fn` (call it with ``backend="cpu"``), not here.
     """
     if not NUMBA_AVAILABLE:
         raise ValueError("selective-scan backend 'cpu' needs numba (pip install numba)")
-    tensors = (u, delta, A, B, C, D, delta_bias)
-    if any(t is not None and t.device.type != "cpu" for t in tensors):
-        raise ValueError("selective-scan backend 'cpu' takes CPU tensors only")
-    batch, channels, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    if groups == 0 or channels % groups:
-        raise ValueError(f"{channels} channels cannot be split into {groups} groups of B/C")
-    expected = {
-        "delta": (delta, (batch, channels, length)),
-        "A": (A, (channels, n_state)),
-        "B": (B, (batch, groups, n_state, length)),
-        "C": (C, (batch, groups, n_state, length)),
-        "D": (D, (channels,)),
-        "delta_bias": (delta_bias, (channels,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
     return SelectiveScanCPU.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))

@@ -7,7 +7,7 @@ receives data moves its maps to an append-only file under ``spill_dir`` (a tempo
 default) and is read back as a memory map. ``compute`` scores one class at a time, so the whole
 test set is never concatenated and peak memory is about one class's maps in float32 plus the
 in-RAM buffers. With a CUDA device (``device="auto"`` when CUDA is available) exact-mode metrics
-run in torch on the GPU (:mod:`util.metrics_torch`), one class's maps moved there at a time.
+run in torch on the GPU (:mod:`evaluation.metrics_torch`), one class's maps moved there at a time.
 A metric that is undefined for a class (e.g. image AUROC without anomalous images) is logged as a
 warning naming the class, the metric and why; ``ADEvaluator.undefined`` keeps the reasons for the
 table's notes.
@@ -19,14 +19,14 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from util.metrics import (
+from evaluation.metrics import (
     METRIC_MODES,
     METRIC_NAMES,
     SAMPLE_METRIC_NAMES,
@@ -137,16 +137,16 @@ class ADEvaluator:
 
     mode: ``exact`` (every threshold, as scikit-learn / the MVTec AU-PRO definition), ``ader`` (the
     ADer benchmark's 50-bin ADEval pixel histograms and 21-threshold pixel F1-max; see
-    :mod:`util.metrics_ader`) or ``mambaad`` (the MambaAD paper's evaluator: image labels from the
-    masks, 21-threshold pixel F1-max, 100-step AU-PRO; see :mod:`util.metrics_mambaad`).
+    :mod:`evaluation.metrics_ader`) or ``mambaad`` (the MambaAD paper's evaluator: image labels from the
+    masks, 21-threshold pixel F1-max, 100-step AU-PRO; see :mod:`evaluation.metrics_mambaad`).
     map_dtype: ``float16`` or ``float32`` storage of the maps. spill_dir / spill_mb: where and
     beyond how many MB of maps in RAM (all classes together) maps move to disk; ``spill_mb=None``
     keeps everything in RAM. plots: write ROC / PR / PRO curves per class when ``compute`` gets an
     ``out_dir``. With ``sample_ids`` (multi-view data)
     the sample-level S-AUROC / S-AP / S-F1max are added (sample score and label = max over views).
-    device: where exact-mode metrics run. ``cpu``: numpy (:mod:`util.metrics`, the fastest on a
+    device: where exact-mode metrics run. ``cpu``: numpy (:mod:`evaluation.metrics`, the fastest on a
     CPU); a CUDA device such as ``cuda`` or ``cuda:1``: torch on that device
-    (:mod:`util.metrics_torch`, the same numbers to ~1e-12); ``auto``: ``cuda`` when available,
+    (:mod:`evaluation.metrics_torch`, the same numbers to ~1e-12); ``auto``: ``cuda`` when available,
     else ``cpu``. Classes whose curves are needed (plots, vis), ``ader`` and ``mambaad`` use numpy.
     After ``compute``, ``undefined[cls][metric]`` says why a metric is nan (e.g. "has no anomalous
     test image").
@@ -272,33 +272,36 @@ class ADEvaluator:
         maps, masks = store.maps(), store.masks()
         if self.mode == "mambaad":
             _warn_label_mismatch(cls, labels, store.mask_labels())
-        if self.mode != "exact":
-            row = compute_metrics(
-                maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves, mode=self.mode
-            )
-        elif self._torch_device is not None and curves is None:
-            from util.metrics_torch import compute_metrics_torch
-
-            row = compute_metrics_torch(
-                store.maps_on(self._torch_device), masks, labels, metrics=self.metrics, scores=scores
-            )
-        else:
-            row = compute_metrics(maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves)
+        device = self._torch_device if self.mode == "exact" and curves is None else None
+        row = compute_metrics(
+            store.maps_on(device) if device is not None else maps,
+            masks,
+            labels,
+            metrics=self.metrics,
+            scores=scores,
+            curves=curves,
+            mode=self.mode,
+            device=device,
+        )
         if len(store.sample_ids) == store.n:
             row.update(sample_metrics(scores, labels, store.sample_ids))
         return row
 
-    def compute(self, out_dir: str | Path | None = None, vis: bool = False) -> dict[str, dict[str, float]]:
+    def compute(
+        self,
+        out_dir: str | Path | None = None,
+        read_image: Callable[[str, tuple[int, int]], np.ndarray] | None = None,
+    ) -> dict[str, dict[str, float]]:
         """``{class: {metric: value, ..., "mAD": value}}`` per class seen, plus a ``"mean"`` entry.
 
         With ``out_dir``: curve plots under ``out_dir/curves/`` when built with ``plots=True``, and
-        with ``vis=True`` (and ``img_paths`` given to ``update``) a grid of the worst and best
-        cases per class under ``out_dir/vis/<class>.png``.
+        with ``read_image`` (``(path, (H, W)) -> RGB uint8``, the data set's reader; ``img_paths``
+        given to ``update``) a grid of the worst and best cases per class under ``out_dir/vis/``.
         """
         if not self._stores:
             raise RuntimeError("the evaluator received no test samples")
         draw_curves = self.plots and out_dir is not None
-        draw_vis = vis and out_dir is not None
+        draw_vis = read_image is not None and out_dir is not None
         per_class: dict[str, dict[str, float]] = {}
         self.undefined = {}
         for cls in sorted(self._stores):
@@ -307,12 +310,12 @@ class ADEvaluator:
             per_class[cls] = add_mad(self._class_metrics(cls, store, curves))
             self._explain_undefined(cls, store, per_class[cls])
             if draw_curves:
-                from util.plots import save_curves
+                from evaluation.plots import save_curves
 
                 save_curves(curves, cls, per_class[cls], Path(out_dir) / "curves")
             if draw_vis and len(store.img_paths) == store.n:
-                from util.plots import safe_name
-                from util.visualize import save_case_grid
+                from evaluation.plots import safe_name
+                from evaluation.visualize import save_case_grid
 
                 save_case_grid(
                     cls,
@@ -320,7 +323,7 @@ class ADEvaluator:
                     store.masks(),
                     np.concatenate(store.labels),
                     np.concatenate(store.scores),
-                    store.img_paths,
+                    lambda i, paths=store.img_paths, size=store.shape: read_image(paths[i], tuple(size)),
                     curves.get("pixel_threshold", math.nan),
                     Path(out_dir) / "vis" / f"{safe_name(cls)}.png",
                 )

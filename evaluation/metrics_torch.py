@@ -1,6 +1,6 @@
-"""The exact metrics of :mod:`util.metrics`, computed with torch on the device of the maps.
+"""The exact metrics of :mod:`evaluation.metrics`, computed with torch on the device of the maps.
 
-Same algorithm and same tie handling as :func:`util.metrics.compute_metrics`: the scores are split
+Same algorithm and same tie handling as :func:`evaluation.metrics.compute_metrics`: the scores are split
 into positives and negatives, the negatives are sorted once, every distinct positive score is located
 in them with ``searchsorted``, and AUROC, AP, F1-max and AU-PRO are all read from those rank
 statistics. Everything runs on the tensors' device (CPU or CUDA) except the connected components
@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from util.metrics import METRIC_NAMES, _fpr_crossing_count, _region_weights, _squeeze_channel, _wanted_metrics
+from evaluation.metrics import (
+    METRIC_NAMES,
+    fpr_crossing_count,
+    region_weights,
+    squeeze_channel,
+    wanted_metrics,
+)
 
 __all__ = ["compute_metrics_torch"]
 
@@ -53,7 +59,7 @@ def _as_tensor(x: Any, device: torch.device) -> torch.Tensor:
 
 
 def _scores(x: Any, device: torch.device) -> torch.Tensor:
-    """Scores as float16/32/64 (others become float64), as ``util.metrics`` keeps them; NaN raises."""
+    """Scores as float16/32/64 (others become float64), as ``evaluation.metrics`` keeps them; NaN raises."""
     t = _as_tensor(x, device)
     if t.dtype not in (torch.float16, torch.float32, torch.float64):
         t = t.to(torch.float64)
@@ -130,11 +136,11 @@ def _f1_max(r: _TorchRanked) -> float:
 
 
 def _au_pro(r: _TorchRanked, fpr_limit: float) -> float:
-    """AU-PRO from the ranked scores; the same cut and interpolation as ``util.metrics._au_pro``."""
+    """AU-PRO from the ranked scores; the same cut and interpolation as ``evaluation.metrics._au_pro``."""
     n_neg = r.n_neg
     if r.n_pos == 0 or n_neg == 0 or r.pos_weights is None:
         return math.nan
-    c_cross = _fpr_crossing_count(fpr_limit, n_neg)
+    c_cross = fpr_crossing_count(fpr_limit, n_neg)
     w = r.pos_weights
     if c_cross > n_neg:  # the limit is never exceeded: the whole curve
         j0, partial = 0, 0.0
@@ -163,18 +169,18 @@ def compute_metrics_torch(
     scores: Any = None,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """:func:`util.metrics.compute_metrics` (same arguments, keys and nan rules) computed with torch.
+    """:func:`evaluation.metrics.compute_metrics` (same arguments, keys and nan rules) computed with torch.
 
     Runs on ``device``, by default the device of ``anomaly_maps`` (CPU for numpy input); masks,
     labels and scores are moved there. The maps may stay float16 (widened after the split). Curve
     points are not produced here: use ``compute_metrics(..., curves=...)`` for plots.
     """
-    wanted = _wanted_metrics(metrics)
+    wanted = wanted_metrics(metrics)
     if device is None:
         device = anomaly_maps.device if isinstance(anomaly_maps, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    maps = _squeeze_channel(_scores(anomaly_maps, device), "anomaly_maps")
-    gts = _squeeze_channel(_binary(masks, device), "masks")
+    maps = squeeze_channel(_scores(anomaly_maps, device), "anomaly_maps")
+    gts = squeeze_channel(_binary(masks, device), "masks")
     if maps.shape != gts.shape:
         raise ValueError(f"anomaly_maps {tuple(maps.shape)} and masks {tuple(gts.shape)} differ in shape")
     results: dict[str, float] = {}
@@ -198,7 +204,7 @@ def compute_metrics_torch(
         weights = None
         if "AUPRO" in wanted:  # connected components on the CPU; only the weights go to the device
             host_masks = gts.cpu().numpy()
-            weights = torch.from_numpy(_region_weights(host_masks)).to(device)
+            weights = torch.from_numpy(region_weights(host_masks)).to(device)
             del host_masks
         pix = _rank(maps.reshape(-1), gts.reshape(-1), weights)
         del weights

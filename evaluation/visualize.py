@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from util.plots import pyplot
+from evaluation.plots import pyplot
 
 
 def pick_cases(scores: np.ndarray, labels: np.ndarray, n: int = 3) -> tuple[list[int], list[int]]:
@@ -34,7 +34,7 @@ def save_case_grid(
     masks: np.ndarray,
     labels: np.ndarray,
     scores: np.ndarray,
-    img_paths: Sequence[str],
+    image_of: Callable[[int], np.ndarray],
     threshold: float,
     path: str | Path,
     n: int = 3,
@@ -42,19 +42,16 @@ def save_case_grid(
     """One PNG, a row per case (worst first, then best): image, ground truth, heat map, prediction.
 
     maps: [N, H, W] of the class; the heat map is scaled to the class's min-max so rows compare;
-    the prediction is ``map >= threshold`` (the pixel F1-max threshold; none if it is nan). Images
-    are reloaded from ``img_paths`` at the map size.
+    the prediction is ``map >= threshold`` (the pixel F1-max threshold; none if it is nan).
+    ``image_of(i)``: case ``i``'s image as RGB uint8 [H, W, 3] at the map size (the caller reads it).
     """
-    from data.default_ad import load_image
-
     plt = pyplot()
     worst, best = pick_cases(np.asarray(scores), np.asarray(labels), n)
     rows = [("worst", i) for i in worst] + [("best", i) for i in best]
     lo, hi = float(np.min(maps)), float(np.max(maps))
-    size = tuple(maps.shape[1:])
     fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), dpi=100, squeeze=False)
     for r, (kind, i) in enumerate(rows):
-        image = load_image(img_paths[i], size, normalize=False).permute(1, 2, 0).numpy()
+        image = image_of(i)
         amap = np.asarray(maps[i], dtype=np.float32)
         pred = amap >= threshold if not math.isnan(threshold) else np.zeros_like(amap, dtype=bool)
         panels = [

@@ -7,9 +7,9 @@ The MambaAD configs (``configs/mambaad/*.py`` of lewandofskee/MambaAD) run ADer'
   data set's ``anomaly`` field, so an anomalous image with an empty mask counts as normal; image
   score = maximum of the map;
 * I-AUROC, I-AP, I-F1max (``precision_recall_curve``), P-AUROC and P-AP exactly, with
-  scikit-learn: the exact functions of :mod:`util.metrics` give the same values;
+  scikit-learn: the exact functions of :mod:`evaluation.metrics` give the same values;
 * P-F1max over the 21 thresholds ``0, 0.05, ..., 1`` of the class's min-max-normalised maps, as in
-  ADer mode (:func:`util.metrics_ader.f1_max_from_counts`);
+  ADer mode (:func:`evaluation.metrics_ader.f1_max_from_counts`);
 * AU-PRO over the thresholds ``np.arange(min, max, (max - min) / 100)`` of the class's maps
   (predict ``map > t``): PRO = mean over all 8-connected ground-truth regions of the fraction
   predicted, FPR = false positives / normal pixels. The points with FPR < 0.3 are kept, their
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from util.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes
-from util.metrics_ader import ADER_F1_THRESHOLDS, f1_max_from_counts, f1_threshold_counts
+from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes
+from evaluation.metrics_ader import ADER_F1_THRESHOLDS, f1_max_from_counts, f1_threshold_counts
 
 __all__ = ["MAMBAAD_AUPRO_STEPS", "compute_metrics_mambaad", "mambaad_pixel_metrics", "mask_labels"]
 
@@ -115,7 +115,7 @@ def compute_metrics_mambaad(
     scores: Any = None,
     curves: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Like :func:`util.metrics.compute_metrics`, computed as the MambaAD paper's evaluator did.
+    """Like :func:`evaluation.metrics.compute_metrics`, computed as the MambaAD paper's evaluator did.
 
     ``labels`` is not used: the image label is whether the mask has a positive pixel (see the
     module docstring). ``scores`` defaults to the maximum of each map, as there.

@@ -47,12 +47,10 @@ __all__ = [
     "average_precision",
     "compute_metrics",
     "f1_max",
-    "format_rows",
-    "format_table",
     "inverse_region_sizes",
-    "json_ready",
-    "max_over_evaluations",
+    "metric_columns",
     "roc_auc",
+    "with_mad",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
@@ -94,7 +92,7 @@ def _as_bool(x: Any) -> np.ndarray:
     return arr if arr.dtype == bool else arr > 0.5
 
 
-def _squeeze_channel(arr: np.ndarray, name: str) -> np.ndarray:
+def squeeze_channel(arr: np.ndarray, name: str) -> np.ndarray:
     """Accept [N, H, W] or [N, 1, H, W]."""
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
@@ -256,7 +254,7 @@ def _curves(r: _Ranked, prefix: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _fpr_crossing_count(fpr_limit: float, n_neg: int) -> int:
+def fpr_crossing_count(fpr_limit: float, n_neg: int) -> int:
     """Smallest false-positive count whose FPR exceeds ``fpr_limit`` (``n_neg + 1`` if none does).
 
     The threshold reaching it is the crossing point where the PRO curve is cut and interpolated.
@@ -273,7 +271,7 @@ def _au_pro(r: _Ranked, fpr_limit: float) -> float:
     n_neg = r.n_neg
     if r.n_pos == 0 or n_neg == 0 or r.pos_weights is None:
         return math.nan
-    c_cross = _fpr_crossing_count(fpr_limit, n_neg)
+    c_cross = fpr_crossing_count(fpr_limit, n_neg)
     w = r.pos_weights
     if c_cross > n_neg:
         # The limit is never exceeded: integrate the whole curve.
@@ -319,7 +317,7 @@ def inverse_region_sizes(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate(parts), n_regions
 
 
-def _region_weights(masks: np.ndarray) -> np.ndarray:
+def region_weights(masks: np.ndarray) -> np.ndarray:
     """AU-PRO weight ``1 / (R * |region|)`` of each anomalous pixel, in ``masks[masks]`` order."""
     weights, n_regions = inverse_region_sizes(masks)
     if n_regions:
@@ -328,15 +326,15 @@ def _region_weights(masks: np.ndarray) -> np.ndarray:
 
 
 def _prepare_maps(anomaly_maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
-    maps = _squeeze_channel(_as_scores(anomaly_maps), "anomaly_maps")
-    gts = _squeeze_channel(_as_bool(masks), "masks")
+    maps = squeeze_channel(_as_scores(anomaly_maps), "anomaly_maps")
+    gts = squeeze_channel(_as_bool(masks), "masks")
     if maps.shape != gts.shape:
         raise ValueError(f"anomaly_maps {maps.shape} and masks {gts.shape} differ in shape")
     return maps, gts
 
 
 def _rank_pixels(maps: np.ndarray, gts: np.ndarray, with_pro: bool) -> _Ranked:
-    weights = _region_weights(gts) if with_pro else None
+    weights = region_weights(gts) if with_pro else None
     return _rank(maps.reshape(-1), gts.reshape(-1), weights)
 
 
@@ -368,7 +366,7 @@ def au_pro(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     return _au_pro(_rank_pixels(maps, gts, with_pro=True), fpr_limit)
 
 
-def _wanted_metrics(metrics: Sequence[str] | str | None) -> set[str]:
+def wanted_metrics(metrics: Sequence[str] | str | None) -> set[str]:
     """The requested metric names (all of ``METRIC_NAMES`` for None); unknown names raise."""
     if metrics is None:
         return set(METRIC_NAMES)
@@ -388,6 +386,7 @@ def compute_metrics(
     scores: Any = None,
     curves: dict[str, Any] | None = None,
     mode: str = "exact",
+    device: Any = None,
 ) -> dict[str, float]:
     """Compute the requested metrics (default: all of ``METRIC_NAMES``) as fractions in [0, 1].
 
@@ -399,18 +398,26 @@ def compute_metrics(
     ``pixel_pr_recall``, ``pro_fpr``, ...) and ``pixel_threshold``, the map value of the pixel F1-max,
     all from the same ranking as the metrics.
     ``mode``: ``exact`` (this function), ``ader`` (the ADer benchmark's ADEval pixel metrics,
-    :mod:`util.metrics_ader`) or ``mambaad`` (the MambaAD paper's evaluator, which takes the image
-    labels from the masks, :mod:`util.metrics_mambaad`).
+    :mod:`evaluation.metrics_ader`) or ``mambaad`` (the MambaAD paper's evaluator, which takes the image
+    labels from the masks, :mod:`evaluation.metrics_mambaad`).
+    ``device``: None computes with numpy; a torch device (e.g. ``cuda``) computes ``exact`` with
+    torch there (:mod:`evaluation.metrics_torch`, same numbers; no curve points).
     """
     if mode not in METRIC_MODES:
         raise ValueError(f"unknown metrics mode {mode!r}; use one of {', '.join(METRIC_MODES)}")
+    if device is not None and mode == "exact" and curves is None:
+        from evaluation.metrics_torch import compute_metrics_torch
+
+        return compute_metrics_torch(
+            anomaly_maps, masks, labels, metrics=metrics, scores=scores, device=device
+        )
     if mode != "exact":
-        from util.metrics_ader import compute_metrics_ader
-        from util.metrics_mambaad import compute_metrics_mambaad
+        from evaluation.metrics_ader import compute_metrics_ader
+        from evaluation.metrics_mambaad import compute_metrics_mambaad
 
         fn = compute_metrics_ader if mode == "ader" else compute_metrics_mambaad
         return fn(anomaly_maps, masks, labels, metrics=metrics, scores=scores, curves=curves)
-    wanted = _wanted_metrics(metrics)
+    wanted = wanted_metrics(metrics)
     maps, gts = _prepare_maps(anomaly_maps, masks)
     results: dict[str, float] = {}
 
@@ -445,12 +452,12 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _columns(per_class: Mapping[str, Mapping[str, float]]) -> list[str]:
+def metric_columns(per_class: Mapping[str, Mapping[str, float]]) -> list[str]:
     present = {k for row in per_class.values() for k in row}
     return [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in present]
 
 
-def _with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, float]:
+def with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, float]:
     """The row's values for ``columns``, with ``mAD`` (mean of the standard seven) after those seven.
 
     mAD is nan when one of them is: a mean over fewer metrics would not compare with other rows.
@@ -468,7 +475,7 @@ def add_mad(row: Mapping[str, float]) -> dict[str, float]:
     ``mAD`` is nan if one of those is nan. Sample-level metrics (``S-*``), when present, follow
     ``mAD`` and are not part of it.
     """
-    return _with_mad(row, [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in row])
+    return with_mad(row, [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in row])
 
 
 def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -479,120 +486,6 @@ def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[s
     """
     if not per_class:
         raise ValueError("per_class is empty")
-    columns = _columns(per_class)
+    columns = metric_columns(per_class)
     mean = {c: _nanmean([float(row.get(c, math.nan)) for row in per_class.values()]) for c in columns}
-    return _with_mad(mean, columns)
-
-
-def _cell(value: float | None, epoch: Any = None) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{100.0 * value:.2f}" + (f" (e{epoch})" if epoch is not None else "")
-
-
-def format_rows(
-    rows: Mapping[str, Mapping[str, float]], epochs: Mapping[str, Mapping[str, Any]] | None = None
-) -> str:
-    """Markdown table of ``rows`` as given (one row per key), values x100 with 2 decimals.
-
-    Undefined (nan or None) values read ``n/a``; with ``epochs``, each value is followed by the
-    epoch it comes from, e.g. ``97.12 (e50)``.
-    """
-    header = ["class", *next(iter(rows.values()))]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---", *["---:"] * (len(header) - 1)]) + "|",
-    ]
-    for name, row in rows.items():
-        at = (epochs or {}).get(name, {})
-        cells = [name, *(_cell(row.get(c), at.get(c)) for c in header[1:])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _coverage_notes(
-    rows: Mapping[str, Mapping[str, float]],
-    columns: Sequence[str],
-    reasons: Mapping[str, Mapping[str, str]] | None,
-) -> list[str]:
-    """One line per group of columns whose class mean leaves out the same classes, and one for mAD."""
-    n = len(rows)
-    groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
-    for c in columns:
-        missing = tuple(
-            (cls, (reasons or {}).get(cls, {}).get(c, "gives no defined value"))
-            for cls, row in rows.items()
-            if math.isnan(row[c])
-        )
-        if missing:
-            groups.setdefault(missing, []).append(c)
-    notes = [
-        f"* mean of {', '.join(cols)} over {n - len(missing)} of {n} classes "
-        f"({'; '.join(f'{cls} {why}' for cls, why in missing)})"
-        for missing, cols in groups.items()
-    ]
-    no_mad = [cls for cls, row in rows.items() if math.isnan(row["mAD"])]
-    if no_mad:
-        notes.append(
-            f"* mAD is n/a for {', '.join(no_mad)} (not all seven metrics defined); "
-            "the mean row's mAD is the mean of its seven means"
-        )
-    return notes
-
-
-def format_table(
-    per_class: Mapping[str, Mapping[str, float]], reasons: Mapping[str, Mapping[str, str]] | None = None
-) -> str:
-    """Markdown table: one row per class and a final ``mean`` row, metrics x100 with 2 decimals.
-
-    ``mAD`` is the mean of a row's standard metrics; sample-level columns (``S-AUROC``, ``S-AP``,
-    ``S-F1max``) are shown after it when any class has them. Undefined (nan) values read ``n/a``
-    and, below the table, a note per affected mean says over how many classes it averages and why
-    the others are left out (``reasons[cls][metric]``, a phrase such as "has no anomalous test
-    image", e.g. from ``ADEvaluator.undefined``).
-    """
-    columns = _columns(per_class)
-    rows = {name: _with_mad(row, columns) for name, row in per_class.items()}
-    notes = _coverage_notes(rows, columns, reasons)
-    rows["mean"] = average_over_classes(per_class)
-    table = format_rows(rows)
-    return table + ("\n\n" + "\n".join(notes) if notes else "")
-
-
-def max_over_evaluations(
-    history: Sequence[Mapping[str, Any]],
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
-    """Per row (class or ``mean``) and metric, the highest value over ``history`` and its epoch.
-
-    ``history`` holds evaluations as the trainer records them (``{"epoch", "results"}``). This
-    is what the official log prints as "(Max)": a selection on the test set, never the reported
-    result. Undefined values are skipped; a metric never defined stays nan with epoch None. Ties
-    keep the earliest evaluation.
-    """
-    best: dict[str, dict[str, float]] = {}
-    epochs: dict[str, dict[str, Any]] = {}
-    for entry in history:
-        for row_name, row in entry["results"].items():
-            row_best = best.setdefault(row_name, {})
-            row_epochs = epochs.setdefault(row_name, {})
-            for metric, value in row.items():
-                v = math.nan if value is None else float(value)
-                current = row_best.setdefault(metric, math.nan)
-                row_epochs.setdefault(metric, None)
-                if not math.isnan(v) and (math.isnan(current) or v > current):
-                    row_best[metric] = v
-                    row_epochs[metric] = entry.get("epoch")
-    return best, epochs
-
-
-def json_ready(obj: Any) -> Any:
-    """``obj`` with every nan or infinite float (also numpy scalars) replaced by None, for strict JSON."""
-    if isinstance(obj, Mapping):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+    return with_mad(mean, columns)

@@ -16,9 +16,9 @@ The official ADer evaluator (``util/metric.py`` with ``use_adeval``) computes, p
   ``F1 = 2PR / (P + R + 1e-8)``.
 
 This is what ADer's benchmark configs (``configs/benchmark/*``, ``use_adeval=True``) computed; the
-MambaAD paper's own configs left ADEval off (see :mod:`util.metrics_mambaad`).
+MambaAD paper's own configs left ADEval off (see :mod:`evaluation.metrics_mambaad`).
 Image-level (and sample-level) metrics were computed exactly with scikit-learn there, so they use
-the exact functions of :mod:`util.metrics` here too (with the data set's image labels; ADer took
+the exact functions of :mod:`evaluation.metrics` here too (with the data set's image labels; ADer took
 the label from the mask, which differs only for anomalous images with an empty mask). Bin
 indices are computed in float64 as ``floor((x - min) * 50 / (max - min))``; values within rounding
 error of a bin edge may land in the neighbouring bin compared with the GPU kernel.
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from util.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes
+from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes
 
 __all__ = [
     "ADER_BINS",
@@ -212,7 +212,7 @@ def compute_metrics_ader(
     scores: Any = None,
     curves: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Like :func:`util.metrics.compute_metrics`, with the pixel metrics computed the ADer way."""
+    """Like :func:`evaluation.metrics.compute_metrics`, with the pixel metrics computed the ADer way."""
     wanted = list(METRIC_NAMES if metrics is None else ([metrics] if isinstance(metrics, str) else metrics))
     image = [m for m in wanted if m not in _PIXEL_METRICS]
     results = compute_metrics(anomaly_maps, masks, labels, metrics=image, scores=scores, curves=curves)

@@ -1,0 +1,295 @@
+"""What every trainer shares: the run folder, data, model, optimiser, evaluator, DDP, checkpoints.
+
+:class:`TrainerBase` builds everything from a config and saves/restores the training state;
+the loops that use it live in the trainers (:mod:`trainer.ad_trainer`). Runs as one process or
+as one rank of a ``torchrun`` job: rank 0 alone writes the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from data.loaders import build_loaders
+from evaluation import EVALUATORS
+from loss import LOSSES
+from model.build import build_model
+from model.ops.selective_scan import prepare_cpu
+from trainer.optim import OPTIMIZERS, SCHEDULERS
+from trainer.rng import enable_determinism, rng_state, seed_everything, set_rng_state
+from trainer.run_folder import RunLock, check_resume_config, new_run_dir, write_status
+from util.checkpoint import atomic_save, load_file, remove_partial_writes, save_rotating
+from util.config import BaseConfig, ConfigError, config_to_dict, save_config
+from util.distributed import barrier, broadcast_object, gather_objects, init_distributed, wrap_ddp
+from util.logger import get_logger
+from util.signals import StopRequest, TrainingInterruptedError
+
+
+class _NullWriter:
+    """Stands in for TensorBoard's writer on ranks other than 0."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        """Discard the value."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+_AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainerBase:
+    """Builds data, model, loss, optimiser and evaluator from a config; saves and restores training state."""
+
+    def __init__(self, cfg: BaseConfig, mode: str = "train") -> None:
+        self.cfg = cfg
+        self.mode = mode
+        t = cfg.trainer
+        self.dist = init_distributed(cfg.device)
+        self.device = self.dist.device
+        if self.device.type == "cpu":
+            # from the first operation on, not from the first scan: runs stay bit-identical
+            prepare_cpu()
+        if t.deterministic:
+            enable_determinism()
+        self.resuming = mode == "train" and bool(t.resume)
+        self.lock = RunLock(t.resume) if self.resuming and self.dist.is_main else None
+        if self.lock is not None:
+            self.lock.acquire()  # before anything is read: another process may be writing there
+        self.run_dir = broadcast_object(self._make_run_dir() if self.dist.is_main else None, self.dist)
+        if self.dist.is_main:
+            if self.lock is None and mode == "train":
+                self.lock = RunLock(self.run_dir).acquire()
+            self.log = get_logger(self.run_dir)
+        else:
+            self.log = get_logger(None, name=f"mambaad.rank{self.dist.rank}")
+            self.log.setLevel(logging.ERROR)  # rank 0 reports; the others only on failure
+        try:
+            self._set_up()
+        except BaseException as err:
+            self._set_up_failed(err)
+            raise
+
+    def _set_up(self) -> None:
+        """Everything after the run folder exists: data, model, optimiser, evaluator, resume."""
+        cfg, t, mode = self.cfg, self.cfg.trainer, self.mode
+        if self.resuming:
+            check_resume_config(self.cfg, Path(t.resume), self.log, write=self.dist.is_main)
+        self.log.info("run folder: %s", self.run_dir)
+        self.log.info(
+            "device: %s%s",
+            self.device,
+            f" x {self.dist.world_size} processes (torchrun)" if self.dist.distributed else "",
+        )
+        self.micro_batch = self._micro_batch()
+        seed_everything(cfg.seed)  # identical model initialisation on every rank
+        self.train_loader, self.test_loader = build_loaders(
+            cfg, self.dist, self.micro_batch, self.log, train=mode == "train"
+        )
+        self.model = self._build_model().to(self.device)
+        self.loss_fn = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
+        options = {k: v for k, v in cfg.evaluator.items() if k != "type"}
+        self.evaluator = EVALUATORS.build(cfg.evaluator.type, **options)
+        self.optimizer, self.scheduler = self._build_optimizer() if mode == "train" else (None, None)
+        self.amp_dtype = _AMP_DTYPES[t.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
+        self.start_epoch = 1
+        self.skip_batches = 0
+        self.eval_pending = False
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.stop = StopRequest()
+        seed_everything(cfg.seed + self.dist.rank)  # per-rank randomness (drop-path) from here on
+        if mode == "train" and t.resume:
+            self._resume(Path(t.resume))
+        else:
+            if self.dist.is_main:
+                save_config(cfg, self.run_dir / "config.json")
+            if mode == "train" and not cfg.model.checkpoint:
+                self._calibrate_teacher()
+        self.net = self._wrap_ddp(self.model)
+        self.writer: Any = _NullWriter()
+        if self.dist.is_main:
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
+
+    def _set_up_failed(self, err: BaseException) -> None:
+        """A new run whose set-up failed leaves no folder; a resumed one is marked as failed."""
+        if not self.dist.is_main:
+            return
+        if self.resuming:
+            write_status(self.run_dir, "failed", error=f"{type(err).__name__}: {err}")
+            self.lock.release()
+            return
+        for handler in list(self.log.handlers):
+            if isinstance(handler, logging.FileHandler):
+                self.log.removeHandler(handler)
+                handler.close()
+        if self.lock is not None:
+            self.lock.release()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ building
+    def _micro_batch(self) -> int:
+        """Per-rank batch: the global ``data.batch_size`` split over ranks and accumulation steps."""
+        total, world, acc = self.cfg.data.batch_size, self.dist.world_size, int(self.cfg.trainer.accumulate)
+        if total % (world * acc):
+            raise ConfigError(
+                f"data.batch_size={total} must be divisible by {world} process(es) x "
+                f"trainer.accumulate={acc}; choose a batch size that is a multiple of {world * acc}"
+            )
+        return total // (world * acc)
+
+    def _make_run_dir(self) -> Path:
+        if self.resuming:
+            run_dir = Path(self.cfg.trainer.resume)
+            if not (run_dir / "ckpt.pth").is_file():
+                raise ConfigError(
+                    f"trainer.resume={run_dir}: no ckpt.pth there; pass the run folder of an earlier training"
+                )
+            return run_dir
+        suffix = "" if self.mode == "train" else f"_{self.mode}"
+        return new_run_dir(self.cfg.output_dir, f"{self.cfg.name}{suffix}")
+
+    def _build_model(self) -> torch.nn.Module:
+        model = build_model(self.cfg, self.log)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        self.log.info(
+            "model %s: %.2f M parameters (%.2f M trainable)", self.cfg.model.type, n_all / 1e6, n_train / 1e6
+        )
+        return model
+
+    def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel over ranks (rank 0's weights win), optionally with SyncBatchNorm."""
+        if not self.dist.distributed:
+            return model
+        if self.cfg.trainer.sync_bn:
+            if self.device.type != "cuda":
+                raise ValueError(
+                    "trainer.sync_bn=True needs GPUs (NCCL); PyTorch's SyncBatchNorm has no CPU path"
+                )
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        return wrap_ddp(model, self.dist)
+
+    def _calibrate_teacher(self) -> None:
+        """Give a random-weight teacher BatchNorm statistics of the training images."""
+        calibrate = getattr(self.model, "calibrate_teacher", None)
+        if calibrate is None:
+            return
+        used = calibrate(batch["img"].to(self.device) for batch in self.train_loader)
+        if used:
+            self.log.info("random teacher: BatchNorm statistics estimated on %d training batches", used)
+
+    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        o, sch, t = self.cfg.optim, self.cfg.scheduler, self.cfg.trainer
+        optimizer = OPTIMIZERS.build(o.type, self.model, o)
+        self.log.info(
+            "optimizer %s lr %.6g (base %.6g x batch %d / 16), weight decay %g (no_decay=%s); "
+            "%d process(es) x %d image(s) x %d accumulation step(s)",
+            o.type,
+            o.lr,
+            o.base_lr,
+            self.cfg.data.batch_size,
+            o.weight_decay,
+            o.no_decay,
+            self.dist.world_size,
+            self.micro_batch,
+            t.accumulate,
+        )
+        scheduler = SCHEDULERS.build(sch.type, optimizer, sch)
+        self.log.info("lr schedule %s: x%g after epoch(s) %s", sch.type, sch.gamma, sch.milestones)
+        return optimizer, scheduler
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, epoch: int, batches_done: int = 0, eval_pending: bool = False) -> None:
+        """Save everything a resume needs; ``epoch`` = last completed epoch (collective call)."""
+        rngs = gather_objects(rng_state(), self.dist)
+        if not self.dist.is_main:
+            return
+        state = {
+            "net": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "eval_pending": eval_pending,
+            "global_step": self.global_step,
+            "history": self.history,
+            "rng": rngs,
+            "world_size": self.dist.world_size,
+            "config": config_to_dict(self.cfg),
+        }
+        tag = f"e{epoch:05d}_b{batches_done:07d}"
+        save_rotating(state, self.run_dir, tag, int(self.cfg.trainer.keep_checkpoints))
+        atomic_save(state["net"], self.run_dir / "net.pth")
+
+    def _resume(self, run_dir: Path) -> None:
+        if self.dist.is_main:
+            for path in remove_partial_writes(run_dir):
+                self.log.info("removed %s, left by an interrupted write", path.name)
+        barrier(self.dist)
+        state = load_file(run_dir / "ckpt.pth")
+        self.model.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            self.log.warning(
+                "the checkpoint was saved by %d process(es), this run has %d: random streams restart "
+                "from the seed, so the result will not equal an uninterrupted run exactly",
+                len(rngs),
+                self.dist.world_size,
+            )
+        done = int(state.get("batches_done", 0))
+        self.start_epoch = state["epoch"] + 1
+        self.skip_batches = done
+        self.eval_pending = bool(state.get("eval_pending", False))
+        self.global_step = state["global_step"]
+        self.history = state.get("history", [])
+        where = f"epoch {self.start_epoch}" + (f" after {done} batches" if done else "")
+        if self.eval_pending:
+            where = f"the evaluation of epoch {state['epoch']}"
+        self.log.info("resumed %s at %s (step %d)", run_dir, where, self.global_step)
+
+    @contextlib.contextmanager
+    def _status(self) -> Any:
+        """Keep ``status.json`` true: running, then finished, interrupted or failed (with the error)."""
+        if self.dist.is_main:
+            write_status(self.run_dir, "running", mode=self.mode)
+        try:
+            yield
+        except TrainingInterruptedError as stop:
+            if self.dist.is_main:
+                write_status(self.run_dir, "interrupted", mode=self.mode, message=str(stop))
+            raise
+        except BaseException as err:
+            if self.dist.is_main:
+                state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                write_status(self.run_dir, state, mode=self.mode, error=f"{type(err).__name__}: {err}")
+            raise
+        else:
+            if self.dist.is_main:
+                write_status(self.run_dir, "finished", mode=self.mode)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _last_good_weights(self) -> str:
+        if (self.run_dir / "ckpt.pth").is_file():
+            return f"; the last good weights are in {self.run_dir / 'ckpt.pth'}."
+        return "; no checkpoint has been written yet (the failure came before the first save)."
