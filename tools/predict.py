@@ -33,11 +33,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.default_ad import load_image
-from data.meta import IMAGE_EXTENSIONS, DataError
+from data.meta import IMAGE_EXTENSIONS
 from mambaad import Detector, load_model, predict_batch
-from util.checkpoint import CheckpointError
-from util.config import ConfigError
+from util.cli import add_config_args, report_error
 from util.distributed import resolve_device
+from util.errors import UsageError
 from util.logger import get_logger
 from util.progress import Progress
 
@@ -124,8 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "-c", "--config", default=None, help="the config the model was trained with (default: the run's)"
+    add_config_args(
+        parser,
+        required=False,
+        print_config=False,
+        config_help="the config the model was trained with (default: the run's)",
+        overrides_help="config overrides such as model.scan.backend=ref",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run folder, its net.pth / ckpt.pth, or an official file")
@@ -137,7 +141,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vmin", type=float, default=None, help="heat-map colour scale minimum")
     parser.add_argument("--vmax", type=float, default=None, help="heat-map colour scale maximum")
-    parser.add_argument("overrides", nargs="*", help="config overrides such as model.scan.backend=ref")
     args = parser.parse_args(argv)
     if args.model and (args.config or args.overrides):
         parser.error("--model takes an exported model; -c and config overrides apply to --checkpoint only")
@@ -159,24 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(
             args.model or args.checkpoint, config=args.config, overrides=args.overrides, log=log
         )
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, NotADirectoryError, FileExistsError) as err:  # a wrong path given
+        return report_error(UsageError(str(err)), args)
+    except Exception as err:
+        return report_error(err, args)
     if isinstance(model, Detector):  # an exported model (--model) runs where its runtime runs
         device = resolve_device(model.cfg.device)
         model.net.to(device)
         model.device = device
     try:
         vmin, vmax = write_outputs(args, model, files, relative, npys, pngs)
-    except DataError as err:  # an input that cannot be decoded; the message names it
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # e.g. an input that cannot be decoded (the message names it)
+        return report_error(err, args)
     log.info(
         "wrote %d maps and overlays (one per input image) and scores.csv to %s (colour scale %.4f..%.4f)",
         len(files),
