@@ -104,3 +104,14 @@ def test_visualize_tool_reports_a_missing_run(tmp_path, capsys) -> None:
     (tmp_path / "net.pth").write_bytes(b"")
     assert main([str(tmp_path), "--out", str(tmp_path / "out"), "data.num_workers=0"]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_run_folders_of_older_versions_load_with_moved_keys(tmp_path) -> None:
+    cfg = load_config("configs/mambaad_demo.py")
+    save_config(cfg, tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["sigma"]
+    saved["evaluator"]["sigma"] = 2.5  # where the blur sigma lived before it moved to the model
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_run_config(tmp_path)
+    assert loaded.model.sigma == 2.5 and not hasattr(loaded.evaluator, "sigma")

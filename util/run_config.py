@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 DEFAULT_CONFIG = CONFIGS / "defaults.py"
 NOT_RESTORED = ("config_file",)  # names the file a run was started with; ours may differ
+# keys that moved since older run folders were written: (old section, key) -> (new section, key)
+MOVED_KEYS = {("evaluator", "sigma"): ("model", "sigma")}
 
 
 def project_config(named: Any) -> Path:
@@ -61,6 +63,19 @@ def _restore(node: Section, saved: dict[str, Any]) -> None:
             )
 
 
+def _move_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys of :data:`MOVED_KEYS` at their current place (older run folders)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (old_section, key), (new_section, new_key) in MOVED_KEYS.items():
+        section = out.get(old_section)
+        if isinstance(section, dict) and key in section:
+            value = section.pop(key)
+            target = out.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new_key, value)
+    return out
+
+
 def config_from_json(
     saved: dict[str, Any], overrides: Sequence[str] = (), source: str = "config.json"
 ) -> BaseConfig:
@@ -73,6 +88,7 @@ def config_from_json(
         raise ConfigError(
             f"{source} must hold a JSON object of config sections; it was not written by run.py"
         )
+    saved = _move_keys(saved)
     base = project_config(saved.get("config_file"))
     cfg = load_config(base)
     name = cfg.name
