@@ -83,10 +83,7 @@ def test_crafted_checkpoint_runs_no_code_and_is_refused_cleanly(
     code = predict.main(["--checkpoint", str(run), "--input", str(image), "--output", str(tmp_path / "out")])
     assert code == 2
     lines = capsys.readouterr().err.splitlines()
-    assert (
-        lines[-1].startswith("error: checkpoint")
-        and "ckpt.pth contains objects outside" in lines[-1]
-    )
+    assert lines[-1].startswith("error: checkpoint") and "ckpt.pth contains objects outside" in lines[-1]
     assert not any("CheckpointError" in line for line in lines)  # no traceback
     assert not marker.exists(), "unpickling the crafted checkpoint ran its code"
 
