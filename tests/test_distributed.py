@@ -94,15 +94,16 @@ def test_two_gloo_processes_finish_and_score_each_image_once(
     ddp = _only_run(out)
     n_test = 2 * (2 + 3)  # two classes, 2 good + 3 defective test images each
     final, reference = _final(ddp), _final(single_run)
-    assert final["num_images"] == reference["num_images"] == n_test
-    assert set(final["results"]) == set(reference["results"]) == {"washer", "weave", "mean"}
     log = (ddp / "log.txt").read_text()
-    assert f"{n_test} images, each scored once by 2 process(es)" in log
-    assert "x 2 processes (torchrun)" in log and "2 process(es) x 2 image(s)" in log
-    assert len(list((ddp / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 only
-    assert sorted(p.name for p in ddp.iterdir() if p.is_file()) == sorted(
-        p.name for p in single_run.iterdir() if p.is_file()
-    )
+    context = f"\n--- log.txt of the 2-rank run:\n{log[-3000:]}\n--- torchrun output:\n{proc.stdout[-2000:]}"
+    assert final["num_images"] == reference["num_images"] == n_test, context
+    assert set(final["results"]) == set(reference["results"]) == {"washer", "weave", "mean"}, context
+    assert f"{n_test} images, each scored once by 2 process(es)" in log, context
+    assert "x 2 processes (torchrun)" in log and "2 process(es) x 2 image(s)" in log, context
+    assert len(list((ddp / "tb").glob("events.out.tfevents.*"))) == 1, context  # rank 0 only
+    files = sorted(p.name for p in ddp.iterdir() if p.is_file() and not p.name.startswith("."))
+    expected = sorted(p.name for p in single_run.iterdir() if p.is_file() and not p.name.startswith("."))
+    assert files == expected, context
 
     # evaluation of the same weights: 2 processes give the one-process numbers (per-rank batches
     # differ in size, so convolutions may differ in the last float bit; float16 map storage
@@ -121,7 +122,11 @@ def test_two_gloo_processes_finish_and_score_each_image_once(
     tested = _final(_only_run(test_out))
     assert tested["num_images"] == n_test
     for cls, values in reference["results"].items():
-        assert tested["results"][cls] == pytest.approx(values, abs=1e-5), cls
+        assert tested["results"][cls] == pytest.approx(values, abs=1e-5), (
+            cls,
+            tested["results"],
+            proc.stdout[-2000:],
+        )
 
 
 @pytest.fixture(scope="module")
