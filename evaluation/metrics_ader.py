@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes
+from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes, squeeze_channel
 
 __all__ = [
     "ADER_BINS",
@@ -217,11 +217,7 @@ def compute_metrics_ader(
     image = [m for m in wanted if m not in _PIXEL_METRICS]
     results = compute_metrics(anomaly_maps, masks, labels, metrics=image, scores=scores, curves=curves)
     if any(m in _PIXEL_METRICS for m in wanted):
-        gts = np.asarray(masks)
-        if gts.ndim == 4:
-            gts = gts[:, 0]
-        maps = np.asarray(anomaly_maps)
-        if maps.ndim == 4:
-            maps = maps[:, 0]
+        gts = squeeze_channel(np.asarray(masks), "masks")
+        maps = squeeze_channel(np.asarray(anomaly_maps), "anomaly_maps")
         results.update(ader_pixel_metrics(maps, gts if gts.dtype == bool else gts > 0.5, curves=curves))
     return {name: results[name] for name in METRIC_NAMES if name in wanted}

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes
+from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes, squeeze_channel
 from evaluation.metrics_ader import ADER_F1_THRESHOLDS, f1_max_from_counts, f1_threshold_counts
 
 __all__ = ["MAMBAAD_AUPRO_STEPS", "compute_metrics_mambaad", "mambaad_pixel_metrics", "mask_labels"]
@@ -122,12 +122,8 @@ def compute_metrics_mambaad(
     """
     del labels  # the official evaluator derives the image labels from the masks
     wanted = list(METRIC_NAMES if metrics is None else ([metrics] if isinstance(metrics, str) else metrics))
-    maps = np.asarray(anomaly_maps)
-    if maps.ndim == 4:
-        maps = maps[:, 0]
-    gts = np.asarray(masks)
-    if gts.ndim == 4:
-        gts = gts[:, 0]
+    maps = squeeze_channel(np.asarray(anomaly_maps), "anomaly_maps")
+    gts = squeeze_channel(np.asarray(masks), "masks")
     gts = gts if gts.dtype == bool else gts > 0.5
     exact = [m for m in wanted if m not in _OWN_METRICS]
     results = compute_metrics(maps, gts, mask_labels(gts), metrics=exact, scores=scores, curves=curves)
