@@ -86,6 +86,9 @@ class MambaADDefaults(BaseConfig):
             accumulate=1,  # split each data.batch_size batch into K steps (same result, less memory)
             deterministic=False,  # deterministic kernels (exact resume on GPUs; slower)
             sync_bn=False,  # SyncBatchNorm in the bottleneck for multi-GPU runs (NCCL only)
+            fast_cuda=True,  # cuDNN autotuning, TF32 matmuls and convolutions (off if deterministic)
+            amp_eval=False,  # False: test maps in fp32 (no autocast, no TF32); True: under trainer.amp
+            dist_timeout=3600,  # seconds a process may wait in a collective (rank 0 computes the metrics)
         )
         self.evaluator = Section(
             type="ad_evaluator",
@@ -137,6 +140,9 @@ class MambaADDefaults(BaseConfig):
                 "trainer.accumulate": int_at_least(1),
                 "trainer.grad_clip": number_at_least(0, allow_none=True),
                 "trainer.amp": one_of("none", "bf16", "fp16"),
+                "trainer.fast_cuda": one_of(True, False),
+                "trainer.amp_eval": one_of(True, False),
+                "trainer.dist_timeout": number_at_least(1),
                 "data.batch_size": int_at_least(1),
                 "data.batch_size_test": int_at_least(1),
                 "data.num_workers": int_at_least(0),

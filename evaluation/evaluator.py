@@ -273,16 +273,26 @@ class ADEvaluator:
         if self.mode == "mambaad":
             _warn_label_mismatch(cls, labels, store.mask_labels())
         device = self._torch_device if self.mode == "exact" and curves is None else None
-        row = compute_metrics(
-            store.maps_on(device) if device is not None else maps,
-            masks,
-            labels,
-            metrics=self.metrics,
-            scores=scores,
-            curves=curves,
-            mode=self.mode,
-            device=device,
-        )
+        row = None
+        if device is not None:
+            try:
+                row = compute_metrics(
+                    store.maps_on(device), masks, labels, metrics=self.metrics, scores=scores, device=device
+                )
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                _LOG.warning(
+                    "class %s: %d maps of %s do not fit in the memory of %s; computing its metrics "
+                    "with numpy on the CPU instead (same values, slower). evaluator.device=cpu skips the try",
+                    cls,
+                    store.n,
+                    "x".join(map(str, store.shape)),
+                    device,
+                )
+        if row is None:
+            row = compute_metrics(
+                maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves, mode=self.mode
+            )
         if len(store.sample_ids) == store.n:
             row.update(sample_metrics(scores, labels, store.sample_ids))
         return row

@@ -171,16 +171,19 @@ def compute_metrics_torch(
 ) -> dict[str, float]:
     """:func:`evaluation.metrics.compute_metrics` (same arguments, keys and nan rules) computed with torch.
 
-    Runs on ``device``, by default the device of ``anomaly_maps`` (CPU for numpy input); masks,
-    labels and scores are moved there. The maps may stay float16 (widened after the split). Curve
-    points are not produced here: use ``compute_metrics(..., curves=...)`` for plots.
+    Runs on ``device``, by default the device of ``anomaly_maps`` (CPU for numpy input); masks
+    (from the host, where AU-PRO labels their regions), labels and scores are moved there. The
+    maps may stay float16 (widened after the split). Curve points are not produced here: use
+    ``compute_metrics(..., curves=...)`` for plots.
     """
     wanted = wanted_metrics(metrics)
     if device is None:
         device = anomaly_maps.device if isinstance(anomaly_maps, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
     maps = squeeze_channel(_scores(anomaly_maps, device), "anomaly_maps")
-    gts = squeeze_channel(_binary(masks, device), "masks")
+    # masks are labelled on the host (AU-PRO regions): built there, copied to the device once
+    host_gts = squeeze_channel(_binary(masks, torch.device("cpu")), "masks")
+    gts = host_gts.to(device)
     if maps.shape != gts.shape:
         raise ValueError(f"anomaly_maps {tuple(maps.shape)} and masks {tuple(gts.shape)} differ in shape")
     results: dict[str, float] = {}
@@ -203,9 +206,7 @@ def compute_metrics_torch(
     if wanted & {"P-AUROC", "P-AP", "P-F1max", "AUPRO"}:
         weights = None
         if "AUPRO" in wanted:  # connected components on the CPU; only the weights go to the device
-            host_masks = gts.cpu().numpy()
-            weights = torch.from_numpy(region_weights(host_masks)).to(device)
-            del host_masks
+            weights = torch.from_numpy(region_weights(host_gts.numpy())).to(device)
         pix = _rank(maps.reshape(-1), gts.reshape(-1), weights)
         del weights
         results["P-AUROC"] = _roc_auc(pix)

@@ -255,6 +255,33 @@ def test_torch_metric_path_gives_the_numpy_numbers(tmp_path, monkeypatch, spill:
     assert on_device.dtype == torch.float16 and np.array_equal(on_device.numpy(), np.asarray(store.maps()))
 
 
+def test_device_out_of_memory_falls_back_to_numpy(monkeypatch, caplog) -> None:
+    """A class whose maps do not fit on the GPU is scored with numpy, with a warning naming it."""
+    batches = _batches()
+    numpy_ev = ADEvaluator(device="cpu")
+    torch_ev = ADEvaluator(device="cpu")
+    torch_ev._torch_device = torch.device("cpu")  # the CUDA code path, run on CPU tensors
+    calls = []
+
+    def out_of_memory_for_a(maps, *args, **kwargs):
+        calls.append(len(maps))
+        if len(calls) == 1:  # the first class ("a") does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return compute_metrics_torch(maps, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation.metrics_torch, "compute_metrics_torch", out_of_memory_for_a)
+    for batch in batches:
+        numpy_ev.update(*batch)
+        torch_ev.update(*batch)
+    with caplog.at_level(logging.WARNING, logger="mambaad.evaluator"):
+        got = torch_ev.compute()
+    expected = numpy_ev.compute()
+    assert len(calls) == 2
+    assert "class a:" in caplog.text and "numpy on the CPU" in caplog.text and "class b" not in caplog.text
+    for cls in ("a", "b", "mean"):
+        assert got[cls] == pytest.approx(expected[cls], abs=1e-12), cls
+
+
 def test_device_option(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ADEvaluator(device="auto")._torch_device is None
@@ -268,7 +295,7 @@ def test_device_option(monkeypatch) -> None:
     assert ADEvaluator(device="cuda:1")._torch_device == torch.device("cuda:1")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_evaluator_gives_the_numpy_numbers() -> None:
     numpy_ev, cuda_ev = ADEvaluator(device="cpu"), ADEvaluator(device="cuda")
     for batch in _batches():

@@ -121,7 +121,7 @@ def test_bad_inputs_are_reported() -> None:
         compute_metrics_torch(maps, masks, labels[:3], scores=maps.max(axis=(1, 2))[:3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_tensors_give_the_numpy_numbers() -> None:
     for seed in range(3):
         maps, masks, labels = tied_case(seed, n=10, size=64)

@@ -1,6 +1,8 @@
 """Selective scan: the hand-worked definition, and the chunked backend against the reference."""
 
 import math
+import sys
+import warnings
 
 import pytest
 import torch
@@ -116,3 +118,82 @@ def test_backends_listing_and_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError):
             selective_scan_fn(*args, backend="mamba_ssm")
+
+
+def test_mamba_ssm_probe_survives_a_broken_extension(tmp_path, monkeypatch):
+    """A wheel whose CUDA extension fails to load (OSError, not ImportError) means 'absent', once."""
+    from model.ops import selective_scan as ss
+
+    pkg = tmp_path / "mamba_ssm" / "ops"
+    pkg.mkdir(parents=True)
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "selective_scan_interface.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(tmp_path / 'imports.txt')!r}).open('a').write('x')\n"
+        "raise OSError('libcudart.so.12: cannot open shared object file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.startswith("mamba_ssm")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(ss, "_MAMBA_SSM_IMPORT_ERROR", [])
+    ss._mamba_ssm_kernel.cache_clear()
+    try:
+        assert ss._mamba_ssm_kernel() is None
+        assert ss._mamba_ssm_kernel() is None
+        assert (tmp_path / "imports.txt").read_text() == "x"  # imported once, then cached
+        assert "libcudart" in ss._MAMBA_SSM_IMPORT_ERROR[0]
+        assert "mamba_ssm" not in available_backends()
+        t = _inputs(1, 2, 2, 3, 4)
+        with pytest.raises(ValueError, match="libcudart"):
+            selective_scan_fn(*(t[name] for name in NAMES), backend="mamba_ssm")
+    finally:
+        ss._mamba_ssm_kernel.cache_clear()
+
+
+def test_auto_on_cuda_checks_backends_and_respects_determinism(monkeypatch):
+    """``auto`` takes mamba_ssm only when it imports, passes its check and determinism is off."""
+    from model.ops import selective_scan as ss
+
+    verdicts = {"mamba_ssm": True, "triton": True}
+    asked = []
+
+    def works(name, device):
+        asked.append(name)
+        return verdicts[name]
+
+    monkeypatch.setattr(ss, "_mamba_ssm_kernel", lambda: object())
+    monkeypatch.setattr(ss, "_triton_available", lambda: True)
+    monkeypatch.setattr(ss, "backend_works", works)
+    cuda = torch.device("cuda")
+    assert ss.resolve_backend("auto", cuda) == "mamba_ssm"
+    assert ss.resolve_backend("ref", cuda) == "ref"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    asked.clear()
+    assert ss.resolve_backend("auto", cuda) == "triton"
+    assert asked == ["triton"]  # mamba_ssm's atomic backward is never even tried
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    verdicts["mamba_ssm"] = False
+    assert ss.resolve_backend("auto", cuda) == "triton"
+    verdicts["triton"] = False
+    assert ss.resolve_backend("auto", cuda) == "chunked"
+
+
+def test_first_use_check_rejects_a_wrong_backend_and_warns_once(monkeypatch):
+    from model.ops import selective_scan as ss
+
+    monkeypatch.setattr(ss, "_checked", {})
+    assert ss.backend_works("chunked", torch.device("cpu"))
+    wrong = ss._selective_scan_chunked
+    monkeypatch.setattr(ss, "_selective_scan_chunked", lambda *a, **k: wrong(*a, **k) * 1.01)
+    monkeypatch.setattr(ss, "_checked", {})
+    with pytest.warns(RuntimeWarning, match="'chunked' failed its first-use check.*output differs"):
+        assert not ss.backend_works("chunked", torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not ss.backend_works("chunked", torch.device("cpu"))  # cached: no second warning
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    assert "illegal memory access" in ss.smoke_test(crash, torch.device("cpu"))

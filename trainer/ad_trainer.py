@@ -119,6 +119,7 @@ class ADTrainer(TrainerBase):
             t.epochs,
             float(np.mean(losses)) if losses else math.nan,
         )
+        self._log_peak_memory(f"epoch {epoch} training")
 
     def _micro_step(self, batch: dict[str, Any], epoch: int, sync: bool, scale: float) -> float:
         """Forward and backward of one (micro-)batch; gradients are all-reduced only when ``sync``."""
@@ -170,23 +171,25 @@ class ADTrainer(TrainerBase):
         steps = steps_for_all(len(loader.dataset), loader.batch_size, self.dist.world_size)
         batches = iter(loader)
         seen: list[int] = []
+        # masks, labels and indices stay on the host unless a collective needs them on the device
+        side = self.device if self.dist.distributed else torch.device("cpu")
         for step in Progress(range(steps), "test", self.log.info, enabled=self.dist.is_main):
             batch = next(batches, None)
             if batch is not None:
                 imgs = batch["img"].to(self.device, non_blocking=True)
-                with self._autocast():
+                with self._eval_precision():
                     maps, scores = self.model.predict(imgs, size)
-                masks = batch["img_mask"].reshape(maps.shape).to(self.device) > 0.5
-                labels = torch.as_tensor(batch["anomaly"], device=self.device)
+                masks = batch["img_mask"].reshape(maps.shape).to(side) > 0.5
+                labels = torch.as_tensor(batch["anomaly"], device=side)
                 start = step * loader.batch_size
-                index = torch.as_tensor(shard[start : start + maps.shape[0]], device=self.device)
+                index = torch.as_tensor(shard[start : start + maps.shape[0]], device=side)
                 info = {k: list(batch[k]) for k in ("cls_name", "img_path", "sample_id") if k in batch}
             else:
                 maps = torch.zeros((0, *size), device=self.device)
                 scores = torch.zeros(0, device=self.device)
-                masks = torch.zeros((0, *size), dtype=torch.bool, device=self.device)
-                labels = torch.zeros(0, dtype=torch.long, device=self.device)
-                index = torch.zeros(0, dtype=torch.long, device=self.device)
+                masks = torch.zeros((0, *size), dtype=torch.bool, device=side)
+                labels = torch.zeros(0, dtype=torch.long, device=side)
+                index = torch.zeros(0, dtype=torch.long, device=side)
                 info = {}
             parts = [
                 all_gather_padded(x, loader.batch_size, self.dist)
@@ -221,6 +224,7 @@ class ADTrainer(TrainerBase):
                 f"evaluation covered {len(set(seen))} distinct of {len(loader.dataset)} test images "
                 f"({len(seen)} in total); this is a bug in the evaluation sharding"
             )
+        self._log_peak_memory(f"evaluation of {len(seen)} images")
         results = self.evaluator.compute(out_dir=self.run_dir, read_image=read_rgb if self.cfg.vis else None)
         label = f"epoch {epoch}" if epoch is not None else "test"
         per_class = {k: v for k, v in results.items() if k != "mean"}

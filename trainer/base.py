@@ -22,7 +22,14 @@ from loss import LOSSES
 from model.build import build_model
 from model.ops.selective_scan import prepare_cpu
 from trainer.optim import OPTIMIZERS, SCHEDULERS
-from trainer.rng import enable_determinism, rng_state, seed_everything, set_rng_state
+from trainer.rng import (
+    enable_determinism,
+    enable_fast_cuda,
+    full_fp32,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from trainer.run_folder import RunLock, check_resume_config, new_run_dir, write_status
 from util.checkpoint import atomic_save, load_file, remove_partial_writes, save_rotating
 from util.config import BaseConfig, ConfigError, config_to_dict, save_config
@@ -51,13 +58,15 @@ class TrainerBase:
         self.cfg = cfg
         self.mode = mode
         t = cfg.trainer
-        self.dist = init_distributed(cfg.device)
+        self.dist = init_distributed(cfg.device, float(t.dist_timeout))
         self.device = self.dist.device
         if self.device.type == "cpu":
             # from the first operation on, not from the first scan: runs stay bit-identical
             prepare_cpu()
         if t.deterministic:
             enable_determinism()
+        elif t.fast_cuda and self.device.type == "cuda":
+            enable_fast_cuda()
         self.resuming = mode == "train" and bool(t.resume)
         self.lock = RunLock(t.resume) if self.resuming and self.dist.is_main else None
         if self.lock is not None:
@@ -209,6 +218,21 @@ class TrainerBase:
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _eval_precision(self) -> Any:
+        """Evaluation's numeric context: full fp32 (no autocast, no TF32) unless ``trainer.amp_eval``."""
+        if self.cfg.trainer.amp_eval:
+            return self._autocast()
+        return full_fp32(self.device.type)
+
+    def _log_peak_memory(self, what: str) -> None:
+        """Log and record the peak GPU memory since the last call, then reset the counter."""
+        if self.device.type != "cuda":
+            return
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log.info("%s: peak GPU memory %.2f GiB allocated (rank %d)", what, peak, self.dist.rank)
+        self.writer.add_scalar("memory/peak_gpu_gib", peak, self.global_step)
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, epoch: int, batches_done: int = 0, eval_pending: bool = False) -> None:

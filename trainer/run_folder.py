@@ -26,7 +26,14 @@ except ImportError:  # Windows: no advisory locks; the folder is then not protec
     fcntl = None
 
 # config keys that may differ on resume: not at all part of the run / changeable with trainer.resume_changes
-IGNORED_ON_RESUME = ("trainer.resume", "data.num_workers", "device", "output_dir", "config_file")
+IGNORED_ON_RESUME = (
+    "trainer.resume",
+    "trainer.dist_timeout",
+    "data.num_workers",
+    "device",
+    "output_dir",
+    "config_file",
+)
 SAFE_ON_RESUME = (
     "trainer.epochs",
     "trainer.test_every",
@@ -34,6 +41,7 @@ SAFE_ON_RESUME = (
     "trainer.save_every_steps",
     "trainer.keep_checkpoints",
     "trainer.log_every",
+    "trainer.amp_eval",
     "data.batch_size_test",
     "data.cache",
     "evaluator.",

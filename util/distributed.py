@@ -7,6 +7,7 @@ sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) start a NCCL (GPU) or Gloo (CPU)
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from collections.abc import Iterator
@@ -47,11 +48,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str = "auto") -> DistContext:
+def init_distributed(device: str = "auto", timeout_s: float = 3600.0) -> DistContext:
     """Join the ``torchrun`` process group when launched by it; otherwise a single-process context.
 
     ``device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-    Each rank of a CUDA job takes the GPU of its ``LOCAL_RANK``.
+    Each rank of a CUDA job takes the GPU of its ``LOCAL_RANK`` and binds the group to it
+    (``device_id``: NCCL connects eagerly, and a collective cannot land on another GPU).
+    ``timeout_s`` bounds how long a rank waits in a collective: the other ranks wait while
+    rank 0 computes the metrics, which on a large test set outlasts PyTorch's 10-minute default.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -66,7 +70,11 @@ def init_distributed(device: str = "auto") -> DistContext:
             dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
 
 

@@ -21,6 +21,8 @@ standard ONNX operators; see ``selective_scan_export``).
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +61,20 @@ def prepare_cpu() -> None:
         start_thread_pool()
 
 
+_MAMBA_SSM_IMPORT_ERROR: list[str] = []
+
+
+@functools.cache
 def _mamba_ssm_kernel():
-    """The mamba-ssm CUDA op, or None when the package or its extension is missing."""
+    """The mamba-ssm CUDA op, imported once; None when the package or its compiled extension fails.
+
+    Any exception counts, not only ImportError: a wheel built for another CUDA or PyTorch
+    raises OSError or RuntimeError (undefined symbols) when its extension loads.
+    """
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
-    except ImportError:
+    except Exception as err:  # whatever breaks the import, the backend is absent
+        _MAMBA_SSM_IMPORT_ERROR.append(f"{type(err).__name__}: {err}")
         return None
     return kernel
 
@@ -233,6 +244,94 @@ def _check_args(
             raise ValueError(f"selective scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
 
 
+_checked: dict[tuple[str, str], bool] = {}
+
+
+def _smoke_inputs(device: torch.device) -> list[torch.Tensor]:
+    """Small scan inputs (b=2, K=2, d=3, L=37, N=16) on ``device``, from a private generator."""
+    g = torch.Generator().manual_seed(1234)
+    b, k, d, length, n = 2, 2, 3, 37, 16
+    tensors = [
+        torch.randn(b, k * d, length, generator=g),
+        torch.randn(b, k * d, length, generator=g) * 0.5,
+        -torch.rand(k * d, n, generator=g) * 2 - 0.1,
+        torch.randn(b, k, n, length, generator=g),
+        torch.randn(b, k, n, length, generator=g),
+        torch.randn(k * d, generator=g),
+        torch.randn(k * d, generator=g) * 0.1,
+    ]
+    return [t.to(device).requires_grad_(True) for t in tensors]
+
+
+def _scan_and_grads(scan, device: torch.device) -> list[torch.Tensor]:
+    """Output and every input gradient of one small scan (softplus on) run by ``scan``."""
+    leaves = _smoke_inputs(device)
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        y = scan(*leaves)
+        weight = torch.linspace(-1.0, 1.0, y.numel(), device=device).view_as(y)
+        grads = torch.autograd.grad((y * weight).sum(), leaves)
+    return [y.detach(), *grads]
+
+
+def smoke_test(scan: Callable[..., torch.Tensor], device: torch.device, rtol: float = 1e-3) -> str | None:
+    """Compare ``scan(u, delta, A, B, C, D, delta_bias)`` (a softplus scan) with ``ref``: output and
+    all gradients; None when each is within ``rtol`` of its largest value, else what differs."""
+    ref = functools.partial(_selective_scan_ref, delta_softplus=True)
+    try:
+        got = _scan_and_grads(scan, device)
+    except Exception as err:  # any failure means the backend is unusable here
+        return f"{type(err).__name__}: {err}"
+    want = _scan_and_grads(ref, device)
+    names = ("output", "du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
+    for name, a, b in zip(names, got, want):
+        scale = float(b.abs().max()) or 1.0
+        if a.shape != b.shape or not bool(torch.isfinite(a).all()):
+            return f"{name}: shape {tuple(a.shape)} or non-finite values"
+        err = float((a.float() - b).abs().max()) / scale
+        if err > rtol:
+            return f"{name} differs from the reference by {err:.2e} (relative)"
+    return None
+
+
+def backend_works(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` passes :func:`smoke_test` on ``device``; checked once per process and
+    device. A failure warns once, naming the backend and the reason."""
+    key = (name, str(device))
+    if key not in _checked:
+        problem = smoke_test(functools.partial(selective_scan_fn, delta_softplus=True, backend=name), device)
+        if problem:
+            warnings.warn(
+                f"selective-scan backend {name!r} failed its first-use check on {device} ({problem}); "
+                "backend 'auto' will not use it in this process",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _checked[key] = problem is None
+    return _checked[key]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend ``auto`` stands for on ``device``; other names are returned unchanged.
+
+    CUDA: ``mamba_ssm`` when it imports, is not ruled out by deterministic mode (its backward
+    accumulates with atomics, ``torch.use_deterministic_algorithms(True)``, which
+    ``trainer.deterministic=True`` sets) and passes its first-use check, else ``triton`` when
+    available and checked, else ``chunked``. CPU: ``cpu`` when numba is installed, else ``ref``,
+    whose step loop over cache-sized tensors beats the parallel scan's passes over whole
+    sequences (see docs/scan_backends.md).
+    """
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if not deterministic and _mamba_ssm_kernel() is not None and backend_works("mamba_ssm", device):
+            return "mamba_ssm"
+        if _triton_available() and backend_works("triton", device):
+            return "triton"
+        return "chunked"
+    return "cpu" if _numba_available() else "ref"
+
+
 def selective_scan_fn(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -246,11 +345,8 @@ def selective_scan_fn(
 ) -> torch.Tensor:
     """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32), differentiable in every input.
 
-    ``backend``: ``auto``, ``mamba_ssm``, ``triton``, ``cpu``, ``chunked``, ``ref`` or ``export``. ``auto``
-    takes for CUDA tensors the mamba-ssm kernel when installed, else ``triton`` when triton is
-    installed, else ``chunked``; on the CPU ``cpu`` when numba is installed, else ``ref``, whose
-    step loop over cache-sized tensors beats the parallel scan's passes over whole sequences
-    (see docs/scan_backends.md).
+    ``backend``: ``auto``, ``mamba_ssm``, ``triton``, ``cpu``, ``chunked``, ``ref`` or ``export``;
+    ``auto`` is resolved by :func:`resolve_backend`.
     """
     if not u.is_cuda:
         flush_denormals_on_cpu()
@@ -261,19 +357,14 @@ def selective_scan_fn(
             u, delta, A, B, C, D, delta_bias = (None if x is None else x.float() for x in args)
             return selective_scan_fn(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
     _check_args(u, delta, A, B, C, D, delta_bias)
-    if backend == "auto":
-        if u.is_cuda:
-            if _mamba_ssm_kernel() is not None:
-                backend = "mamba_ssm"
-            else:
-                backend = "triton" if _triton_available() else "chunked"
-        else:
-            backend = "cpu" if _numba_available() else "ref"
+    backend = resolve_backend(backend, u.device)
     if backend == "mamba_ssm":
         kernel = _mamba_ssm_kernel()
         if kernel is None or not u.is_cuda:
+            why = f" (import failed: {_MAMBA_SSM_IMPORT_ERROR[0]})" if _MAMBA_SSM_IMPORT_ERROR else ""
             raise ValueError(
-                f"backend 'mamba_ssm' needs mamba-ssm and CUDA tensors; available: {available_backends()}"
+                f"backend 'mamba_ssm' needs mamba-ssm and CUDA tensors{why}; "
+                f"available: {available_backends()}"
             )
         return kernel(
             u.float(),
