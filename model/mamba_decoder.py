@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from model.ops.selective_scan import selective_scan_fn
+from model.ops.selective_scan import resolve_backend, selective_scan_fn
 from model.scan import direction_permutations, scan_decode, scan_encode
 
 T = TypeVar("T")
@@ -178,10 +178,17 @@ class SS2D(nn.Module):
         self.scans = ScanIndex(scan_method, size, num_directions)
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, D, H, W]`` -> summed directional scan outputs ``[B, D, H*W]`` (fp32)."""
+        """``[B, D, H, W]`` -> summed directional scan outputs ``[B, D, H*W]`` (fp32).
+
+        With the ``triton`` backend (named, or what ``auto`` resolves to) the directions are
+        fused into the kernels (:meth:`_forward_core_fused`); otherwise the input is gathered
+        into the K scan orders, scanned and scattered back.
+        """
         b, d, h, w = x.shape
         k, length = self.num_directions, h * w
         perms = self.scans.permutations(h, w, x.device)
+        if resolve_backend(self.scan_backend, x.device) == "triton":
+            return self._forward_core_fused(x.reshape(b, d, length), perms)
         xs = scan_encode(x, perms)
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -198,6 +205,31 @@ class SS2D(nn.Module):
             backend=self.scan_backend,
         )
         return scan_decode(out.reshape(b, k, d, length), perms, h, w)
+
+    def _forward_core_fused(self, x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_core` of ``x [B, D, L]`` by :func:`cross_scan_triton`, all in pixel order.
+
+        The projections act on each position alone, so they are computed in pixel order and
+        the kernels read each direction's order through ``perms``: the input is never gathered
+        into the K scan orders (a ``[B, K, D, L]`` copy kept for backward), nor the output and
+        the gradients scattered back.
+        """
+        from model.ops.selective_scan_triton import cross_scan_triton
+
+        x_dbl = torch.einsum("bdl,kcd->bkcl", x, self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        return cross_scan_triton(
+            x.float(),
+            dts.float(),
+            -torch.exp(self.A_logs.float()),
+            bs.float(),
+            cs.float(),
+            self.Ds.float(),
+            self.dt_projs_bias.float().reshape(-1),
+            perms,
+            delta_softplus=True,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last ``[B, H, W, C] -> [B, H, W, C]``."""

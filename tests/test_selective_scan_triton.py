@@ -1,19 +1,27 @@
 """Triton backend against the reference: under Triton's CPU interpreter in a subprocess (so
-``TRITON_INTERPRET`` does not leak into other tests), and on a real GPU when there is one."""
+``TRITON_INTERPRET`` does not leak into other tests), and on a real GPU when there is one.
+
+Covers the plain scan (``selective_scan_fn(backend="triton")``), the fused cross-scan
+(``cross_scan_triton`` against ``scan_encode`` -> ``ref`` -> ``scan_decode``, grouped or not),
+softplus precision at very negative ``delta``, and SS2D with the fused path against ``ref``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from model.ops import selective_scan as ss
 from model.ops.selective_scan import available_backends, selective_scan_fn
+from model.scan import inverse_permutations, scan_decode, scan_encode
 from tests.scan_helpers import NAMES, assert_close_rel, run_backend
 from tests.test_selective_scan import _inputs
 
@@ -58,22 +66,277 @@ def _check_case(case: tuple) -> str | None:
     return None
 
 
-def _interpreter_main() -> None:
-    """Run every case and the dispatcher checks; print a JSON list of failures."""
+class _CountCalls:
+    """Count the calls of ``owner.name`` (and the batch sizes) while in the ``with`` block."""
+
+    def __init__(self, owner: object, name: str) -> None:
+        self.owner, self.name, self.batches = owner, name, []
+
+    def __enter__(self) -> _CountCalls:
+        original = getattr(self.owner, self.name)
+        self.own = vars(self.owner).get(self.name)  # None when inherited (autograd's ``apply``)
+
+        def counting(*args, **kwargs):
+            self.batches.append(args[0].shape[0])
+            return original(*args, **kwargs)
+
+        setattr(self.owner, self.name, counting)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.own is None:
+            delattr(self.owner, self.name)
+        else:
+            setattr(self.owner, self.name, self.own)
+
+
+def _plain_suite() -> list[str]:
+    """The plain scan: every case, the forced batch split and the listing."""
     from model.ops import selective_scan_triton as sst
 
     failures = [f for f in map(_check_case, INTERPRETER_CASES) if f]
     limit = sst._MAX_ELEMENTS
-    sst._MAX_ELEMENTS = 6 * 4 * 5 + 1  # forces the batch split of the int32-offset guard
-    failures += [f"split: {f}" for f in [_check_case((3, 2, 3, 5, 4, True, True, True, 64, "float32"))] if f]
-    sst._MAX_ELEMENTS = limit
+    sst._MAX_ELEMENTS = sst._elements_per_sample(6, 2, 3, 5, 4) + 1  # one sample per launch
+    try:
+        with _CountCalls(sst._ScanTriton, "apply") as calls:
+            split = _check_case((3, 2, 3, 5, 4, True, True, True, 64, "float32"))
+    finally:
+        sst._MAX_ELEMENTS = limit
+    if split or calls.batches != [1, 1, 1]:
+        failures.append(f"split: {split}, launches over batches {calls.batches} (expected [1, 1, 1])")
     if "triton" not in available_backends():
         failures.append("triton not listed under the interpreter")
-    print(json.dumps(failures))
+    return failures
 
 
-def test_triton_matches_reference_in_interpreter():
-    code = "from tests.test_selective_scan_triton import _interpreter_main; _interpreter_main()"
+# (b, K, d_x, L, N, grouped, use_d, use_bias, softplus, dtype); d = d_x / K when grouped
+FUSED_CASES = [
+    (2, 2, 3, 7, 4, False, True, True, True, "float32"),
+    (1, 4, 6, 11, 5, False, True, True, True, "float32"),
+    (2, 8, 5, 9, 16, False, True, True, True, "float32"),
+    (2, 4, 12, 10, 4, True, True, True, True, "float32"),
+    (1, 8, 8, 6, 4, True, False, False, False, "float32"),
+    (2, 2, 10, 7, 4, True, True, True, True, "bfloat16"),
+    (2, 4, 3, 8, 4, False, True, True, True, "bfloat16"),
+]
+CROSS_NAMES = ("x", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def _cross_inputs(
+    b: int, k: int, d_x: int, length: int, n: int, grouped: bool, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Cross-scan inputs in pixel order and K random direction permutations ``[K, L]``."""
+    g = torch.Generator().manual_seed(seed)
+    d = d_x // k if grouped else d_x
+    perms = torch.stack([torch.randperm(length, generator=g) for _ in range(k)])
+    tensors = {
+        "x": torch.randn(b, d_x, length, generator=g),
+        "delta": torch.randn(b, k, d, length, generator=g) * 0.5,
+        "A": -torch.rand(k * d, n, generator=g) - 0.1,
+        "B": torch.randn(b, k, n, length, generator=g),
+        "C": torch.randn(b, k, n, length, generator=g),
+        "D": torch.randn(k * d, generator=g),
+        "delta_bias": torch.randn(k * d, generator=g) * 0.3,
+    }
+    return tensors, perms
+
+
+def _cross_reference(
+    t: dict[str, torch.Tensor | None], perms: torch.Tensor, softplus: bool, grouped: bool
+) -> torch.Tensor:
+    """The unfused path: gather into scan order, ``ref`` scan, scatter back (and sum unless grouped)."""
+    b, d_x, length = t["x"].shape
+    k, d = perms.shape[0], t["delta"].shape[2]
+    perms = perms.to(t["x"].device)
+
+    def scan_order(v: torch.Tensor) -> torch.Tensor:  # [b, K, c, L] pixel order -> scan order
+        return torch.gather(v, 3, perms.view(1, k, 1, length).expand(*v.shape))
+
+    xs = scan_order(t["x"].reshape(b, k, d, length)) if grouped else scan_encode(t["x"], perms)
+    y = selective_scan_fn(
+        xs.reshape(b, k * d, length),
+        scan_order(t["delta"]).reshape(b, k * d, length),
+        t["A"],
+        scan_order(t["B"]),
+        scan_order(t["C"]),
+        t["D"],
+        t["delta_bias"],
+        delta_softplus=softplus,
+        backend="ref" if t["x"].device.type == "cpu" else "chunked",
+    ).view(b, k, d, length)
+    if not grouped:
+        return scan_decode(y, perms, length, 1)
+    inv = inverse_permutations(perms).view(1, k, 1, length).expand(*y.shape)
+    return torch.gather(y, 3, inv).reshape(b, d_x, length)
+
+
+def _run_cross(
+    fn, tensors: dict[str, torch.Tensor], use_d: bool, use_bias: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Output and input gradients of ``sum(fn(inputs) * w)`` for fixed random weights ``w``."""
+    leaves = {key: v.clone().requires_grad_(True) for key, v in tensors.items()}
+    args = {
+        **leaves,
+        "D": leaves["D"] if use_d else None,
+        "delta_bias": leaves["delta_bias"] if use_bias else None,
+    }
+    y = fn(args)
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    (y * weight).sum().backward()
+    return y.detach(), {key: leaves[key].grad for key in CROSS_NAMES}
+
+
+def _tolerances(device: str) -> tuple[float, float]:
+    """Relative tolerances (output, gradients): the interpreter computes like numpy; a GPU's fast
+    exp and other summation orders cost about a decimal."""
+    return (1e-5, 1e-4) if device == "cpu" else (1e-4, 1e-3)
+
+
+def _check_cross(case: tuple, device: str = "cpu", repeat: bool = False) -> str | None:
+    """Fused cross-scan against :func:`_cross_reference` on the same values (the reference in
+    fp32): output and gradients within :func:`_tolerances` (bf16 gradients 1e-2, their rounding)
+    of their largest value; with ``repeat``, a second call must give bit-identical results."""
+    from model.ops import selective_scan_triton as sst
+
+    b, k, d_x, length, n, grouped, use_d, use_bias, softplus, dtype = case
+    tensors, perms = _cross_inputs(b, k, d_x, length, n, grouped, seed=length)
+    tensors = {key: v.to(device=device, dtype=getattr(torch, dtype)) for key, v in tensors.items()}
+
+    def fused(t):
+        args = (t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"], perms.to(device))
+        return sst.cross_scan_triton(*args, delta_softplus=softplus, grouped=grouped)
+
+    try:
+        y_ref, g_ref = _run_cross(
+            lambda t: _cross_reference(t, perms, softplus, grouped),
+            {key: v.float() for key, v in tensors.items()},
+            use_d,
+            use_bias,
+        )
+        y, grads = _run_cross(fused, tensors, use_d, use_bias)
+        rel_y, rel_g = _tolerances(device)
+        assert y.dtype == torch.float32 and y.shape == (b, d_x, length), (y.dtype, y.shape)
+        assert_close_rel(y, y_ref, rel_y)
+        for name in CROSS_NAMES:
+            if g_ref[name] is None:
+                assert grads[name] is None, name
+                continue
+            assert grads[name].dtype == tensors[name].dtype, name
+            assert_close_rel(grads[name].float(), g_ref[name], rel_g if dtype == "float32" else 1e-2)
+        if repeat:
+            y2, grads2 = _run_cross(fused, tensors, use_d, use_bias)
+            assert torch.equal(y, y2), "output differs between calls"
+            for name in CROSS_NAMES:
+                assert grads[name] is None or torch.equal(grads[name], grads2[name]), f"{name} not repeatable"
+    except AssertionError as err:
+        return f"{case}: {err}"
+    return None
+
+
+def _fused_suite() -> list[str]:
+    """Every fused case (two of them twice for determinism) and the forced batch split."""
+    from model.ops import selective_scan_triton as sst
+
+    failures = [f for i, case in enumerate(FUSED_CASES) if (f := _check_cross(case, repeat=i in (0, 3)))]
+    split = (3, 4, 6, 5, 4, False, True, True, True, "float32")
+    limit = sst._MAX_ELEMENTS
+    sst._MAX_ELEMENTS = sst._elements_per_sample(6, 4, 6, 5, 4) + 1  # one sample per launch
+    try:
+        with _CountCalls(sst._ScanTriton, "apply") as calls:
+            problem = _check_cross(split)
+    finally:
+        sst._MAX_ELEMENTS = limit
+    if problem or calls.batches != [1, 1, 1]:
+        failures.append(f"split: {problem}, launches over batches {calls.batches} (expected [1, 1, 1])")
+    return failures
+
+
+def _softplus_inputs() -> dict[str, torch.Tensor]:
+    """A scan whose ``delta + delta_bias`` spans -30 .. 25, one level per channel (K=2, d=8)."""
+    levels = torch.tensor([-30.0, -26, -22, -19, -17, -15, -13, -11, -9, -7, -4, -1, 2, 10, 19.5, 25])
+    t = _inputs(2, 2, 8, 6, 4, seed=3)
+    t["delta"] = levels[None, :, None] - t["delta_bias"][None, :, None] + 0.3 * t["delta"]
+    return t
+
+
+def _check_softplus(device: str = "cpu") -> str | None:
+    """Output and delta gradient of a scan at very negative ``delta + delta_bias`` (no D, so the
+    output is all state) against ``ref``, relative per channel, within :func:`_tolerances`."""
+    t = {key: v.to(device) for key, v in _softplus_inputs().items()}
+
+    def run(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        leaves = {key: v.clone().requires_grad_(True) for key, v in t.items()}
+        args = (leaves[name] for name in ("u", "delta", "A", "B", "C"))
+        y = selective_scan_fn(*args, None, leaves["delta_bias"], delta_softplus=True, backend=backend)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)).sum().backward()
+        return y.detach(), leaves["delta"].grad
+
+    (y_ref, g_ref), (y, g) = run("ref"), run("triton")
+
+    def worst(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a - b).abs().amax((0, 2)) / b.abs().amax((0, 2))).max())
+
+    errors = {"output": worst(y, y_ref), "delta": worst(g, g_ref)}
+    if any(err > rel for err, rel in zip(errors.values(), _tolerances(device))):
+        return f"softplus: per-channel relative errors {errors}"
+    return None
+
+
+def _check_ss2d(method: str, k: int, batch: int, h: int, w: int, device: str = "cpu") -> str | None:
+    """SS2D with ``scan_backend="triton"`` (the fused path) against the same module on the
+    unfused reference: output and the gradients of every parameter and of the input, within
+    :func:`_tolerances`."""
+    from model.mamba_decoder import SS2D
+    from model.ops import selective_scan_triton as sst
+
+    torch.manual_seed(0)
+    m = SS2D(d_model=4, d_state=4, size=4, scan_method=method, num_directions=k).to(device)
+    with torch.no_grad():
+        m.x_proj_weight.normal_(0, 0.5)
+        m.A_logs.add_(torch.randn_like(m.A_logs) * 0.1)
+        m.Ds.normal_()
+    x = torch.randn(batch, h, w, 4, device=device)
+    weight = torch.randn(batch, h, w, 4, device=device)
+
+    def run(backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.scan_backend = backend
+        m.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        y = m(leaf)
+        (y * weight).sum().backward()
+        return y.detach(), {"input": leaf.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+    y_ref, g_ref = run("ref" if device == "cpu" else "chunked")
+    with _CountCalls(sst, "cross_scan_triton") as calls:
+        y, grads = run("triton")
+    try:
+        assert calls.batches == [batch], f"fused path called for batches {calls.batches}"
+        rel_y, rel_g = _tolerances(device)
+        assert_close_rel(y, y_ref, rel_y)
+        for name, g in g_ref.items():
+            assert_close_rel(grads[name], g, rel_g)
+    except AssertionError as err:
+        return f"SS2D {method} K={k} {h}x{w}: {err}"
+    return None
+
+
+def _model_suite() -> list[str]:
+    """Softplus precision and SS2D with the fused path."""
+    checks = [_check_softplus(), _check_ss2d("hilbert", 8, 1, 4, 4), _check_ss2d("zigzag", 4, 2, 3, 5)]
+    return [f for f in checks if f]
+
+
+SUITES = {"plain": _plain_suite, "fused": _fused_suite, "model": _model_suite}
+
+
+def _interpreter_main(suite: str = "plain") -> None:
+    """Run one suite under the interpreter; print a JSON list of failures."""
+    print(json.dumps(SUITES[suite]()))
+
+
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_triton_matches_reference_in_interpreter(suite):
+    code = f"from tests.test_selective_scan_triton import _interpreter_main; _interpreter_main({suite!r})"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)},
@@ -96,7 +359,7 @@ def test_not_listed_without_cuda(monkeypatch):
     assert available_backends()[0] in ("triton", "mamba_ssm")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize(("d", "length"), [(1024, 64), (256, 1024), (128, 4096)])
 def test_triton_on_cuda_realistic_shapes(d, length):
     dev = torch.device("cuda")
@@ -119,3 +382,89 @@ def test_triton_on_cuda_realistic_shapes(d, length):
         torch.testing.assert_close(
             selective_scan_fn(*args, backend="auto"), selective_scan_fn(*args, backend="triton")
         )
+
+
+def test_launches_are_guarded_by_the_tensors_device():
+    """CUDA tensors launch under their own device (a model on cuda:1); CPU ones under nothing."""
+    from model.ops import selective_scan_triton as sst
+
+    guard = sst._on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(sst._on_device(torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """Both kernels compile for sm_90 (Triton's bundled ptxas, no GPU needed), with no atomics
+    and the three barriers of the backward pass."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from model.ops import selective_scan_triton as sst
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process")
+    values = {"PERM": True, "SOFTPLUS": True, "BLOCK": 4, "N_PAD": 16, "CH": 8}
+
+    def arg_type(name: str) -> str:
+        if name in values:
+            return "constexpr"
+        if name == "perm_ptr":
+            return "*i32"
+        return "*fp32" if name.endswith("_ptr") else "i32"
+
+    compiled = {}
+    for kernel in (sst._fwd_kernel, sst._bwd_kernel):
+        names = kernel.arg_names
+        signature = {n: arg_type(n) for n in names}
+        constexprs = {(names.index(n),): v for n, v in values.items() if n in names}
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+        compiled[kernel.__name__] = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    for binary in compiled.values():
+        assert "atom." not in binary.asm["ptx"]
+    ttgir = compiled["_bwd_kernel"].asm["ttgir"]
+    assert sum("ttg.barrier" in line or "gpu.barrier" in line for line in ttgir.splitlines()) == 3
+
+
+# (b, K, d_x, L, N, grouped, use_d, use_bias, softplus, dtype) at decoder-like sizes
+CUDA_CROSS_CASES = [
+    (2, 8, 96, 1024, 16, False, True, True, True, "float32"),
+    (4, 8, 256, 256, 16, True, True, True, True, "float32"),
+    (2, 4, 64, 4096, 16, False, True, True, True, "bfloat16"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CROSS_CASES)
+def test_cross_scan_on_cuda_matches_unfused_and_repeats(case):
+    assert _check_cross(case, device="cuda", repeat=True) is None
+
+
+@pytest.mark.cuda
+def test_softplus_precision_and_ss2d_on_cuda():
+    problems = [
+        _check_softplus("cuda"),
+        _check_ss2d("hilbert", 8, 2, 16, 16, device="cuda"),
+        _check_ss2d("zigzag", 4, 2, 12, 20, device="cuda"),
+    ]
+    assert [p for p in problems if p] == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_launches_on_the_tensors_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1."""
+    with torch.cuda.device(0):
+        tensors = {key: v.to("cuda:1") for key, v in _inputs(2, 4, 32, 300, 16, seed=0).items()}
+        args = [tensors[name] for name in NAMES]
+        torch.testing.assert_close(
+            selective_scan_fn(*args, delta_softplus=True, backend="triton"),
+            selective_scan_fn(*args, delta_softplus=True, backend="chunked"),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        problems = [
+            _check_cross(CUDA_CROSS_CASES[0], device="cuda:1"),
+            _check_ss2d("hilbert", 4, 2, 8, 8, device="cuda:1"),
+        ]
+    assert [p for p in problems if p] == []

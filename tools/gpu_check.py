@@ -159,7 +159,10 @@ def check_scan(args: argparse.Namespace) -> dict[str, Any]:
         ok &= identical
         rows.append({"stage": shape["stage"], "backend": "triton", "batch": 16, "bit_identical": identical})
         limit = sst._MAX_ELEMENTS
-        sst._MAX_ELEMENTS = max(1, big[0][:3].numel() * shape["N"])  # about 3 samples per piece
+        per_sample = sst._elements_per_sample(
+            big[0].shape[1], shape["K"], shape["d_inner"], shape["L"], shape["N"]
+        )
+        sst._MAX_ELEMENTS = 3 * per_sample + 1  # pieces of 3 samples
         try:
             split = _scan_run("triton", big, weight)
         finally:

@@ -1,21 +1,46 @@
 # ruff: noqa: N803  (A, B, C, D are the standard names of the S6 parameters, as in mamba-ssm)
-"""Triton selective scan for NVIDIA GPUs (backend ``triton``), forward and backward.
+"""Triton selective scan for NVIDIA GPUs (backend ``triton``), forward and backward, plain or fused
+with SS2D's cross-scan.
 
-Same semantics and shapes as :func:`model.ops.selective_scan.selective_scan_fn`. One program
-per (batch, block of channels) runs the time loop with the ``N`` states of its channels in
-registers; forward keeps only the current state. Backward stores the state at chunk
-boundaries, then walks the chunks in reverse, recomputing the chunk's states into a small
-scratch buffer. B/C gradients are written per channel and summed over the ``d`` channels of a
-group in PyTorch, so no atomics are needed. Accumulation is fp32; the output is fp32 and the
-gradients take the input dtypes.
+:func:`selective_scan_triton` has the semantics and shapes of
+:func:`model.ops.selective_scan.selective_scan_fn`. :func:`cross_scan_triton` fuses SS2D's
+K-direction scan: inputs stay in pixel order and the kernels read pixel ``perms[k, t]`` at step
+``t`` of direction ``k``, so neither the ``[b, K, d, L]`` gather of the input (``scan_encode``)
+nor the un-permuting gather of the output (``scan_decode``) is materialised, forward or backward.
 
-Triton is optional: without it this module imports, :data:`TRITON_AVAILABLE` is False and
-:func:`selective_scan_triton` raises ``ValueError``. With ``TRITON_INTERPRET=1`` set before
-triton is imported, the kernels run on CPU tensors (slowly; used by the tests).
+Both run the same two kernels. One program per (sample, direction, block of channels) runs the
+time loop with the ``N`` states of its channels in registers; a channel block never straddles
+two directions, so B and C are loaded once per step for the whole block. Forward keeps only the
+current state. Backward stores the state at chunk boundaries (``~sqrt(L)`` steps apart), then
+walks the chunks in reverse, recomputing each chunk's states into a scratch buffer.
+
+Every gradient is deterministic (bit-identical from call to call): no atomics anywhere. Each
+program writes only its own slots; the B/C gradients are summed over the block's channels inside
+the kernel (``tl.sum``) into per-block partials ``[b, K, n_blocks, L, N]``, which PyTorch then
+sums over the few blocks, as it sums ``A``/``D``/``delta_bias`` over the batch.
+
+Summing over directions (non-grouped cross-scan). Each direction's output lands at different
+pixels at every step, so one program looping over the K directions of its channel block would
+have to read back and add to ``y`` in global memory, and its sequential time loop (what bounds a
+scan on a GPU) would be K times longer on a grid K times smaller. Instead each direction writes
+its own ``[b, K, d, L]`` slice in pixel order and PyTorch sums over K (a fixed-order, hence
+deterministic, reduction); the same holds for ``du`` in backward. The cost is one transient fp32
+``[b, K, d, L]`` buffer per call, freed right after the sum and never saved for backward, in
+exchange for the full K-fold parallelism of the grid. The grouped variant needs no sum (direction
+``k`` owns channels ``k*d .. k*d+d-1``). Not measured yet: chosen without a GPU.
+
+Accumulation is fp32; the output is fp32 and the gradients take the input dtypes. Offsets are
+int32: a call whose buffers would reach 2**31 elements is split over the batch.
+
+Triton is optional: without it this module imports, :data:`TRITON_AVAILABLE` is False and the
+entry points raise ``ValueError``. With ``TRITON_INTERPRET=1`` set before triton is imported, the
+kernels run on CPU tensors (slowly; used by the tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 
 import torch
@@ -33,79 +58,137 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BLOCK_D = 32
 CHUNK = 64
+# Offsets inside the kernels are int32: every buffer of one launch must stay below this many
+# elements (the tests lower it to force the batch split).
 _MAX_ELEMENTS = 2**31 - 1
 
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _log1p(z):
+        """log(1 + z) for 0 <= z <= 1 to a few ulps, as 2 atanh(s), s = z / (2 + z) <= 1/3, by its
+        odd series (8 terms: the rest is below 2**-26). tl.log is a fast approximation on GPUs
+        whose absolute error would swamp log(1 + z) for small z."""
+        s = z / (2.0 + z)
+        s2 = s * s
+        p = s2 * (1.0 / 15.0) + 1.0 / 13.0
+        p = p * s2 + 1.0 / 11.0
+        p = p * s2 + 1.0 / 9.0
+        p = p * s2 + 1.0 / 7.0
+        p = p * s2 + 1.0 / 5.0
+        p = p * s2 + 1.0 / 3.0
+        p = p * s2 + 1.0
+        return 2.0 * s * p
+
+    @triton.jit
     def _softplus(x):
-        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+        """torch's F.softplus (threshold 20) in fp32 at full relative precision for any x:
+        max(x, 0) + log1p(exp(-|x|)), where log(1 + exp(x)) would round to 0 below x = -17."""
+        return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x))))
+
+    @triton.jit
+    def _position(perm_ptr, k, L, t, PERM: tl.constexpr):
+        """Pixel read at step ``t`` of direction ``k``: ``perms[k, t]``, or ``t`` without a table."""
+        p = t
+        if PERM:
+            p = tl.load(perm_ptr + k * L + t)
+        return p
+
+    @triton.jit
+    def _inputs_at(u_ptr, dt_ptr, B_ptr, u_row, row, bc, p, bias, mask_c, mask_n, SOFTPLUS: tl.constexpr):
+        """u, raw delta (+ bias), delta (after softplus) of the block's channels and B at pixel p."""
+        u = tl.load(u_ptr + u_row + p, mask=mask_c, other=0.0)
+        raw = tl.load(dt_ptr + row + p, mask=mask_c, other=0.0) + bias
+        dt = raw
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        Bt = tl.load(B_ptr + bc + p, mask=mask_n, other=0.0)
+        return u, raw, dt, Bt
 
     @triton.jit
     def _fwd_kernel(
-        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
-        channels, d, K, N, L,
-        SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, perm_ptr, y_ptr,
+        u_bs, u_ks, d, K, N, L,
+        PERM: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
     ):  # fmt: skip
+        # program (sample bi, direction k, block of its d channels); u rows are
+        # bi * u_bs + k * u_ks + c, delta and y rows [b, K, d] (all strided by L)
         bi = tl.program_id(0)
-        offs_c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        k = tl.program_id(1)
+        offs_c = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
         offs_n = tl.arange(0, N_PAD)
-        mask_c = offs_c < channels
-        mask_cn = mask_c[:, None] & (offs_n[None, :] < N)
-        k = offs_c // d
-        A = tl.load(A_ptr + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0)
-        Dv = tl.load(D_ptr + offs_c, mask=mask_c, other=0.0)
-        bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)
-        row = (bi * channels + offs_c) * L
-        bc_row = ((bi * K + k)[:, None] * N + offs_n[None, :]) * L
+        mask_c = offs_c < d
+        mask_n = offs_n < N
+        mask_cn = mask_c[:, None] & mask_n[None, :]
+        ch = k * d + offs_c
+        A = tl.load(A_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0)
+        Dv = tl.load(D_ptr + ch, mask=mask_c, other=0.0)
+        bias = tl.load(bias_ptr + ch, mask=mask_c, other=0.0)
+        u_row = (bi * u_bs + k * u_ks + offs_c) * L
+        row = (bi * K * d + ch) * L
+        bc = ((bi * K + k) * N + offs_n) * L
         h = tl.zeros([BLOCK, N_PAD], dtype=tl.float32)
         for t in range(0, L):
-            u = tl.load(u_ptr + row + t, mask=mask_c, other=0.0)
-            dt = tl.load(dt_ptr + row + t, mask=mask_c, other=0.0) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            Bt = tl.load(B_ptr + bc_row + t, mask=mask_cn, other=0.0)
-            Ct = tl.load(C_ptr + bc_row + t, mask=mask_cn, other=0.0)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt
-            y = tl.sum(Ct * h, axis=1) + Dv * u
-            tl.store(y_ptr + row + t, y, mask=mask_c)
+            p = _position(perm_ptr, k, L, t, PERM)
+            u, _, dt, Bt = _inputs_at(u_ptr, dt_ptr, B_ptr, u_row, row, bc, p, bias, mask_c, mask_n, SOFTPLUS)
+            Ct = tl.load(C_ptr + bc + p, mask=mask_n, other=0.0)
+            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+            tl.store(y_ptr + row + p, y, mask=mask_c)
 
     @triton.jit
     def _bwd_kernel(
-        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy_ptr,
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, perm_ptr, gy_ptr,
         ckpt_ptr, scratch_ptr,
         du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-        channels, d, K, N, L, n_chunks,
-        SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr, CH: tl.constexpr,
+        u_bs, u_ks, d, K, N, L, n_chunks,
+        PERM: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
+        CH: tl.constexpr,
     ):  # fmt: skip
+        # Same programs as forward. grad_y and u share their row layout; du and ddelta are written
+        # [b, K, d, L], dB/dC as this block's partial sums [b, K, n_blocks, L, N].
+        #
+        # The checkpoints and the scratch states go through global memory, and on a GPU the
+        # thread that reads a state back need not be the one that wrote it (Triton spreads
+        # [BLOCK, N_PAD] over the threads as it likes, and stores only one copy of data that
+        # several threads hold). tl.debug_barrier() (bar.sync: all of the program's threads wait,
+        # and their earlier global writes become visible to each other) therefore separates
+        # every write of these buffers from the reads of it, and the reads of one chunk from
+        # the next chunk's writes to the same scratch slots. The interpreter runs a program as
+        # one thread, where the barriers are no-ops.
         bi = tl.program_id(0)
-        offs_c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        k = tl.program_id(1)
+        cb = tl.program_id(2)
+        n_blocks = tl.num_programs(2)
+        offs_c = cb * BLOCK + tl.arange(0, BLOCK)
         offs_n = tl.arange(0, N_PAD)
-        mask_c = offs_c < channels
-        mask_cn = mask_c[:, None] & (offs_n[None, :] < N)
-        k = offs_c // d
-        A = tl.load(A_ptr + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0)
-        Dv = tl.load(D_ptr + offs_c, mask=mask_c, other=0.0)
-        bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)
-        row = (bi * channels + offs_c) * L
-        bc_row = ((bi * K + k)[:, None] * N + offs_n[None, :]) * L
-        # per-channel state buffers: [b, channels, n_chunks | CH, N_PAD]
-        state_cn = (bi * channels + offs_c)[:, None] * N_PAD + offs_n[None, :]
-        ckpt_base = ckpt_ptr + state_cn * n_chunks
-        scratch_base = scratch_ptr + state_cn * CH
-        part_cn = (bi * channels + offs_c)[:, None] * N + offs_n[None, :]
+        mask_c = offs_c < d
+        mask_n = offs_n < N
+        mask_cn = mask_c[:, None] & mask_n[None, :]
+        ch = k * d + offs_c
+        A = tl.load(A_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0)
+        Dv = tl.load(D_ptr + ch, mask=mask_c, other=0.0)
+        bias = tl.load(bias_ptr + ch, mask=mask_c, other=0.0)
+        u_row = (bi * u_bs + k * u_ks + offs_c) * L
+        row = (bi * K * d + ch) * L
+        bc = ((bi * K + k) * N + offs_n) * L
+        # states [b, K*d, n_chunks | CH, N_PAD], the state index innermost
+        state_row = (bi * K * d + ch)[:, None]
+        ckpt_base = ckpt_ptr + state_row * (n_chunks * N_PAD) + offs_n[None, :]
+        scratch_base = scratch_ptr + state_row * (CH * N_PAD) + offs_n[None, :]
+        part = ((bi * K + k) * n_blocks + cb) * L * N + offs_n
 
         # pass 1: the state before each chunk
         h = tl.zeros([BLOCK, N_PAD], dtype=tl.float32)
         for j in range(0, n_chunks):
-            tl.store(ckpt_base + j, h, mask=mask_cn)
+            tl.store(ckpt_base + j * N_PAD, h, mask=mask_cn)
             for t in range(j * CH, tl.minimum(j * CH + CH, L)):
-                u = tl.load(u_ptr + row + t, mask=mask_c, other=0.0)
-                dt = tl.load(dt_ptr + row + t, mask=mask_c, other=0.0) + bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                Bt = tl.load(B_ptr + bc_row + t, mask=mask_cn, other=0.0)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt
+                p = _position(perm_ptr, k, L, t, PERM)
+                u, _, dt, Bt = _inputs_at(
+                    u_ptr, dt_ptr, B_ptr, u_row, row, bc, p, bias, mask_c, mask_n, SOFTPLUS
+                )
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        tl.debug_barrier()  # checkpoints written above, read below
 
         # pass 2: chunks in reverse; recompute h_{t-1} into scratch, then step back in time
         dh = tl.zeros([BLOCK, N_PAD], dtype=tl.float32)
@@ -116,113 +199,182 @@ if TRITON_AVAILABLE:
             j = n_chunks - 1 - jj
             t0 = j * CH
             t1 = tl.minimum(t0 + CH, L)
-            h = tl.load(ckpt_base + j, mask=mask_cn, other=0.0)
+            h = tl.load(ckpt_base + j * N_PAD, mask=mask_cn, other=0.0)
             for t in range(t0, t1):
-                tl.store(scratch_base + (t - t0), h, mask=mask_cn)
-                u = tl.load(u_ptr + row + t, mask=mask_c, other=0.0)
-                dt = tl.load(dt_ptr + row + t, mask=mask_c, other=0.0) + bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                Bt = tl.load(B_ptr + bc_row + t, mask=mask_cn, other=0.0)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt
+                tl.store(scratch_base + (t - t0) * N_PAD, h, mask=mask_cn)
+                p = _position(perm_ptr, k, L, t, PERM)
+                u, _, dt, Bt = _inputs_at(
+                    u_ptr, dt_ptr, B_ptr, u_row, row, bc, p, bias, mask_c, mask_n, SOFTPLUS
+                )
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            tl.debug_barrier()  # scratch written above, read below
             for i in range(0, t1 - t0):
                 t = t1 - 1 - i
-                h_prev = tl.load(scratch_base + (t - t0), mask=mask_cn, other=0.0)
-                u = tl.load(u_ptr + row + t, mask=mask_c, other=0.0)
-                raw = tl.load(dt_ptr + row + t, mask=mask_c, other=0.0) + bias
-                dt = raw
-                if SOFTPLUS:
-                    dt = _softplus(raw)
-                Bt = tl.load(B_ptr + bc_row + t, mask=mask_cn, other=0.0)
-                Ct = tl.load(C_ptr + bc_row + t, mask=mask_cn, other=0.0)
-                gy = tl.load(gy_ptr + row + t, mask=mask_c, other=0.0)
+                h_prev = tl.load(scratch_base + (t - t0) * N_PAD, mask=mask_cn, other=0.0)
+                p = _position(perm_ptr, k, L, t, PERM)
+                u, raw, dt, Bt = _inputs_at(
+                    u_ptr, dt_ptr, B_ptr, u_row, row, bc, p, bias, mask_c, mask_n, SOFTPLUS
+                )
+                Ct = tl.load(C_ptr + bc + p, mask=mask_n, other=0.0)
+                gy = tl.load(gy_ptr + u_row + p, mask=mask_c, other=0.0)
                 dA_t = tl.exp(dt[:, None] * A)
-                h_t = dA_t * h_prev + (dt * u)[:, None] * Bt
-                tl.store(dC_ptr + part_cn * L + t, gy[:, None] * h_t, mask=mask_cn)
-                dh = dh + gy[:, None] * Ct
-                tl.store(dB_ptr + part_cn * L + t, dh * (dt * u)[:, None], mask=mask_cn)
+                dtu = dt * u
+                h_t = dA_t * h_prev + dtu[:, None] * Bt[None, :]
+                tl.store(dC_ptr + part + p * N, tl.sum(gy[:, None] * h_t, axis=0), mask=mask_n)
+                dh = dh + gy[:, None] * Ct[None, :]
+                tl.store(dB_ptr + part + p * N, tl.sum(dh * dtu[:, None], axis=0), mask=mask_n)
                 dt_h = dh * dA_t * h_prev
                 dA_acc += dt_h * dt[:, None]
-                g_dt = tl.sum(dt_h * A + dh * Bt * u[:, None], axis=1)
+                g_dt = tl.sum(dt_h * A + dh * Bt[None, :] * u[:, None], axis=1)
                 if SOFTPLUS:
-                    g_dt = g_dt / (1.0 + tl.exp(-raw))
-                tl.store(ddt_ptr + row + t, g_dt, mask=mask_c)
+                    g_dt = tl.where(raw > 20.0, g_dt, g_dt / (1.0 + tl.exp(-raw)))
+                tl.store(ddt_ptr + row + p, g_dt, mask=mask_c)
                 dbias_acc += g_dt
-                g_u = tl.sum(dh * Bt, axis=1) * dt + gy * Dv
-                tl.store(du_ptr + row + t, g_u, mask=mask_c)
+                g_u = tl.sum(dh * Bt[None, :], axis=1) * dt + gy * Dv
+                tl.store(du_ptr + row + p, g_u, mask=mask_c)
                 dD_acc += gy * u
                 dh = dh * dA_t
-        tl.store(dA_ptr + part_cn, dA_acc, mask=mask_cn)
-        tl.store(dD_ptr + bi * channels + offs_c, dD_acc, mask=mask_c)
-        tl.store(dbias_ptr + bi * channels + offs_c, dbias_acc, mask=mask_c)
+            tl.debug_barrier()  # this chunk's scratch reads done before the next chunk overwrites it
+        tl.store(dA_ptr + (bi * K * d + ch)[:, None] * N + offs_n[None, :], dA_acc, mask=mask_cn)
+        tl.store(dD_ptr + bi * K * d + ch, dD_acc, mask=mask_c)
+        tl.store(dbias_ptr + bi * K * d + ch, dbias_acc, mask=mask_c)
 
 
-def _launch_args(u: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple:
-    b, channels, length = u.shape
-    groups, n = B.shape[1], A.shape[1]
-    # smaller channel blocks when there are few (batch, channel) rows, so that the grid still
-    # fills the GPU: the time loop is sequential inside each program.
-    block = max(4, min(BLOCK_D, triton.next_power_of_2(max(1, b * channels // 1024))))
-    block = min(block, triton.next_power_of_2(channels))
-    grid = (b, triton.cdiv(channels, block))
-    return b, channels, length, groups, n, block, grid, triton.next_power_of_2(n)
+def _block(batch: int, groups: int, d: int) -> int:
+    """Channels per program: smaller blocks when there are few (sample, channel) rows, so that the
+    grid still fills the GPU (the time loop is sequential inside each program); at most ``d``."""
+    block = max(4, min(BLOCK_D, triton.next_power_of_2(max(1, batch * groups * d // 1024))))
+    return min(block, triton.next_power_of_2(d))
 
 
-class _SelectiveScanTriton(torch.autograd.Function):
-    """Autograd wrapper: saves only the (fp32, contiguous) inputs; backward recomputes states."""
+def _chunk(length: int) -> int:
+    """Backward chunk: ~sqrt(L) steps (at most ``CHUNK``), which minimises checkpoints + scratch."""
+    return min(CHUNK, triton.next_power_of_2(math.isqrt(max(length - 1, 0)) + 1))
+
+
+def _elements_per_sample(u_rows: int, groups: int, d: int, length: int, n: int) -> int:
+    """Elements per sample of the largest buffer of a launch, for any batch size (int32 guard)."""
+    chunk, n_pad = _chunk(length), triton.next_power_of_2(n)
+    most_blocks = triton.cdiv(d, min(4, triton.next_power_of_2(d)))
+    states = groups * d * n_pad * max(chunk, triton.cdiv(length, chunk))
+    return max(u_rows * length, groups * d * length, states, groups * most_blocks * length * n)
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch under ``t``'s GPU (Triton launches on the current device); nothing for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _ScanTriton(torch.autograd.Function):
+    """Autograd wrapper of both kernels: saves the (fp32, contiguous) inputs; backward recomputes.
+
+    ``u`` is ``[b, K*d, L]`` (one slice per direction) or, with ``shared_u``, ``[b, d, L]`` read
+    by every direction, whose outputs are then summed; ``perms`` ``[K, L]`` int32 or None.
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, perms, delta_softplus, shared_u):
         dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, delta_bias)]
         f32 = [x.float().contiguous() for x in (u, delta, A, B, C)]
-        zeros = torch.zeros(u.shape[1], device=u.device)
+        zeros = torch.zeros(A.shape[0], device=u.device)
         Df = zeros if D is None else D.float().contiguous()
         bf = zeros if delta_bias is None else delta_bias.float().contiguous()
-        b, channels, length, groups, n, block, grid, n_pad = _launch_args(u, B, A)
-        y = torch.empty(b, channels, length, device=u.device, dtype=torch.float32)
-        _fwd_kernel[grid](
-            *f32, Df, bf, y, channels, channels // groups, groups, n, length,
-            SOFTPLUS=bool(delta_softplus), BLOCK=block, N_PAD=n_pad,
-        )  # fmt: skip
-        ctx.save_for_backward(*f32, Df, bf)
+        b, length = u.shape[0], u.shape[-1]
+        groups, n = B.shape[1], A.shape[1]
+        d = A.shape[0] // groups
+        block = _block(b, groups, d)
+        grid = (b, groups, triton.cdiv(d, block))
+        table = perms if perms is not None else torch.zeros(1, dtype=torch.int32, device=u.device)
+        y = torch.empty(b, groups, d, length, device=u.device, dtype=torch.float32)
+        with _on_device(u):
+            _fwd_kernel[grid](
+                *f32, Df, bf, table, y, u.shape[1], 0 if shared_u else d, d, groups, n, length,
+                PERM=perms is not None, SOFTPLUS=bool(delta_softplus), BLOCK=block,
+                N_PAD=triton.next_power_of_2(n),
+            )  # fmt: skip
+        ctx.save_for_backward(*f32, Df, bf, table)
         ctx.dtypes = dtypes
         ctx.softplus = bool(delta_softplus)
-        return y
+        ctx.shared_u = bool(shared_u)
+        ctx.permuted = perms is not None
+        return y.sum(1) if shared_u else y.view(b, groups * d, length)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        u, delta, A, B, C, Df, bf = ctx.saved_tensors
-        b, channels, length, groups, n, block, grid, n_pad = _launch_args(u, B, A)
-        d = channels // groups
-        chunk = min(CHUNK, max(1, triton.next_power_of_2(length)))
+        u, delta, A, B, C, Df, bf, table = ctx.saved_tensors
+        b, length = u.shape[0], u.shape[-1]
+        groups, n = B.shape[1], A.shape[1]
+        d = A.shape[0] // groups
+        block = _block(b, groups, d)
+        n_blocks = triton.cdiv(d, block)
+        chunk = _chunk(length)
         n_chunks = triton.cdiv(length, chunk)
+        n_pad = triton.next_power_of_2(n)
         dev = u.device
-        ckpt = torch.empty(b, channels, n_pad, n_chunks, device=dev)
-        scratch = torch.empty(b, channels, n_pad, chunk, device=dev)
-        du = torch.empty_like(u)
+        ckpt = torch.empty(b, groups * d, n_chunks, n_pad, device=dev)
+        scratch = torch.empty(b, groups * d, chunk, n_pad, device=dev)
+        du = torch.empty(b, groups, d, length, device=dev)
         ddt = torch.empty_like(delta)
-        dA = torch.empty(b, channels, n, device=dev)
-        dB = torch.empty(b, channels, n, length, device=dev)
-        dC = torch.empty(b, channels, n, length, device=dev)
-        dD = torch.empty(b, channels, device=dev)
-        dbias = torch.empty(b, channels, device=dev)
-        _bwd_kernel[grid](
-            u, delta, A, B, C, Df, bf, grad_y.float().contiguous(), ckpt, scratch,
-            du, ddt, dA, dB, dC, dD, dbias, channels, d, groups, n, length, n_chunks,
-            SOFTPLUS=ctx.softplus, BLOCK=block, N_PAD=n_pad, CH=chunk,
-        )  # fmt: skip
+        dA = torch.empty(b, groups * d, n, device=dev)
+        dB = torch.empty(b, groups, n_blocks, length, n, device=dev)
+        dC = torch.empty(b, groups, n_blocks, length, n, device=dev)
+        dD = torch.empty(b, groups * d, device=dev)
+        dbias = torch.empty(b, groups * d, device=dev)
+        with _on_device(u):
+            _bwd_kernel[(b, groups, n_blocks)](
+                u, delta, A, B, C, Df, bf, table, grad_y.float().contiguous(), ckpt, scratch,
+                du, ddt, dA, dB, dC, dD, dbias,
+                u.shape[1], 0 if ctx.shared_u else d, d, groups, n, length, n_chunks,
+                PERM=ctx.permuted, SOFTPLUS=ctx.softplus, BLOCK=block, N_PAD=n_pad, CH=chunk,
+            )  # fmt: skip
         grads = [
-            du,
+            du.sum(1) if ctx.shared_u else du.view(u.shape),
             ddt,
             dA.sum(0),
-            dB.view(b, groups, d, n, length).sum(2),
-            dC.view(b, groups, d, n, length).sum(2),
+            dB.sum(2).transpose(2, 3),
+            dC.sum(2).transpose(2, 3),
             dD.sum(0),
             dbias.sum(0),
         ]
         out = [None if dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (*out, None)
+        return (*out, None, None, None)
+
+
+def _apply(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    perms: torch.Tensor | None,
+    delta_softplus: bool,
+    shared_u: bool,
+) -> torch.Tensor:
+    """Run :class:`_ScanTriton`, split over the batch when a buffer would overflow int32 offsets."""
+    groups, n = B.shape[1], A.shape[1]
+    per_sample = _elements_per_sample(u.shape[1], groups, A.shape[0] // groups, u.shape[-1], n)
+    if per_sample >= _MAX_ELEMENTS:
+        raise ValueError(f"selective scan too large for the triton backend: {per_sample} elements per sample")
+    rest = (D, delta_bias, perms, delta_softplus, shared_u)
+    batch = u.shape[0]
+    if batch * per_sample < _MAX_ELEMENTS:
+        return _ScanTriton.apply(u, delta, A, B, C, *rest)
+    step = max(1, _MAX_ELEMENTS // per_sample)
+    parts = [
+        _ScanTriton.apply(u[i : i + step], delta[i : i + step], A, B[i : i + step], C[i : i + step], *rest)
+        for i in range(0, batch, step)
+    ]
+    return torch.cat(parts)
+
+
+def _check_usable(t: torch.Tensor) -> None:
+    if not TRITON_AVAILABLE:
+        raise ValueError("backend 'triton' needs triton (pip install triton)")
+    if not (t.is_cuda or INTERPRET):
+        raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
 
 
 def selective_scan_triton(
@@ -240,19 +392,55 @@ def selective_scan_triton(
     Raises ``ValueError`` when triton is missing. The arguments are checked by
     :func:`model.ops.selective_scan.selective_scan_fn` (call it with ``backend="triton"``), not here.
     """
-    if not TRITON_AVAILABLE:
-        raise ValueError("backend 'triton' needs triton (pip install triton)")
-    _, channels, length = u.shape
-    # per-channel B/C gradient buffers [b, K*d, N, L] are indexed with int32 offsets
-    per_sample = channels * A.shape[1] * length
-    if u.shape[0] > 1 and u.shape[0] * per_sample >= _MAX_ELEMENTS:
-        step = max(1, _MAX_ELEMENTS // per_sample)
-        rows = [slice(i, i + step) for i in range(0, u.shape[0], step)]
-        parts = [
-            _SelectiveScanTriton.apply(u[r], delta[r], A, B[r], C[r], D, delta_bias, delta_softplus)
-            for r in rows
-        ]
-        return torch.cat(parts)
-    if per_sample >= _MAX_ELEMENTS:
-        raise ValueError(f"selective scan too large for the triton backend: {per_sample} states per sample")
-    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    _check_usable(u)
+    return _apply(u, delta, A, B, C, D, delta_bias, None, delta_softplus, shared_u=False)
+
+
+def cross_scan_triton(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    perms: torch.Tensor,
+    delta_softplus: bool = False,
+    grouped: bool = False,
+) -> torch.Tensor:
+    """SS2D's K-direction scan in one call, every tensor in pixel order: ``[b, d_x, L]`` (fp32).
+
+    ``perms [K, L]``: row ``k`` is a permutation of ``0..L-1``, the pixel visited at each step of
+    direction ``k``. ``delta [b, K, d, L]``, ``B, C [b, K, N, L]``, ``A [K*d, N]``, ``D,
+    delta_bias [K*d]`` (or None) hold direction ``k``'s parameters at each pixel. Without
+    ``grouped``, every direction scans all ``d = d_x`` channels of ``x`` and the result is the sum
+    of the K directions' outputs at each pixel, i.e. ``scan_decode(selective_scan_fn(scan_encode(x)
+    ...))``. With ``grouped``, direction ``k`` scans only channels ``k*d .. k*d+d-1`` of ``x``
+    (``d = d_x / K``) and writes the same channels of the result. Differentiable in every tensor
+    but ``perms``; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``.
+    """
+    _check_usable(x)
+    if x.dim() != 3 or delta.dim() != 4 or perms.dim() != 2:
+        raise ValueError(
+            f"cross scan: expected x [b, d_x, L], delta [b, K, d, L], perms [K, L], got x "
+            f"{tuple(x.shape)}, delta {tuple(delta.shape)}, perms {tuple(perms.shape)}"
+        )
+    batch, d_x, length = x.shape
+    groups, n = perms.shape[0], A.shape[-1]
+    if grouped and d_x % groups:
+        raise ValueError(f"grouped cross scan: {d_x} channels cannot be split into {groups} directions")
+    d = d_x // groups if grouped else d_x
+    expected = {
+        "perms": (perms, (groups, length)),
+        "delta": (delta, (batch, groups, d, length)),
+        "A": (A, (groups * d, n)),
+        "B": (B, (batch, groups, n, length)),
+        "C": (C, (batch, groups, n, length)),
+        "D": (D, (groups * d,)),
+        "delta_bias": (delta_bias, (groups * d,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"cross scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    table = perms.to(device=x.device, dtype=torch.int32).contiguous()
+    return _apply(x, delta, A, B, C, D, delta_bias, table, delta_softplus, shared_u=not grouped)
