@@ -47,13 +47,18 @@ class MambaADDefaults(BaseConfig):
             # from this many training batches before training; 0 disables it.
             teacher=Section(name="resnet34.bt_in1k", pretrained=True, checkpoint=None, calibrate_batches=8),
             depths=[3, 4, 6, 3],
-            scan=Section(method="hilbert", directions=8, backend="auto"),
+            # grouped: split the channels into K groups, each scanned in one direction only
+            # (our design after MMAD's "group scanning": about K times less scan work and memory)
+            scan=Section(method="hilbert", directions=8, backend="auto", grouped=False),
             d_state=16,
             drop_path=0.2,
             # LSS module design (paper Table 4): blocks = HSS blocks per LSS module (None: 3 if the
             # stage depth is a multiple of 3, else 2); kernels = depth-wise kernel of each local
             # branch; pointwise = 1x1 convs around each depth-wise conv; residual = "+ x" skip.
             lss=Section(blocks=None, kernels=[5, 7], pointwise=True, residual=True),
+            # teacher -> decoder: "hfpn" (the paper's Half-FPN) or "dilated_mamba" (our fuser after
+            # MMAD: one HSS block per dilation rate at 1/16 scale; each rate < image_size / 16)
+            bottleneck=Section(type="hfpn", dilations=[1, 2], method="sweep", directions=4),
             sigma=4.0,  # Gaussian blur of the anomaly maps
             checkpoint=None,  # full MambaAD weights (net.pth / ckpt.pth) to test or start from
             image_size=None,  # derived: data.image_size
@@ -166,5 +171,18 @@ class MambaADDefaults(BaseConfig):
                 "optim.weight_decay": number_at_least(0),
                 "optim.no_decay": one_of("ader", "flagged"),
                 "model.sigma": number_at_least(0),
+                "model.scan.grouped": one_of(True, False),
+                "model.bottleneck.type": one_of("hfpn", "dilated_mamba"),
+                "model.bottleneck.directions": one_of(*NUM_DIRECTIONS),
+                "model.bottleneck.method": one_of(*SCAN_METHODS),
+                "model.bottleneck.dilations": (
+                    lambda v: (
+                        isinstance(v, list | tuple)
+                        and len(v) > 0
+                        and all(isinstance(r, int) and r >= 1 and (r == 1 or r < min(sizes) // 16) for r in v)
+                    ),
+                    f"a non-empty list of integer rates, each 1 or smaller than the "
+                    f"{min(sizes) // 16}-pixel side of the 1/16-scale map (data.image_size / 16)",
+                ),
             },
         )

@@ -20,7 +20,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from model.ops.selective_scan import resolve_backend, selective_scan_fn
-from model.scan import direction_permutations, scan_decode, scan_encode
+from model.scan import direction_permutations, inverse_permutations, scan_decode, scan_encode
 
 T = TypeVar("T")
 
@@ -53,11 +53,27 @@ def split_scan_method(method: str, num_directions: int) -> list[tuple[str, int]]
     return [(p, per) for p in parts]
 
 
+def group_order(num_directions: int, groups: int) -> list[int]:
+    """Direction order that makes each channel group's directions contiguous.
+
+    Group ``g`` of ``groups`` takes directions ``g, g + groups, g + 2*groups, ...``, so every
+    group mixes base and reversed directions (and, for hybrids, the curves); the identity for
+    ``groups`` 1 or K.
+    """
+    if groups < 1 or num_directions % groups:
+        raise ValueError(f"{groups} channel groups do not divide {num_directions} scan directions")
+    return [k for g in range(groups) for k in range(g, num_directions, groups)]
+
+
 @lru_cache(maxsize=64)
-def _cached_permutations(method: str, h: int, w: int, num_directions: int) -> torch.Tensor:
-    """CPU permutation table ``[K, L]``, computed once per (method, size, K) for all SS2D modules."""
-    tables = [direction_permutations(m, h, w, k) for m, k in split_scan_method(method, num_directions)]
-    return torch.cat(tables).to(torch.long)
+def _cached_permutations(
+    method: str, h: int, w: int, num_directions: int, dilation: int = 1, groups: int = 1
+) -> torch.Tensor:
+    """CPU permutation table ``[K, L]``, computed once per (method, size, K, dilation, groups) for
+    all SS2D modules; rows in :func:`group_order`."""
+    parts = split_scan_method(method, num_directions)
+    tables = [direction_permutations(m, h, w, k, dilation) for m, k in parts]
+    return torch.cat(tables).to(torch.long)[group_order(num_directions, groups)]
 
 
 class ScanIndex(nn.Module):
@@ -69,12 +85,17 @@ class ScanIndex(nn.Module):
     cached for any other input size.
     """
 
-    def __init__(self, method: str, size: int, num_directions: int) -> None:
+    def __init__(
+        self, method: str, size: int, num_directions: int, dilation: int = 1, groups: int = 1
+    ) -> None:
         super().__init__()
         self.method = method
         self.size = int(size)
         self.num_directions = int(num_directions)
-        perms = _cached_permutations(method, self.size, self.size, self.num_directions).clone()
+        self.dilation = dilation
+        self.groups = groups
+        perms = _cached_permutations(method, self.size, self.size, self.num_directions, dilation, groups)
+        perms = perms.clone()
         self.register_buffer("perms", perms, persistent=False)
         self.register_buffer("index_flat", perms[0].reshape(1, 1, -1).clone())
         self.register_buffer("index_flat_inv", torch.argsort(perms[0]).reshape(1, 1, -1))
@@ -86,7 +107,7 @@ class ScanIndex(nn.Module):
             return self.perms
         key = (h, w, str(device))
         if key not in self._other_sizes:
-            table = _cached_permutations(self.method, h, w, self.num_directions)
+            table = _cached_permutations(self.method, h, w, self.num_directions, self.dilation, self.groups)
             self._other_sizes[key] = table.to(device)
         return self._other_sizes[key]
 
@@ -101,7 +122,10 @@ class ScanIndex(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, size={self.size}, num_directions={self.num_directions}"
+        extra = (f", dilation={self.dilation}" if self.dilation != 1 else "") + (
+            f", groups={self.groups}" if self.groups != 1 else ""
+        )
+        return f"method={self.method}, size={self.size}, num_directions={self.num_directions}{extra}"
 
 
 class PatchExpand2D(nn.Module):
@@ -128,6 +152,12 @@ class SS2D(nn.Module):
     The per-direction projections are stacked parameters (``x_proj_weight [K, R+2N, D]``,
     ``dt_projs_weight [K, D, R]``, ``dt_projs_bias [K, D]``) and the S6 state matrices are
     merged over directions (``A_logs [K*D, N]``, ``Ds [K*D]``), as in the official code.
+
+    ``scan_groups`` G > 1 (``model.scan.grouped``: G = K, our design after MMAD's "group
+    scanning"): the D channels are split into G groups of D/G and each group is scanned only
+    along its K/G directions (:func:`group_order`), so scan work and memory drop G times while
+    all K directions still see the image; the per-direction parameters then have D/G channels.
+    ``dilation`` r > 1 reads every direction in the dilated order of :func:`model.scan.dilated_order`.
     """
 
     def __init__(
@@ -145,6 +175,8 @@ class SS2D(nn.Module):
         scan_method: str = "hilbert",
         num_directions: int = 8,
         scan_backend: str = "auto",
+        scan_groups: int = 1,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         split_scan_method(scan_method, num_directions)
@@ -154,10 +186,19 @@ class SS2D(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.num_directions = num_directions
         self.scan_backend = scan_backend
-        k, d, r, n = num_directions, self.d_inner, self.dt_rank, d_state
+        group_order(num_directions, scan_groups)
+        if self.d_inner % scan_groups:
+            raise ValueError(
+                f"model.scan.grouped: {self.d_inner} channels cannot be split into {scan_groups} groups"
+            )
+        self.scan_groups = scan_groups
+        k, d, r, n = num_directions, self.d_inner // scan_groups, self.dt_rank, d_state
 
-        self.in_proj = nn.Linear(d_model, 2 * d, bias=False)
-        self.conv2d = nn.Conv2d(d, d, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d, bias=True)
+        d_all = self.d_inner
+        self.in_proj = nn.Linear(d_model, 2 * d_all, bias=False)
+        self.conv2d = nn.Conv2d(
+            d_all, d_all, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d_all, bias=True
+        )
 
         bound = 1.0 / math.sqrt(d)
         self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d).uniform_(-bound, bound))
@@ -173,9 +214,9 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(k * d))
         self.Ds._no_weight_decay = True
 
-        self.out_norm = nn.LayerNorm(d)
-        self.out_proj = nn.Linear(d, d_model, bias=False)
-        self.scans = ScanIndex(scan_method, size, num_directions)
+        self.out_norm = nn.LayerNorm(d_all)
+        self.out_proj = nn.Linear(d_all, d_model, bias=False)
+        self.scans = ScanIndex(scan_method, size, num_directions, dilation=dilation, groups=scan_groups)
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D, H, W]`` -> summed directional scan outputs ``[B, D, H*W]`` (fp32).
@@ -185,10 +226,12 @@ class SS2D(nn.Module):
         into the K scan orders, scanned and scattered back.
         """
         b, d, h, w = x.shape
-        k, length = self.num_directions, h * w
+        k, length, groups = self.num_directions, h * w, self.scan_groups
         perms = self.scans.permutations(h, w, x.device)
-        if resolve_backend(self.scan_backend, x.device) == "triton":
+        if resolve_backend(self.scan_backend, x.device) == "triton" and groups in (1, k):
             return self._forward_core_fused(x.reshape(b, d, length), perms)
+        if groups > 1:
+            return self._forward_core_grouped(x.reshape(b, d, length), perms)
         xs = scan_encode(x, perms)
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -216,7 +259,14 @@ class SS2D(nn.Module):
         """
         from model.ops.selective_scan_triton import cross_scan_triton
 
-        x_dbl = torch.einsum("bdl,kcd->bkcl", x, self.x_proj_weight)
+        grouped = self.scan_groups > 1
+        if grouped:  # one direction per group: direction k projects its own channels
+            b, _, length = x.shape
+            x_dbl = torch.einsum(
+                "bkdl,kcd->bkcl", x.view(b, self.num_directions, -1, length), self.x_proj_weight
+            )
+        else:
+            x_dbl = torch.einsum("bdl,kcd->bkcl", x, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         return cross_scan_triton(
@@ -229,7 +279,39 @@ class SS2D(nn.Module):
             self.dt_projs_bias.float().reshape(-1),
             perms,
             delta_softplus=True,
+            grouped=grouped,
         )
+
+    def _forward_core_grouped(self, x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_core` of ``x [B, D, L]`` with channel groups (``scan_groups`` G).
+
+        Direction slot ``k`` of ``perms`` (in :func:`group_order`) belongs to group
+        ``k // (K/G)`` and reads only that group's D/G channels; each group's output is the sum
+        of its directions' outputs, un-permuted. With G = 1 this is the plain K-direction scan.
+        """
+        b, d, length = x.shape
+        k, groups = self.num_directions, self.scan_groups
+        per, dk = k // groups, d // groups
+        xg = x.view(b, groups, 1, dk, length).expand(b, groups, per, dk, length).reshape(b, k, dk, length)
+        index = perms.view(1, k, 1, length).expand(b, k, dk, length)
+        xs = torch.gather(xg, 3, index)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        out = selective_scan_fn(
+            xs.float().reshape(b, k * dk, length),
+            dts.float().reshape(b, k * dk, length),
+            -torch.exp(self.A_logs.float()),
+            bs.float().contiguous(),
+            cs.float().contiguous(),
+            D=self.Ds.float(),
+            delta_bias=self.dt_projs_bias.float().reshape(-1),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        inv = inverse_permutations(perms).view(1, k, 1, length).expand(b, k, dk, length)
+        y = torch.gather(out.view(b, k, dk, length), 3, inv)
+        return y.view(b, groups, per, dk, length).sum(2).reshape(b, d, length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last ``[B, H, W, C] -> [B, H, W, C]``."""
@@ -259,11 +341,13 @@ DEFAULT_KERNELS = (5, 7)
 
 @dataclass(frozen=True)
 class ScanOptions:
-    """The ``model.scan`` config section: scan curve(s), number of directions, selective-scan backend."""
+    """The ``model.scan`` config section: scan curve(s), number of directions, selective-scan
+    backend, and ``grouped`` (each of K channel groups scanned in one direction only; see SS2D)."""
 
     method: str = "hilbert"
     directions: int = 8
     backend: str = "auto"
+    grouped: bool = False
 
 
 @dataclass(frozen=True)
@@ -504,6 +588,7 @@ class MambaDecoder(nn.Module):
                 scan_method=scan.method,
                 num_directions=scan.directions,
                 scan_backend=scan.backend,
+                scan_groups=scan.directions if scan.grouped else 1,
                 lss_blocks=lss.blocks,
                 kernels=lss.kernels,
                 pointwise=lss.pointwise,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model.anomaly_map import anomaly_maps_and_scores
-from model.hfpn import HalfFPN
+from model.bottleneck import BottleneckOptions, build_bottleneck
 from model.mamba_decoder import LSSOptions, MambaDecoder, ScanOptions, options
 from model.teacher import TeacherOptions, build_teacher, calibrate_batchnorm
 
@@ -30,7 +30,8 @@ class MambaAD(nn.Module):
 
     The arguments are the ``model.*`` config keys, sections as dicts (or their options classes):
     ``teacher`` (:class:`TeacherOptions`, or just the timm name), ``scan`` (:class:`ScanOptions`),
-    ``lss`` (:class:`LSSOptions`, paper Table 4). The defaults are the paper's model, whose state
+    ``lss`` (:class:`LSSOptions`, paper Table 4), ``bottleneck`` (:class:`BottleneckOptions`: the
+    paper's Half-FPN or our dilated Mamba fuser). The defaults are the paper's model, whose state
     dict matches the authors' ADer checkpoints key for key.
     :meth:`predict` turns the two into anomaly maps (blurred with ``sigma``) and image scores.
     """
@@ -43,6 +44,7 @@ class MambaAD(nn.Module):
         d_state: int = 16,
         drop_path: float = 0.2,
         lss: LSSOptions | Mapping[str, Any] | None = None,
+        bottleneck: BottleneckOptions | Mapping[str, Any] | None = None,
         sigma: float = 4.0,
         image_size: int = 256,
         log: Callable[[str], object] = print,
@@ -55,7 +57,9 @@ class MambaAD(nn.Module):
         channels = list(self.net_t.feature_info.channels())
         if len(channels) != 3:
             raise ValueError(f"teacher must yield 3 feature maps, got channels {channels}")
-        self.mff_oce = HalfFPN(channels)
+        self.bottleneck = options(BottleneckOptions, bottleneck)
+        scan_backend = options(ScanOptions, scan).backend
+        self.mff_oce = build_bottleneck(self.bottleneck, channels, image_size, d_state, scan_backend)
         dims = [self.mff_oce.out_channels, *channels[::-1]]
         self.net_s = MambaDecoder(
             dims=dims,

@@ -184,6 +184,36 @@ def curve_order(method: str, h: int, w: int) -> np.ndarray:
     return _curve_cached(method, int(h), int(w)).copy()
 
 
+def _dilated(method: str, h: int, w: int, rate: int) -> np.ndarray:
+    """``method``'s order on each of the ``rate x rate`` interleaved sub-grids, one after another.
+
+    Sub-grid ``(py, px)`` holds the pixels ``(py + rate*i, px + rate*j)``; sub-grids are visited
+    in row-major order of ``(py, px)``, each along ``method``'s curve, so consecutive tokens of a
+    sub-grid lie ``rate`` pixels apart. ``rate=1`` is ``method`` itself.
+    """
+    grid = np.arange(h * w, dtype=np.int64).reshape(h, w)
+    parts = []
+    for py in range(min(rate, h)):
+        for px in range(min(rate, w)):
+            sub = grid[py::rate, px::rate]
+            parts.append(sub.reshape(-1)[_curve_cached(method, *sub.shape)])
+    return np.concatenate(parts)
+
+
+def dilated_order(method: str, h: int, w: int, rate: int) -> np.ndarray:
+    """Row-major flat indices of an ``h x w`` grid in ``method``'s order dilated by ``rate``
+    (see :func:`_dilated`); ``rate`` must be a positive integer smaller than ``max(h, w)``."""
+    _check_rate(rate, h, w)
+    return _dilated(method, int(h), int(w), int(rate))
+
+
+def _check_rate(rate: int, h: int, w: int) -> None:
+    if not isinstance(rate, int | np.integer) or rate < 1 or (rate > 1 and rate >= max(h, w)):
+        raise ValueError(
+            f"dilation rate {rate!r} must be a positive integer smaller than the {h}x{w} map it scans"
+        )
+
+
 def _base_grids(h: int, w: int) -> list[np.ndarray]:
     grid = np.arange(h * w, dtype=np.int64).reshape(h, w)
     rot = np.rot90(grid, 1)
@@ -191,23 +221,31 @@ def _base_grids(h: int, w: int) -> list[np.ndarray]:
 
 
 @lru_cache(maxsize=256)
-def _directions_cached(method: str, h: int, w: int, num_directions: int) -> np.ndarray:
+def _directions_cached(method: str, h: int, w: int, num_directions: int, dilation: int = 1) -> np.ndarray:
     if num_directions not in NUM_DIRECTIONS:
         raise ValueError(f"num_directions must be one of {NUM_DIRECTIONS}, got {num_directions}")
+    if method not in _CURVES:
+        raise ValueError(f"unknown scan method {method!r}; expected one of {SCAN_METHODS}")
+    _check_rate(dilation, h, w)
     half = num_directions // 2
-    forward = [g.reshape(-1)[_curve_cached(method, *g.shape)] for g in _base_grids(h, w)[:half]]
+    forward = [g.reshape(-1)[_dilated(method, *g.shape, dilation)] for g in _base_grids(h, w)[:half]]
     perms = np.stack(forward + [p[::-1] for p in forward]).astype(np.int64)
     perms.setflags(write=False)
     return perms
 
 
-def direction_permutations(method: str, h: int, w: int, num_directions: int) -> torch.Tensor:
+def direction_permutations(
+    method: str, h: int, w: int, num_directions: int, dilation: int = 1
+) -> torch.Tensor:
     """LongTensor [K, h*w]: row k, position j holds the flat pixel index visited at step j.
 
     Rows 0..K/2-1 are the base directions (identity, transpose, rot90, rot90 + transpose,
-    in that order, as many as needed); rows K/2..K-1 are the same sequences reversed.
+    in that order, as many as needed); rows K/2..K-1 are the same sequences reversed. With
+    ``dilation`` r > 1 each view is read in the dilated order of :func:`dilated_order`.
     """
-    return torch.from_numpy(_directions_cached(method, int(h), int(w), int(num_directions)).copy())
+    _check_rate(dilation, h, w)
+    table = _directions_cached(method, int(h), int(w), int(num_directions), int(dilation))
+    return torch.from_numpy(table.copy())
 
 
 def inverse_permutations(perms: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.ops.selective_scan import available_backends
 
@@ -72,3 +73,14 @@ def test_data_parallel_throughput_rows():
     assert result["two_vs_one"] == result["runs"][1]["images_per_s"] / result["runs"][0]["images_per_s"]
     table = bench.markdown_table({"scan": [], "inference": [], "image_size": 64, "train_ddp": result})
     assert "train images/s, 2 process(es)" in table and "2 processes vs 1" in table
+
+
+def test_grouped_vs_full_rows():
+    """--grouped: inference and a CPU training step with full and grouped scanning, side by side."""
+    bench = _load_benchmark()
+    backend = "cpu" if "cpu" in available_backends() else "ref"
+    rows = bench.bench_grouped(backend, image_size=64, repeats=1, device=torch.device("cpu"))
+    assert [r["grouped"] for r in rows] == [False, True]
+    assert all(r["inference"]["images_per_s"] > 0 and r["train"]["seconds_per_step"] > 0 for r in rows)
+    table = bench.markdown_table({"scan": [], "inference": [], "image_size": 64, "grouped": rows})
+    assert f"| train step (s) | {backend}, grouped scan |" in table and f"{backend}, full scan" in table

@@ -282,7 +282,9 @@ def _check_softplus(device: str = "cpu") -> str | None:
     return None
 
 
-def _check_ss2d(method: str, k: int, batch: int, h: int, w: int, device: str = "cpu") -> str | None:
+def _check_ss2d(
+    method: str, k: int, batch: int, h: int, w: int, device: str = "cpu", groups: int = 1
+) -> str | None:
     """SS2D with ``scan_backend="triton"`` (the fused path) against the same module on the
     unfused reference: output and the gradients of every parameter and of the input, within
     :func:`_tolerances`."""
@@ -290,7 +292,8 @@ def _check_ss2d(method: str, k: int, batch: int, h: int, w: int, device: str = "
     from model.ops import selective_scan_triton as sst
 
     torch.manual_seed(0)
-    m = SS2D(d_model=4, d_state=4, size=4, scan_method=method, num_directions=k).to(device)
+    m = SS2D(d_model=4, d_state=4, size=4, scan_method=method, num_directions=k, scan_groups=groups)
+    m = m.to(device)
     with torch.no_grad():
         m.x_proj_weight.normal_(0, 0.5)
         m.A_logs.add_(torch.randn_like(m.A_logs) * 0.1)
@@ -316,13 +319,18 @@ def _check_ss2d(method: str, k: int, batch: int, h: int, w: int, device: str = "
         for name, g in g_ref.items():
             assert_close_rel(grads[name], g, rel_g)
     except AssertionError as err:
-        return f"SS2D {method} K={k} {h}x{w}: {err}"
+        return f"SS2D {method} K={k} groups={groups} {h}x{w}: {err}"
     return None
 
 
 def _model_suite() -> list[str]:
     """Softplus precision and SS2D with the fused path."""
-    checks = [_check_softplus(), _check_ss2d("hilbert", 8, 1, 4, 4), _check_ss2d("zigzag", 4, 2, 3, 5)]
+    checks = [
+        _check_softplus(),
+        _check_ss2d("hilbert", 8, 1, 4, 4),
+        _check_ss2d("zigzag", 4, 2, 3, 5),
+        _check_ss2d("zigzag+hilbert", 4, 2, 3, 5, groups=4),  # grouped scanning, fused
+    ]
     return [f for f in checks if f]
 
 

@@ -135,17 +135,19 @@ def bench_scan(backend: str, shape: dict[str, int], repeats: int, device: torch.
     return {"forward_s": fwd, "forward_backward_s": fwd_bwd}
 
 
-def build_model(image_size: int, backend: str, device: torch.device) -> MambaAD:
-    """The paper model with a random teacher (speed does not depend on the weights)."""
-    model = MambaAD(teacher="resnet34", image_size=image_size, scan={"backend": backend}, log=lambda *a: None)
+def build_model(image_size: int, backend: str, device: torch.device, grouped: bool = False) -> MambaAD:
+    """The paper model with a random teacher (speed does not depend on the weights); ``grouped``
+    turns on grouped scanning (``model.scan.grouped``)."""
+    scan = {"backend": backend, "grouped": grouped}
+    model = MambaAD(teacher="resnet34", image_size=image_size, scan=scan, log=lambda *a: None)
     return model.to(device)
 
 
 def bench_inference(
-    backend: str, image_size: int, repeats: int, device: torch.device, batch: int = 1
+    backend: str, image_size: int, repeats: int, device: torch.device, batch: int = 1, grouped: bool = False
 ) -> dict:
     """Images/s of ``model(x)`` at ``batch`` in eval mode without grad."""
-    model = build_model(image_size, backend, device).eval()
+    model = build_model(image_size, backend, device, grouped).eval()
     x = torch.randn(batch, 3, image_size, image_size, device=device)
 
     def run():
@@ -172,17 +174,17 @@ def _train_step_fn(model: MambaAD, x: torch.Tensor, autocast: bool) -> Callable[
     return step
 
 
-def train_child(backend: str, image_size: int, batch: int, repeats: int) -> dict:
+def train_child(backend: str, image_size: int, batch: int, repeats: int, grouped: bool = False) -> dict:
     """Run in a fresh process: training-step seconds and this process's peak RSS."""
     device = torch.device("cpu")
-    model = build_model(image_size, backend, device).train()
+    model = build_model(image_size, backend, device, grouped).train()
     x = torch.randn(batch, 3, image_size, image_size)
     seconds = time_call(_train_step_fn(model, x, autocast=False), repeats, device)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds_per_step": seconds, "peak_rss_mib": peak_kib / 1024}
 
 
-def bench_train_cpu(backend: str, image_size: int, batch: int, repeats: int) -> dict:
+def bench_train_cpu(backend: str, image_size: int, batch: int, repeats: int, grouped: bool = False) -> dict:
     """Training step at ``batch`` on the CPU, measured in a subprocess (per-configuration RSS)."""
     cmd = [
         sys.executable,
@@ -195,6 +197,7 @@ def bench_train_cpu(backend: str, image_size: int, batch: int, repeats: int) -> 
         str(batch),
         "--repeats",
         str(repeats),
+        *(["--grouped"] if grouped else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode != 0:
@@ -225,6 +228,25 @@ def bench_train_cuda(image_size: int, batch: int, repeats: int, backend: str = "
         del model, x
         torch.cuda.empty_cache()
     return out
+
+
+def bench_grouped(backend: str, image_size: int, repeats: int, device: torch.device) -> list[dict]:
+    """Inference (batch 1) and training step (batch 4; on CUDA batch 16) with full vs grouped scanning."""
+    rows = []
+    for grouped in (False, True):
+        row = {"grouped": grouped, "backend": backend, "device": device.type}
+        row["inference"] = bench_inference(backend, image_size, repeats, device, grouped=grouped)
+        if device.type == "cuda":
+            model = build_model(image_size, backend, device, grouped).train()
+            x = torch.randn(16, 3, image_size, image_size, device=device)
+            torch.cuda.reset_peak_memory_stats(device)
+            seconds = time_call(_train_step_fn(model, x, autocast=False), repeats, device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            row["train"] = {"batch": 16, "seconds_per_step": seconds, "peak_memory_mib": peak}
+        else:
+            row["train"] = bench_train_cpu(backend, image_size, 4, max(1, min(repeats, 3)), grouped=grouped)
+        rows.append(row)
+    return rows
 
 
 MVTEC_TRAIN_IMAGES = 3629
@@ -428,6 +450,17 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| GPU train peak memory MiB ({name}) | {backend} | {shape} | {mem} |")
             hours = _fmt(cuda[name]["paper_schedule_hours"], 3)
             lines.append(f"| 500 MVTec epochs, hours ({name}) | {backend} | {shape} | {hours} |")
+    for row in report.get("grouped", []):
+        what = f"{row['backend']}, {'grouped' if row['grouped'] else 'full'} scan"
+        inf, train = row["inference"], row["train"]
+        lines.append(
+            f"| inference images/s, batch 1 | {what} | {size}x{size} | {_fmt(inf.get('images_per_s'))} |"
+        )
+        step = train.get("seconds_per_step")
+        memory = train.get("peak_rss_mib", train.get("peak_memory_mib"))
+        shape = f"{size}x{size}, batch {train.get('batch', '-')}"
+        lines.append(f"| train step (s) | {what} | {shape} | {_fmt(step)} |")
+        lines.append(f"| train peak memory (MiB) | {what} | {shape} | {_fmt(memory)} |")
     exp = report.get("export")
     if exp:
         shape = f"{exp['image_size']}x{exp['image_size']}, batch 1 (cpu)"
@@ -482,6 +515,8 @@ def run(args: argparse.Namespace) -> dict:
         report["train_cpu"] = bench_train_cpu(cpu_backends[0], image_size, 4, max(1, min(repeats, 3)))
     if torch.cuda.is_available() and not args.no_train:
         report["train_cuda"] = bench_train_cuda(image_size, 16, repeats)
+    if args.grouped:
+        report["grouped"] = bench_grouped(backends[0], image_size, repeats, device_for(backends[0]))
     if args.export:
         report["export"] = bench_export(image_size, repeats)
     if args.ddp:
@@ -509,6 +544,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time batch-1 CPU inference of the exported model: PyTorch, onnxruntime, OpenVINO",
     )
+    parser.add_argument(
+        "--grouped",
+        action="store_true",
+        help="also time inference and the CPU training step with model.scan.grouped vs without",
+    )
     parser.add_argument("--export-child", help=argparse.SUPPRESS)
     parser.add_argument("--infer-child", help=argparse.SUPPRESS)
     parser.add_argument("--train-child", help=argparse.SUPPRESS)
@@ -533,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     if args.train_child:
         prepare_cpu()  # flush denormals, start Numba keeping OMP_NUM_THREADS
-        print(json.dumps(train_child(args.train_child, args.image_size, args.batch, args.repeats)))
+        result = train_child(args.train_child, args.image_size, args.batch, args.repeats, args.grouped)
+        print(json.dumps(result))
         return {}
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=2))
