@@ -74,7 +74,8 @@ def test_grid_errors_name_the_file(tmp_path: Path, text: str, message: str) -> N
 
 
 @pytest.mark.parametrize(
-    "grid, count", [("table2_backbone_depth.yaml", 7), ("table3_scans.yaml", 12), ("table4_lss.yaml", 21)]
+    "grid, count",
+    [("table2_backbone_depth.yaml", 7), ("table3_scans.yaml", 12), ("table4_lss.yaml", 21), ("mmad.yaml", 8)],
 )
 def test_shipped_grids_expand_to_valid_configs(grid: str, count: int) -> None:
     combos = sweep.load_grid(SWEEPS / grid)
@@ -174,6 +175,22 @@ def test_collect_tables(tmp_path: Path) -> None:
     assert csv_text.splitlines()[1].startswith("hilbert,hilbert,50.500,51.500")
     tex = collect.render(header, rows, "latex")
     assert "\\begin{tabular}{llrrrrrrrr}" in tex and "model.scan\\_method" in tex
+
+
+def test_collect_over_seeds_gives_mean_and_half_range(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    for method in ("hilbert", "zigzag"):
+        for seed, final in ((0, 2), (1, 6)):  # metrics differ by 0.004 (x100: 0.4) between seeds
+            run = sweep_dir / f"{method}_x-{seed}" / "demo_20261125-101010"  # as sweep.py names it
+            _fake_run(run, 6, final, model__scan_method=method, seed__x=seed)
+    header, rows = collect.average_over(*collect.build_table(collect.find_runs([sweep_dir])), "seed.x")
+    assert header[:3] == ["run", "model.scan_method", "n"] and "seed.x" not in header
+    assert [r[0] for r in rows] == ["hilbert", "zigzag"] and [r[2] for r in rows] == [2, 2]
+    mean, spread = rows[0][3]
+    assert mean == pytest.approx(100 * (0.5 + 0.004)) and spread == pytest.approx(0.2)
+    assert "| hilbert | hilbert | 2 | 50.40 ± 0.20 |" in collect.render(header, rows, "markdown", digits=2)
+    with pytest.raises(ValueError, match="do not differ in 'lr'"):
+        collect.average_over(*collect.build_table(collect.find_runs([sweep_dir])), "lr")
 
 
 def test_collect_mean_without_mean_row_and_errors(tmp_path: Path) -> None:

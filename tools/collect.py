@@ -4,6 +4,7 @@
     python tools/collect.py runs/A runs/B --format latex --digits 1
     python tools/collect.py runs/sweeps/mambaad_mvtec_table2_backbone_depth --cost   # + params, GFLOPs
     python tools/collect.py runs/mambaad_visa_20261125-101500 --paper   # next to the paper's numbers
+    python tools/collect.py runs/sweeps/mambaad_demo_mmad --over seed   # mean ± half range over seeds
 
 Each argument is a run folder (holding ``metrics.json``) or a folder searched recursively
 for them (a sweep folder). Rows are labelled by the path below the argument (the sweep's
@@ -150,7 +151,38 @@ def build_table(runs: list[tuple[str, Path]], cost: bool = False) -> tuple[list[
     return header, rows
 
 
+def average_over(header: list[str], rows: list[list[Any]], key: str) -> tuple[list[str], list[list[Any]]]:
+    """Rows that differ only in config ``key`` (e.g. ``seed``) merged: numbers as ``(mean, spread)``
+    with spread = half the range, an ``n`` column with the number of runs merged, and the label
+    of the first run without its ``key`` part (as tools/sweep.py names it: ``seed-0``)."""
+    if key not in header:
+        raise ValueError(f"--over {key}: the runs do not differ in {key!r}; differing keys: {header[1:]}")
+    at = header.index(key)
+    first_metric = next(i for i, h in enumerate(header) if h in (*METRIC_NAMES, "Params(M)", "FLOPs(G)"))
+    groups: dict[str, list[list[Any]]] = {}
+    for row in rows:
+        ident = json.dumps([v for i, v in enumerate(row[1:first_metric], 1) if i != at], default=str)
+        groups.setdefault(ident, []).append(row)
+    out_header = [h for i, h in enumerate(header) if i != at]
+    out_header.insert(first_metric - 1, "n")
+    out = []
+    for members in groups.values():
+        names = "|".join(re.escape(k) for k in (key.rsplit(".", 1)[-1], key.replace(".", "-")))
+        label = re.sub(rf"[_/]?(?:{names})-[^_/]*", "", str(members[0][0])) or str(members[0][0])
+        merged: list[Any] = [label, *(v for i, v in enumerate(members[0][1:first_metric], 1) if i != at)]
+        merged.append(len(members))
+        for i in range(first_metric, len(header)):
+            values = [v for v in map(_number, (m[i] for m in members)) if not math.isnan(v)]
+            spread = (max(values) - min(values)) / 2 if values else math.nan
+            merged.append((_mean(values), spread))
+        out.append(merged)
+    return out_header, out
+
+
 def _cell(value: Any, digits: int) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        mean, spread = value
+        return "nan" if math.isnan(mean) else f"{mean:.{digits}f} ± {spread:.{digits}f}"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     if isinstance(value, (list, tuple)):
@@ -168,7 +200,7 @@ def render(header: list[str], rows: list[list[Any]], fmt: str, digits: int = 2) 
         writer.writerows(cells)
         return buf.getvalue().rstrip("\n")
     numeric = [
-        all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows)
+        all(isinstance(r[i], (int, float, tuple)) and not isinstance(r[i], bool) for r in rows)
         for i in range(len(header))
     ]
     if fmt == "markdown":
@@ -341,6 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cost", action="store_true", help="add each model's params (M) and GFLOPs")
     parser.add_argument(
+        "--over",
+        metavar="KEY",
+        help="merge runs that differ only in config KEY (e.g. seed): mean ± half the range, and n",
+    )
+    parser.add_argument(
         "--paper",
         nargs="?",
         const="auto",
@@ -364,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.paper is not None:
             text = render_sections(paper_sections(runs, load_paper(), args.paper), args.format, args.digits)
         else:
-            text = render(*build_table(runs, cost=args.cost), args.format, args.digits)
+            table = build_table(runs, cost=args.cost)
+            if args.over:
+                table = average_over(*table, args.over)
+            text = render(*table, args.format, args.digits)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
