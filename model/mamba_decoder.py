@@ -232,7 +232,12 @@ class SS2D(nn.Module):
             return self._forward_core_fused(x.reshape(b, d, length), perms)
         if groups > 1:
             return self._forward_core_grouped(x.reshape(b, d, length), perms)
-        xs = scan_encode(x, perms)
+        return scan_decode(self._scan_sequences(scan_encode(x, perms)), perms, h, w)
+
+    def _scan_sequences(self, xs: torch.Tensor) -> torch.Tensor:
+        """Project each direction's sequences ``xs [B, K, d, L]`` (already in scan order) with its
+        own weights and run the selective scan: ``[B, K, d, L]`` fp32, still in scan order."""
+        b, k, d, length = xs.shape
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
@@ -247,7 +252,7 @@ class SS2D(nn.Module):
             delta_softplus=True,
             backend=self.scan_backend,
         )
-        return scan_decode(out.reshape(b, k, d, length), perms, h, w)
+        return out.view(b, k, d, length)
 
     def _forward_core_fused(self, x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_core` of ``x [B, D, L]`` by :func:`cross_scan_triton`, all in pixel order.
@@ -294,23 +299,9 @@ class SS2D(nn.Module):
         per, dk = k // groups, d // groups
         xg = x.view(b, groups, 1, dk, length).expand(b, groups, per, dk, length).reshape(b, k, dk, length)
         index = perms.view(1, k, 1, length).expand(b, k, dk, length)
-        xs = torch.gather(xg, 3, index)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        out = selective_scan_fn(
-            xs.float().reshape(b, k * dk, length),
-            dts.float().reshape(b, k * dk, length),
-            -torch.exp(self.A_logs.float()),
-            bs.float().contiguous(),
-            cs.float().contiguous(),
-            D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().reshape(-1),
-            delta_softplus=True,
-            backend=self.scan_backend,
-        )
+        out = self._scan_sequences(torch.gather(xg, 3, index))
         inv = inverse_permutations(perms).view(1, k, 1, length).expand(b, k, dk, length)
-        y = torch.gather(out.view(b, k, dk, length), 3, inv)
+        y = torch.gather(out, 3, inv)
         return y.view(b, groups, per, dk, length).sum(2).reshape(b, d, length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
