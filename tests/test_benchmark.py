@@ -75,12 +75,13 @@ def test_data_parallel_throughput_rows():
     assert "train images/s, 2 process(es)" in table and "2 processes vs 1" in table
 
 
-def test_grouped_vs_full_rows():
-    """--grouped: inference and a CPU training step with full and grouped scanning, side by side."""
+def test_mmad_variant_rows():
+    """--mmad: inference and a CPU training step of the four MMAD-style variants, side by side."""
     bench = _load_benchmark()
     backend = "cpu" if "cpu" in available_backends() else "ref"
-    rows = bench.bench_grouped(backend, image_size=64, repeats=1, device=torch.device("cpu"))
-    assert [r["grouped"] for r in rows] == [False, True]
+    rows = bench.bench_mmad(backend, image_size=64, repeats=1, device=torch.device("cpu"))
+    assert [(r["grouped"], r["bottleneck"]) for r in rows] == list(bench.MMAD_VARIANTS)
     assert all(r["inference"]["images_per_s"] > 0 and r["train"]["seconds_per_step"] > 0 for r in rows)
-    table = bench.markdown_table({"scan": [], "inference": [], "image_size": 64, "grouped": rows})
-    assert f"| train step (s) | {backend}, grouped scan |" in table and f"{backend}, full scan" in table
+    table = bench.markdown_table({"scan": [], "inference": [], "image_size": 64, "mmad": rows})
+    assert f"| train step (s) | {backend}, grouped scan, dilated_mamba |" in table
+    assert f"{backend}, full scan, hfpn" in table

@@ -10,9 +10,10 @@ subprocess so the memory peak belongs to that configuration alone; (4) on CUDA, 
 images/s at batch 16 with and without bf16 autocast, the peak GPU memory and the implied
 duration of the paper's 500-epoch MVTec schedule; (5) with ``--ddp``, data-parallel
 training throughput for 1 process vs 2 ``torchrun`` processes (Gloo on CPU, NCCL on GPUs)
-at the same global batch; (6) with ``--export``, batch-1 CPU inference of the whole exported path
-(normalisation to blurred map and score) in PyTorch (``cpu`` and ``export`` scan backends),
-onnxruntime and OpenVINO (when installed): median time, model file size and peak RSS, each in
+at the same global batch; (6) with ``--mmad``, inference and the training step of {full, grouped}
+scanning x {Half-FPN, dilated Mamba fuser}; (7) with ``--export``, batch-1 CPU inference of the
+whole exported path (normalisation to blurred map and score) in PyTorch (``cpu`` and ``export``
+scan backends), onnxruntime and OpenVINO (when installed): median time, model file size and peak RSS, each in
 its own process (the runtimes' processes do not import PyTorch). Writes a JSON
 and prints a markdown table. Slow pure-PyTorch backends are skipped where one call would
 take too long or too much memory.
@@ -135,19 +136,32 @@ def bench_scan(backend: str, shape: dict[str, int], repeats: int, device: torch.
     return {"forward_s": fwd, "forward_backward_s": fwd_bwd}
 
 
-def build_model(image_size: int, backend: str, device: torch.device, grouped: bool = False) -> MambaAD:
+def build_model(
+    image_size: int, backend: str, device: torch.device, grouped: bool = False, bottleneck: str = "hfpn"
+) -> MambaAD:
     """The paper model with a random teacher (speed does not depend on the weights); ``grouped``
-    turns on grouped scanning (``model.scan.grouped``)."""
+    and ``bottleneck`` select the MMAD-style options (``model.scan.grouped``,
+    ``model.bottleneck.type``; the fuser's rates are 1 and 2 below 256x256 input, else 2 and 4)."""
     scan = {"backend": backend, "grouped": grouped}
-    model = MambaAD(teacher="resnet34", image_size=image_size, scan=scan, log=lambda *a: None)
+    rates = [2, 4] if image_size >= 256 else [1, 2]
+    neck = {"type": bottleneck, "dilations": rates}
+    model = MambaAD(
+        teacher="resnet34", image_size=image_size, scan=scan, bottleneck=neck, log=lambda *a: None
+    )
     return model.to(device)
 
 
 def bench_inference(
-    backend: str, image_size: int, repeats: int, device: torch.device, batch: int = 1, grouped: bool = False
+    backend: str,
+    image_size: int,
+    repeats: int,
+    device: torch.device,
+    batch: int = 1,
+    grouped: bool = False,
+    bottleneck: str = "hfpn",
 ) -> dict:
     """Images/s of ``model(x)`` at ``batch`` in eval mode without grad."""
-    model = build_model(image_size, backend, device, grouped).eval()
+    model = build_model(image_size, backend, device, grouped, bottleneck).eval()
     x = torch.randn(batch, 3, image_size, image_size, device=device)
 
     def run():
@@ -174,17 +188,21 @@ def _train_step_fn(model: MambaAD, x: torch.Tensor, autocast: bool) -> Callable[
     return step
 
 
-def train_child(backend: str, image_size: int, batch: int, repeats: int, grouped: bool = False) -> dict:
+def train_child(
+    backend: str, image_size: int, batch: int, repeats: int, grouped: bool = False, bottleneck: str = "hfpn"
+) -> dict:
     """Run in a fresh process: training-step seconds and this process's peak RSS."""
     device = torch.device("cpu")
-    model = build_model(image_size, backend, device, grouped).train()
+    model = build_model(image_size, backend, device, grouped, bottleneck).train()
     x = torch.randn(batch, 3, image_size, image_size)
     seconds = time_call(_train_step_fn(model, x, autocast=False), repeats, device)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds_per_step": seconds, "peak_rss_mib": peak_kib / 1024}
 
 
-def bench_train_cpu(backend: str, image_size: int, batch: int, repeats: int, grouped: bool = False) -> dict:
+def bench_train_cpu(
+    backend: str, image_size: int, batch: int, repeats: int, grouped: bool = False, bottleneck: str = "hfpn"
+) -> dict:
     """Training step at ``batch`` on the CPU, measured in a subprocess (per-configuration RSS)."""
     cmd = [
         sys.executable,
@@ -198,6 +216,8 @@ def bench_train_cpu(backend: str, image_size: int, batch: int, repeats: int, gro
         "--repeats",
         str(repeats),
         *(["--grouped"] if grouped else []),
+        "--bottleneck",
+        bottleneck,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode != 0:
@@ -230,21 +250,24 @@ def bench_train_cuda(image_size: int, batch: int, repeats: int, backend: str = "
     return out
 
 
-def bench_grouped(backend: str, image_size: int, repeats: int, device: torch.device) -> list[dict]:
-    """Inference (batch 1) and training step (batch 4; on CUDA batch 16) with full vs grouped scanning."""
+MMAD_VARIANTS = ((False, "hfpn"), (True, "hfpn"), (False, "dilated_mamba"), (True, "dilated_mamba"))
+
+
+def bench_mmad(backend: str, image_size: int, repeats: int, device: torch.device) -> list[dict]:
+    """Inference (batch 1) and training step (batch 4; on CUDA batch 16) of the MMAD-style variants."""
     rows = []
-    for grouped in (False, True):
-        row = {"grouped": grouped, "backend": backend, "device": device.type}
-        row["inference"] = bench_inference(backend, image_size, repeats, device, grouped=grouped)
+    for grouped, neck in MMAD_VARIANTS:
+        row = {"grouped": grouped, "bottleneck": neck, "backend": backend, "device": device.type}
+        row["inference"] = bench_inference(backend, image_size, repeats, device, 1, grouped, neck)
         if device.type == "cuda":
-            model = build_model(image_size, backend, device, grouped).train()
+            model = build_model(image_size, backend, device, grouped, neck).train()
             x = torch.randn(16, 3, image_size, image_size, device=device)
             torch.cuda.reset_peak_memory_stats(device)
             seconds = time_call(_train_step_fn(model, x, autocast=False), repeats, device)
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             row["train"] = {"batch": 16, "seconds_per_step": seconds, "peak_memory_mib": peak}
         else:
-            row["train"] = bench_train_cpu(backend, image_size, 4, max(1, min(repeats, 3)), grouped=grouped)
+            row["train"] = bench_train_cpu(backend, image_size, 4, max(1, min(repeats, 3)), grouped, neck)
         rows.append(row)
     return rows
 
@@ -450,8 +473,8 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| GPU train peak memory MiB ({name}) | {backend} | {shape} | {mem} |")
             hours = _fmt(cuda[name]["paper_schedule_hours"], 3)
             lines.append(f"| 500 MVTec epochs, hours ({name}) | {backend} | {shape} | {hours} |")
-    for row in report.get("grouped", []):
-        what = f"{row['backend']}, {'grouped' if row['grouped'] else 'full'} scan"
+    for row in report.get("mmad", []):
+        what = f"{row['backend']}, {'grouped' if row['grouped'] else 'full'} scan, {row['bottleneck']}"
         inf, train = row["inference"], row["train"]
         lines.append(
             f"| inference images/s, batch 1 | {what} | {size}x{size} | {_fmt(inf.get('images_per_s'))} |"
@@ -515,8 +538,8 @@ def run(args: argparse.Namespace) -> dict:
         report["train_cpu"] = bench_train_cpu(cpu_backends[0], image_size, 4, max(1, min(repeats, 3)))
     if torch.cuda.is_available() and not args.no_train:
         report["train_cuda"] = bench_train_cuda(image_size, 16, repeats)
-    if args.grouped:
-        report["grouped"] = bench_grouped(backends[0], image_size, repeats, device_for(backends[0]))
+    if args.mmad:
+        report["mmad"] = bench_mmad(backends[0], image_size, repeats, device_for(backends[0]))
     if args.export:
         report["export"] = bench_export(image_size, repeats)
     if args.ddp:
@@ -545,10 +568,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also time batch-1 CPU inference of the exported model: PyTorch, onnxruntime, OpenVINO",
     )
     parser.add_argument(
-        "--grouped",
+        "--mmad",
         action="store_true",
-        help="also time inference and the CPU training step with model.scan.grouped vs without",
+        help="also time inference and the training step for {full, grouped} scanning x "
+        "{Half-FPN, dilated Mamba fuser}",
     )
+    parser.add_argument("--grouped", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bottleneck", default="hfpn", help=argparse.SUPPRESS)
     parser.add_argument("--export-child", help=argparse.SUPPRESS)
     parser.add_argument("--infer-child", help=argparse.SUPPRESS)
     parser.add_argument("--train-child", help=argparse.SUPPRESS)
@@ -573,7 +599,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     if args.train_child:
         prepare_cpu()  # flush denormals, start Numba keeping OMP_NUM_THREADS
-        result = train_child(args.train_child, args.image_size, args.batch, args.repeats, args.grouped)
+        result = train_child(
+            args.train_child, args.image_size, args.batch, args.repeats, args.grouped, args.bottleneck
+        )
         print(json.dumps(result))
         return {}
     report = run(args)
