@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,16 @@ def test_resume_with_more_epochs_records_the_change(
     assert saved["trainer"]["epochs"] == 2
     assert saved["scheduler"]["milestones"] == [1]  # derived from the old epochs, as the checkpoint's
     assert read_status(run_dir)["state"] == "finished"
+
+
+def test_resume_writes_a_missing_config_json(finished_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    run_dir, args = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    (copy / "config.json").unlink()
+    assert run.main(["-c", CONFIG, *args, f"trainer.resume={copy}"]) == 0
+    assert json.loads((copy / "config.json").read_text())["data"]["batch_size"] == 4
+    assert "had no config.json; writing this run's config there" in (copy / "log.txt").read_text()
 
 
 def test_second_process_on_a_run_folder_is_refused_and_stale_locks_reclaimed(

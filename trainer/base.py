@@ -116,6 +116,9 @@ class TrainerBase:
         self.stop = StopRequest()
         seed_everything(cfg.seed + self.dist.rank)  # per-rank randomness (drop-path) from here on
         if mode == "train" and t.resume:
+            if self.dist.is_main and not (self.run_dir / "config.json").is_file():
+                self.log.warning("%s had no config.json; writing this run's config there", t.resume)
+                save_config(cfg, self.run_dir / "config.json")
             self._resume(Path(t.resume))
         else:
             if self.dist.is_main:
