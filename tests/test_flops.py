@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from model.mamba_decoder import SS2D, MambaDecoder
+from model.mambaad import MambaAD
 from tools.flops import _count, main, measure, model_flops, selective_scan_flops
 from util.config import load_config
 
@@ -51,6 +52,25 @@ def test_selective_scan_counted_analytically() -> None:
                 expected += selective_scan_flops(1, length, 4 * ss2d.d_inner, ss2d.d_state)
     assert scan == expected
     assert [o.shape[-1] for o in out] == [16, 8, 4]
+
+
+def _model(scan: dict | None = None, bottleneck: dict | None = None) -> MambaAD:
+    torch.manual_seed(0)
+    teacher = {"name": "resnet18", "pretrained": False}
+    scan = scan or {"directions": 4}
+    kwargs = {"depths": (2, 2, 2, 2), "image_size": 64, "log": lambda *a: None}
+    return MambaAD(teacher=teacher, scan=scan, bottleneck=bottleneck, **kwargs)
+
+
+def test_grouped_and_fuser_scans_are_counted() -> None:
+    """Grouped scanning scans d_inner instead of K*d_inner channels; the dilated fuser's scans count."""
+    base = model_flops(_model(), 64)
+    grouped = model_flops(_model(scan={"directions": 4, "grouped": True}), 64)
+    assert grouped["scan"] * 4 == pytest.approx(base["scan"], rel=1e-9)
+    fused = model_flops(_model(bottleneck={"type": "dilated_mamba", "dilations": [1, 2]}), 64)
+    side, d_inner = 64 // 16, 2 * 256
+    blocks = 2 * selective_scan_flops(1, side * side, 4 * d_inner, 16)  # 2 rates, 4 directions
+    assert fused["scan"] == base["scan"] + blocks
 
 
 @pytest.mark.parametrize(

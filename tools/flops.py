@@ -100,11 +100,12 @@ def model_flops(model: MambaAD, image_size: int | tuple[int, int]) -> dict[str, 
     model = model.eval()
     x = torch.randn(1, 3, h, w)
     teacher, _, feats = _count(model.net_t, lambda: model.net_t(x))
-    bottleneck, _, fused = _count(model.mff_oce, lambda: model.mff_oce(feats))
+    # the dilated Mamba fuser (model.bottleneck.type=dilated_mamba) scans too
+    bottleneck, bottleneck_scan, fused = _count(model.mff_oce, lambda: model.mff_oce(feats))
     decoder, scan, _ = _count(model.net_s, lambda: model.net_s(fused))
     out = {"teacher": teacher, "bottleneck": bottleneck, "decoder": decoder}
     out["total"] = teacher + bottleneck + decoder
-    out["scan"] = scan
+    out["scan"] = scan + bottleneck_scan
     out["total_with_scan"] = out["total"] + scan
     return out
 
