@@ -9,6 +9,10 @@
 ``tools/predict.py`` is the command-line front end of the same functions. Images are
 prepared exactly as in evaluation (RGB, bilinear resize to ``data.image_size``, ImageNet
 normalisation), so a file scores the same here, in ``tools/predict.py`` and in ``-m test``.
+
+``load_model("export/model.onnx")`` (or ``model.xml``, or an export folder) loads a model
+exported by ``tools/export.py`` on onnxruntime / OpenVINO instead; PyTorch is imported only
+when a PyTorch model is loaded, so that path runs where torch is not installed.
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from data import as_hw
-from data.default_ad import image_to_tensor, load_image
-from model.build import build_model
-from model.ops.selective_scan import prepare_cpu
 from util.config import BaseConfig, load_config
-from util.distributed import resolve_device
 from util.run_config import load_run_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from deploy.runtime import ExportedModel
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "defaults.py"
@@ -87,7 +92,7 @@ def load_model(
     device: str | torch.device = "cpu",
     overrides: Sequence[str] = (),
     log: logging.Logger | None = None,
-) -> Detector:
+) -> Detector | ExportedModel:
     """Load weights (our ``net.pth``/``ckpt.pth`` or the authors' official files) for prediction.
 
     ``checkpoint_or_run_dir``: a run folder (its ``net.pth``, else ``ckpt.pth``, and its
@@ -95,7 +100,9 @@ def load_model(
     files you trust) or object; by default the run's ``config.json``, read as data without running
     any code (also for a file inside a run folder), else the paper model (``configs/defaults.py``,
     as for official checkpoints). ``overrides``: ``key=value`` strings. Checkpoints are read with
-    ``weights_only=True`` (:func:`util.checkpoint.load_file`).
+    ``weights_only=True`` (:func:`util.checkpoint.load_file`). An exported ``model.onnx`` /
+    ``model.xml`` (or a folder with ``model.json``) gives a :class:`deploy.runtime.ExportedModel`
+    instead, loaded without importing PyTorch.
     """
     source = Path(checkpoint_or_run_dir)
     if source.suffix.lower() in (".onnx", ".xml") or (source / "model.json").is_file():
@@ -121,6 +128,10 @@ def load_model(
         cfg = config_from_run(checkpoint.parent, extra)
     else:
         cfg = load_config(DEFAULT_CONFIG, extra)
+    from model.build import build_model
+    from model.ops.selective_scan import prepare_cpu
+    from util.distributed import resolve_device
+
     log = log or logging.getLogger("mambaad")
     dev = resolve_device(device)
     if dev.type == "cpu":
@@ -135,6 +146,8 @@ def prepare_image(image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
     Accepts a file path, a PIL image (any mode) or a uint8 array (``HxW``, ``HxWx3`` RGB or
     ``HxWx4`` RGBA); a path gives exactly what evaluation uses (``data.default_ad.load_image``).
     """
+    from data.default_ad import image_to_tensor, load_image
+
     if isinstance(image, (str, Path)):
         return load_image(image, size)
     if isinstance(image, np.ndarray):
@@ -150,19 +163,25 @@ def prepare_image(image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
     return image_to_tensor(image, size)
 
 
-@torch.no_grad()
 def predict_batch(model: Detector, images: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps ``[B, H, W]`` and scores ``[B]`` (tensors on the model's device) for one batch."""
+    import torch
+
     if not isinstance(model, Detector):  # an exported model (deploy.runtime)
         out = model.predict(list(images), batch_size=max(1, len(images)))
         return torch.from_numpy(out.maps), torch.from_numpy(out.scores)
     size = model.image_size
-    imgs = torch.stack([prepare_image(im, size) for im in images]).to(model.device)
-    return model.net.predict(imgs, size)
+    with torch.no_grad():
+        imgs = torch.stack([prepare_image(im, size) for im in images]).to(model.device)
+        return model.net.predict(imgs, size)
 
 
 def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> Prediction:
-    """Anomaly scores and maps for a list of images (paths, PIL images or uint8 arrays)."""
+    """Anomaly scores and maps for a list of images (paths, PIL images or uint8 arrays).
+
+    ``model``: a :class:`Detector`, or an exported model from :func:`load_model` (runs without
+    PyTorch).
+    """
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
     images = list(images)

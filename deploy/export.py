@@ -5,13 +5,15 @@ NumPy give, no transposition or normalisation on the caller's side) and computes
 what ``mambaad.predict`` does after reading and resizing: ImageNet normalisation, teacher,
 Half-FPN bottleneck, Mamba decoder, the anomaly map of :mod:`model.anomaly_map` (upsampling,
 Gaussian blur) and the image score. Outputs: ``anomaly_map [B, H, W]`` and ``score [B]``,
-float32. The selective scan uses the ``export`` backend (standard ONNX operators only; see
+float32. The selective scan uses the ``export`` backend: in ONNX (and the OpenVINO IR made
+from it) one standard ``Scan`` operator per scan, in TorchScript plain tensor ops (see
 :mod:`model.ops.selective_scan_export`). A ``model.json`` beside the model describes the
 input, the normalisation, the training data and where the model came from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -19,7 +21,7 @@ import logging
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,15 @@ import torch
 from torch import nn
 
 from data.default_ad import IMAGENET_MEAN, IMAGENET_STD
+from model import mamba_decoder, scan
 from model.mamba_decoder import SS2D
-from model.ops.selective_scan_export import CHUNK
+from model.ops.selective_scan_export import (
+    CHUNK,
+    ONNX_DOMAIN,
+    STEPS_PER_ITERATION,
+    expand_onnx_placeholders,
+    onnx_placeholders,
+)
 from util.config import BaseConfig, config_to_dict
 from util.errors import UsageError
 
@@ -105,27 +114,169 @@ def _example(image_size: int, batch: int | None) -> torch.Tensor:
     return torch.randint(0, 256, (batch or 1, image_size, image_size, 3), dtype=torch.uint8, generator=g)
 
 
+def _matmul_operands(equation: str) -> tuple[int, int] | None:
+    """``(i, j)`` when ``einsum(equation, x0, x1) == matmul(x_i, x_j)`` (broadcast batch dims), else None.
+
+    E.g. SS2D's projections ``bkdl,kcd->bkcl`` and ``bkrl,kdr->bkdl`` give ``(1, 0)``.
+    """
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    operands = lhs.split(",")
+    if not arrow or "." in equation or len(operands) != 2:
+        return None
+    for i, j in ((0, 1), (1, 0)):
+        p, q = operands[i], operands[j]
+        if min(len(p), len(q), len(out)) < 2 or len({*p}) != len(p) or len({*q}) != len(q):
+            continue
+        (m, inner), (inner_q, n) = p[-2:], q[-2:]
+        batch_p, batch_q = p[:-2], q[:-2]
+        batch, shorter = (batch_p, batch_q) if len(batch_p) >= len(batch_q) else (batch_q, batch_p)
+        if (
+            inner == inner_q
+            and batch.endswith(shorter)  # broadcast batch dims align from the right
+            and out == batch + m + n
+            and len({*out}) == len(out)
+            and m not in q
+            and n not in p
+        ):
+            return i, j
+    return None
+
+
+def einsums_to_matmul(model: Any) -> int:
+    """Replace the ``Einsum`` nodes of an ONNX model that are batched matrix products by ``MatMul``.
+
+    onnxruntime runs SS2D's two projections as Einsum about as slowly as the whole rest of
+    the decoder (11 % of the time in a profile of the paper model at 256x256); as MatMul they
+    are ordinary batched GEMMs. Returns how many nodes were replaced.
+    """
+    from onnx import helper
+
+    count = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx"):
+            continue
+        equation = helper.get_attribute_value(node.attribute[0])
+        order = _matmul_operands(equation.decode() if isinstance(equation, bytes) else equation)
+        if order is None:
+            continue
+        inputs = [node.input[order[0]], node.input[order[1]]]
+        model.graph.node[index].CopyFrom(
+            helper.make_node("MatMul", inputs, list(node.output), name=node.name)
+        )
+        count += 1
+    return count
+
+
+def gather_scan_encode(x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """:func:`model.scan.scan_encode` (``[B, C, H, W] -> [B, K, C, L]``) as one Gather of whole
+    channel vectors (channels-last): the same values; in onnxruntime about 2x faster than
+    GatherElements on a K-fold expanded copy, which is how ``torch.gather`` exports."""
+    b, c = x.shape[:2]
+    k, length = perms.shape
+    rows = x.reshape(b, c, length).transpose(1, 2)  # [B, L, C]
+    return rows[:, perms.reshape(-1)].reshape(b, k, length, c).transpose(2, 3)
+
+
+def gather_scan_decode(y: torch.Tensor, perms: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """:func:`model.scan.scan_decode` (``[B, K, C, L] -> [B, C, H*W]``, un-permute and sum over
+    directions) as one Gather of channel vectors, like :func:`gather_scan_encode`."""
+    b, k, c, length = y.shape
+    if perms.shape != (k, length) or h * w != length:
+        raise ValueError(f"perms {tuple(perms.shape)} / grid {h}x{w} do not match sequences {tuple(y.shape)}")
+    inv = scan.inverse_permutations(perms.to(y.device))
+    flat = (inv + torch.arange(k, device=y.device)[:, None] * length).reshape(-1)  # index into K*L rows
+    rows = y.transpose(2, 3).reshape(b, k * length, c)
+    return rows[:, flat].reshape(b, k, length, c).sum(1).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def gather_scan_orders() -> Iterator[bool]:
+    """While active, SS2D reads and writes its scan orders with :func:`gather_scan_encode` /
+    :func:`gather_scan_decode`; yields whether it did.
+
+    Only when ``model.mamba_decoder`` still uses :mod:`model.scan`'s functions and these agree with
+    the replacements on a probe input (so a changed scan_encode is traced as it is, never replaced
+    by something else). Used while tracing for ONNX.
+    """
+    names = ("scan_encode", "scan_decode")
+    originals = {name: getattr(mamba_decoder, name, None) for name in names}
+    usable = all(originals[name] is getattr(scan, name) for name in names)
+    if usable:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 4, 5, generator=g)
+        perms = torch.stack([torch.randperm(20, generator=g) for _ in range(4)])
+        ys = torch.randn(2, 4, 3, 20, generator=g)
+        usable = torch.equal(gather_scan_encode(x, perms), scan.scan_encode(x, perms)) and torch.allclose(
+            gather_scan_decode(ys, perms, 4, 5), scan.scan_decode(ys, perms, 4, 5), rtol=1e-6, atol=1e-6
+        )
+    if not usable:
+        yield False
+        return
+    mamba_decoder.scan_encode, mamba_decoder.scan_decode = gather_scan_encode, gather_scan_decode
+    try:
+        yield True
+    finally:
+        mamba_decoder.scan_encode, mamba_decoder.scan_decode = (
+            originals["scan_encode"],
+            originals["scan_decode"],
+        )
+
+
+def export_onnx_module(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> Path:
+    """Trace ``module`` to ONNX (opset 17) with every ``export``-backend selective scan as one
+    standard ``Scan`` operator (:func:`model.ops.selective_scan_export.scan_onnx_nodes`), the scan
+    orders as channel-vector Gathers (:func:`gather_scan_orders`) and batched-matmul Einsums as
+    MatMul; the file holds standard operators only."""
+    import onnx
+
+    with onnx_placeholders(), gather_scan_orders(), warnings.catch_warnings(), torch.no_grad():
+        # shape checks in Python are fixed by tracing, as intended (the input size is fixed)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            custom_opsets={ONNX_DOMAIN: 1},
+        )
+    model = onnx.load(str(path))
+    expand_onnx_placeholders(model)
+    einsums_to_matmul(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def export_onnx(graph: InferenceGraph, path: Path, batch: int | None, exporter: str = "torchscript") -> Path:
     """Write ``graph`` as ONNX (opset 17); ``batch=None`` makes the batch dimension dynamic.
 
-    ``exporter``: ``torchscript`` (PyTorch's tracing exporter, about 10x faster to export) or
-    ``dynamo`` (``torch.export``-based; needs onnxscript).
+    ``exporter``: ``torchscript`` (PyTorch's tracing exporter, every scan one ONNX ``Scan``; see
+    :func:`export_onnx_module`) or ``dynamo`` (``torch.export``-based, needs onnxscript; the scans
+    stay in the blocked plain-op form, several times slower to run).
     """
     example = _example(graph.image_size[0], batch)
+    if exporter == "torchscript":
+        axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if batch is None else None
+        return export_onnx_module(graph, (example,), path, [INPUT_NAME], OUTPUT_NAMES, axes)
+    if exporter != "dynamo":
+        raise ExportError(f"unknown ONNX exporter {exporter!r}; use torchscript or dynamo")
     common = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": OPSET}
+    dims = {0: torch.export.Dim("batch", min=1)} if batch is None else None
     with warnings.catch_warnings(), torch.no_grad():
-        # shape checks in Python are fixed by tracing, as intended (the input size is fixed)
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            dims = {0: torch.export.Dim("batch", min=1)} if batch is None else None
-            torch.onnx.export(
-                graph, (example,), str(path), dynamo=True, dynamic_shapes={"images": dims}, **common
-            )
-        elif exporter == "torchscript":
-            axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if batch is None else None
-            torch.onnx.export(graph, (example,), str(path), dynamo=False, dynamic_axes=axes, **common)
-        else:
-            raise ExportError(f"unknown ONNX exporter {exporter!r}; use torchscript or dynamo")
+        torch.onnx.export(
+            graph, (example,), str(path), dynamo=True, dynamic_shapes={"images": dims}, **common
+        )
     return path
 
 
@@ -181,6 +332,13 @@ def export_torchscript(graph: InferenceGraph, path: Path, batch: int | None = No
     return path
 
 
+def scan_form(fmt: str, exporter: str = "torchscript") -> str:
+    """How the selective scans appear in the exported file (recorded in ``model.json``)."""
+    if fmt != "torchscript" and exporter == "torchscript":
+        return f"ONNX Scan operator, up to {STEPS_PER_ITERATION} steps per iteration"
+    return f"blocked scan in plain tensor ops, chunks of {CHUNK} steps"
+
+
 def config_hash(cfg: BaseConfig) -> str:
     """SHA-256 of the resolved config without the checkpoint path (so a copied file hashes the same)."""
     data = config_to_dict(cfg)
@@ -223,6 +381,7 @@ def metadata(
     batch: int | None,
     fp16: bool,
     checkpoint: str | Path,
+    exporter: str = "torchscript",
 ) -> dict[str, Any]:
     """What ``model.json`` records: input contract, normalisation, training data, provenance."""
     scale, shift = normalisation_constants()
@@ -266,7 +425,7 @@ def metadata(
             "scan_method": cfg.model.scan.method,
             "scan_directions": cfg.model.scan.directions,
             "scan_backend": EXPORT_BACKEND,
-            "scan_chunk": CHUNK,
+            "scan_form": scan_form(fmt, exporter),
         },
         "weights_fp16": bool(fp16),
         "checkpoint": str(checkpoint),
@@ -323,7 +482,7 @@ def export(
         export_openvino(graph, path, batch, fp16)
     else:
         export_torchscript(graph, path, batch)
-    info = metadata(detector.cfg, fmt, path.name, size, batch, fp16, checkpoint)
+    info = metadata(detector.cfg, fmt, path.name, size, batch, fp16, checkpoint, exporter)
     info["model_sha256"] = file_sha256(path)
     info["model_bytes"] = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
     (out / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -337,10 +496,15 @@ __all__ = [
     "InferenceGraph",
     "build_graph",
     "compress_onnx_fp16",
+    "einsums_to_matmul",
     "export",
     "export_onnx",
+    "export_onnx_module",
     "export_openvino",
     "export_torchscript",
+    "gather_scan_decode",
+    "gather_scan_encode",
+    "gather_scan_orders",
     "normalisation_constants",
     "set_scan_backend",
 ]

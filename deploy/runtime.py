@@ -216,11 +216,17 @@ def _existing(path: str | Path, suffix: str) -> Path:
 def load_onnx(
     path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None
 ) -> ExportedModel:
-    """An exported ``model.onnx`` (or its folder) on onnxruntime (CPU unless ``providers`` say otherwise)."""
+    """An exported ``model.onnx`` (or its folder) on onnxruntime (CPU unless ``providers`` say otherwise).
+
+    ``threads``: intra-op threads (default: onnxruntime's, one per physical core). The scans run
+    as thousands of small operators, each a barrier for the threads: on a machine whose cores
+    are busy with other work, ``threads=1`` is faster (docs/deploy.md).
+    """
     import onnxruntime as ort
 
     path = _existing(path, ".onnx")
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # decays that underflow into denormals slow x86 CPUs down by 10x or more; flush them to zero
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads:
@@ -252,7 +258,8 @@ def load_openvino(path: str | Path, device: str = "CPU", threads: int | None = N
     shape = model.inputs[0].get_partial_shape()
     dims = [d.get_length() if d.is_static else None for d in shape]
     size, batch = _input_contract(dims, path)
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # no silent bf16 on CPUs that have it
+    # f32: no silent bf16 on CPUs that have it; LATENCY: one stream, all cores on one request
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     compiled = core.compile_model(model, device, config)
@@ -285,9 +292,27 @@ def load_exported(path: str | Path, **kwargs: Any) -> ExportedModel:
     raise ValueError(f"{path}: expected an exported model.onnx or model.xml (see tools/export.py)")
 
 
-def _benchmark(model: ExportedModel, repeats: int) -> dict[str, Any]:
-    """Median seconds of one ``run`` on a random batch (after a warm-up) and this process's peak RSS."""
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` on Linux, else ``ru_maxrss``.
+
+    ``ru_maxrss`` survives ``exec``: a child started from a large parent reports at least the
+    parent's size, whereas ``VmHWM`` belongs to the current program only.
+    """
     import resource
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _benchmark(model: ExportedModel, repeats: int) -> dict[str, Any]:
+    """Median seconds of one ``run`` on a random batch (after a warm-up), wall and CPU time of
+    this process (all its threads), and its peak RSS."""
     import statistics
     import time
 
@@ -296,19 +321,21 @@ def _benchmark(model: ExportedModel, repeats: int) -> dict[str, Any]:
     start = time.perf_counter()
     model.run(images)
     first = time.perf_counter() - start
-    times = []
+    times, cpu = [], []
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         model.run(images)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     return {
         "engine": model.engine,
         "batch": len(images),
         "image_size": [h, w],
         "first_s": first,
         "median_s": statistics.median(times),
+        "median_cpu_s": statistics.median(cpu),
         "repeats": len(times),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
     }
 
 

@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,25 @@ from PIL import Image
 
 from data.default_ad import load_image
 from data.synthetic import generate_demo_dataset
-from deploy.export import build_graph, compress_onnx_fp16, export_onnx, export_openvino, export_torchscript
+from deploy.export import (
+    build_graph,
+    compress_onnx_fp16,
+    einsums_to_matmul,
+    export_onnx,
+    export_onnx_module,
+    export_openvino,
+    export_torchscript,
+    gather_scan_decode,
+    gather_scan_encode,
+    gather_scan_orders,
+)
 from deploy.runtime import load_exported, load_onnx, load_openvino, read_image
 from mambaad import Detector, load_model, predict
+from model import mamba_decoder
 from model.build import build_model
 from model.ops.selective_scan import available_backends, selective_scan_fn
-from model.ops.selective_scan_export import blocked_scan
-from model.scan import NUM_DIRECTIONS, SCAN_METHODS
+from model.ops.selective_scan_export import ONNX_DOMAIN, blocked_scan, steps_per_iteration
+from model.scan import NUM_DIRECTIONS, SCAN_METHODS, direction_permutations, scan_decode, scan_encode
 from tests.scan_helpers import NAMES, assert_close_rel, run_backend
 from tools import export as export_cli
 from util.config import load_config, save_config
@@ -140,39 +151,119 @@ def test_onnx_equals_pytorch_at_batch_1_and_4(exported: Path, images: list[Path]
     assert reference.maps.std() > 1e-3  # the maps are not trivially constant
 
 
+def _all_nodes(graph) -> list:
+    """The nodes of ``graph`` and of every subgraph (the Scan bodies)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                nodes += _all_nodes(attr.g)
+    return nodes
+
+
 def test_graph_uses_standard_operators_only(exported: Path) -> None:
-    graph = onnx.load(str(exported / "model.onnx")).graph
-    domains = {node.domain for node in graph.node}
-    assert domains <= {"", "ai.onnx"}, domains
-    assert not {"Loop", "Scan"} & {node.op_type for node in graph.node}  # no loop operator either
+    model = onnx.load(str(exported / "model.onnx"))
+    nodes = _all_nodes(model.graph)
+    domains = {node.domain for node in nodes}
+    assert domains <= {"", "ai.onnx"}, domains  # the scan placeholders are all replaced
+    assert ONNX_DOMAIN not in {op.domain for op in model.opset_import}
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Scan") == 8 and "Loop" not in ops  # one Scan per SS2D (4 stages x 2 blocks)
+    assert "Einsum" not in ops and "Softplus" not in {n.op_type for n in nodes}
+    onnx.checker.check_model(model, full_check=True)
 
 
 class _Scan(torch.nn.Module):
+    def __init__(self, softplus: bool = True) -> None:
+        super().__init__()
+        self.softplus = softplus
+
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return selective_scan_fn(*args, delta_softplus=True, backend="export")
+        return selective_scan_fn(*args, delta_softplus=self.softplus, backend="export")
 
 
-def _export_scan(length: int, path: Path) -> tuple[int, float]:
-    """Export one scan of ``length`` steps; ``(node count, max error of onnxruntime vs ref / scale)``."""
-    t = _scan_inputs(1, 2, 3, length, 4, seed=length, a_scale=4.0)
-    args = tuple(t[name] for name in NAMES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Scan(), args, str(path), dynamo=False, opset_version=17)
+def _export_scan(tensors: dict, path: Path, softplus: bool = True) -> tuple[onnx.ModelProto, float]:
+    """Export one scan (dynamic batch); ``(model, max error of onnxruntime vs ref / scale)``."""
+    args = tuple(tensors[name] for name in NAMES)
+    axes = {name: {0: "batch"} for name in ("u", "delta", "B", "C")}
+    export_onnx_module(_Scan(softplus), args, path, NAMES, ["y"], axes)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
-    (y,) = session.run(None, feed)
-    expected = selective_scan_fn(*args, delta_softplus=True, backend="ref").numpy()
-    return len(onnx.load(str(path)).graph.node), float(abs(y - expected).max() / abs(expected).max())
+    (y,) = session.run(None, {name: a.numpy() for name, a in zip(NAMES, args)})
+    expected = selective_scan_fn(*args, delta_softplus=softplus, backend="ref").numpy()
+    assert np.isfinite(y).all()
+    return onnx.load(str(path)), float(abs(y - expected).max() / abs(expected).max())
 
 
 def test_scan_graph_is_small_and_exact_for_any_length(tmp_path: Path) -> None:
-    nodes = {}
-    for length in (5, 37, 64, 4096, 5000):  # 37 and 5000 are not multiples of the chunk: padded
-        nodes[length], err = _export_scan(length, tmp_path / f"scan{length}.onnx")
+    sizes = {}
+    for length in (1, 5, 37, 64, 4096, 5000):  # 37 is prime: one step per Scan iteration
+        t = _scan_inputs(2, 2, 3, length, 4, seed=length, a_scale=4.0)
+        model, err = _export_scan(t, tmp_path / f"scan{length}.onnx")
         assert err < 1e-5, (length, err)
-    assert max(nodes.values()) < 600, nodes  # not one node per step: 5000 steps
-    assert nodes[4096] - nodes[64] < 150, nodes  # grows with log(L) only
+        (scan,) = [node for node in model.graph.node if node.op_type == "Scan"]
+        steps = steps_per_iteration(length)
+        assert scan.attribute[0].g.node and len(model.graph.node) < 40, length
+        sizes[length] = (len(model.graph.node), len(_all_nodes(model.graph)), steps)
+    # the graph does not grow with the length: the body holds at most 8 unrolled steps
+    assert len({top for top, _, _ in sizes.values()}) == 1, sizes
+    assert max(total for _, total, _ in sizes.values()) < 150, sizes
+    assert steps_per_iteration(4096) == 8 and steps_per_iteration(37) == 1 and steps_per_iteration(5) == 5
+
+
+def test_onnx_scan_with_extreme_inputs(tmp_path: Path) -> None:
+    # decays down to exp(-400) per step and softplus arguments far beyond +-20: no overflow, no nan
+    t = _scan_inputs(1, 2, 4, 300, 4, seed=3, a_scale=100.0)
+    t["delta"] = t["delta"] * 60.0
+    _, err = _export_scan(t, tmp_path / "strong.onnx")
+    assert err < 1e-5, err
+    t["delta"], t["delta_bias"] = t["delta"].abs() * 0.01, t["delta_bias"].abs()  # positive without softplus
+    _, err = _export_scan(t, tmp_path / "plain.onnx", softplus=False)
+    assert err < 1e-5, err
+
+
+def test_channel_gathers_equal_the_scan_orders() -> None:
+    x = torch.randn(2, 5, 6, 8, generator=torch.Generator().manual_seed(0))
+    perms = direction_permutations("hilbert", 6, 8, 8)
+    xs = scan_encode(x, perms)
+    assert torch.equal(gather_scan_encode(x, perms), xs)
+    torch.testing.assert_close(gather_scan_decode(xs, perms, 6, 8), scan_decode(xs, perms, 6, 8))
+    with gather_scan_orders() as used:
+        assert used and mamba_decoder.scan_encode is gather_scan_encode  # the export uses them
+    assert mamba_decoder.scan_encode is scan_encode and mamba_decoder.scan_decode is scan_decode
+
+
+def test_batched_matmul_einsums_become_matmul(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    equations = ["bkdl,kcd->bkcl", "bkrl,kdr->bkdl", "ij,jk->ik", "bij,bjk->bik", "bij,bkj->bik", "ij,ij->i"]
+    equations.append("bij,cjk->bik")  # sums over c as well: not a MatMul
+    rng = np.random.default_rng(0)
+    operands = {
+        "bkdl,kcd->bkcl": ((2, 3, 4, 5), (3, 6, 4)),
+        "bkrl,kdr->bkdl": ((2, 3, 4, 5), (3, 6, 4)),
+        "ij,jk->ik": ((3, 4), (4, 5)),
+        "bij,bjk->bik": ((2, 3, 4), (2, 4, 5)),
+        "bij,bkj->bik": ((2, 3, 4), (2, 5, 4)),  # contraction over the last axes: not a MatMul
+        "ij,ij->i": ((3, 4), (3, 4)),
+        "bij,cjk->bik": ((2, 3, 4), (2, 4, 5)),
+    }
+    for i, equation in enumerate(equations):
+        x, y = (rng.standard_normal(shape).astype(np.float32) for shape in operands[equation])
+        node = helper.make_node("Einsum", ["x", "y"], ["z"], equation=equation)
+        inputs = [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape) for n, a in (("x", x), ("y", y))
+        ]
+        out = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+        model = helper.make_model(
+            helper.make_graph([node], "g", inputs, [out]), opset_imports=[helper.make_opsetid("", 17)]
+        )
+        replaced = einsums_to_matmul(model)
+        assert replaced == (equation in equations[:4]), equation
+        path = tmp_path / f"e{i}.onnx"
+        onnx.save(model, str(path))
+        (z,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x, "y": y})
+        np.testing.assert_allclose(z, np.einsum(equation, x, y), rtol=1e-5, atol=1e-5)
 
 
 def test_metadata_beside_the_model(exported: Path, small_run: Path) -> None:
@@ -184,6 +275,7 @@ def test_metadata_beside_the_model(exported: Path, small_run: Path) -> None:
     assert info["training_data"]["root"] == "datasets/demo" and info["thresholds"] is None
     assert info["config_hash"].startswith("sha256:") and len(info["config_hash"]) == 7 + 64
     assert info["project_version"] and info["model"]["scan_backend"] == "export"
+    assert info["model"]["scan_form"].startswith("ONNX Scan operator")
     assert info["model_bytes"] == (exported / "model.onnx").stat().st_size
     assert load_onnx(exported).metadata == info
 
@@ -199,6 +291,25 @@ def test_runtime_does_not_import_torch(exported: Path, images: list[Path], refer
     )
     assert out.returncode == 0, out.stderr
     assert abs(json.loads(out.stdout.strip().splitlines()[-1]) - reference.scores[0]) <= TOL
+
+
+def test_api_and_predict_tool_on_an_export_do_not_import_torch(
+    exported: Path, images: list[Path], reference, tmp_path: Path
+) -> None:
+    model, image = str(exported / "model.onnx"), str(images[0])
+    code = (
+        "import sys, json; import mambaad; from tools import predict as cli; "
+        f"m = mambaad.load_model({model!r}); r = mambaad.predict(m, [{image!r}]); "
+        f"rc = cli.main(['--model', {model!r}, '--input', {image!r}, '--output', {str(tmp_path)!r}]); "
+        "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch imported'; "
+        "print(json.dumps(float(r.scores[0])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert abs(json.loads(out.stdout.strip().splitlines()[-1]) - reference.scores[0]) <= TOL
+    assert (tmp_path / "scores.csv").is_file() and len(list(tmp_path.glob("*.npy"))) == 1
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16"])
@@ -276,6 +387,26 @@ def _check_export(
         maps, scores = load_exported(tmp_path).predict(images[:4], batch_size=4)
     np.testing.assert_allclose(maps, expected.maps[:4], rtol=0, atol=TOL)
     np.testing.assert_allclose(scores, expected.scores[:4], rtol=0, atol=TOL)
+
+
+@pytest.mark.slow
+def test_onnx_equals_pytorch_at_256(images: list[Path], tmp_path: Path) -> None:
+    # the issue's size: small model (resnet18, depths [2,2,2,2], 8 directions, Hilbert) at 256x256,
+    # dynamic batch, batch 1 and 4; sequences of 64..4096 steps, as in the paper model. 19-26 s on
+    # this project's 2 cores under a load average of 4-6: marked slow
+    overrides = ["model.depths=[2,2,2,2]", "model.teacher.name=resnet18", "data.image_size=256"]
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, overrides)
+    net = build_model(cfg, logging.getLogger("test_export")).eval()
+    expected = predict(Detector(net=net, cfg=cfg, device=torch.device("cpu")), images[:4], batch_size=4)
+    export_onnx(build_graph(copy.deepcopy(net), 256), tmp_path / "model.onnx", batch=None)
+    model = load_onnx(tmp_path / "model.onnx", threads=1)  # one thread: least sensitive to load
+    one, four = model.predict(images[:1]), model.predict(images[:4], batch_size=4)
+    assert four.maps.shape == (4, 256, 256)
+    np.testing.assert_allclose(one.maps, expected.maps[:1], rtol=0, atol=TOL)
+    np.testing.assert_allclose(four.maps, expected.maps, rtol=0, atol=TOL)
+    np.testing.assert_allclose(four.scores, expected.scores, rtol=0, atol=TOL)
+    assert expected.maps.std() > 1e-3
 
 
 def test_fixed_batch_export_with_another_scan(images: list[Path], tmp_path: Path) -> None:

@@ -7,7 +7,8 @@
 Without ``-c`` the config comes from the run folder's ``config.json`` (a run folder or a
 file inside one), read as data without running any code, else the paper model (official
 checkpoints). A ``-c`` config file is Python and runs: pass only files you trust. The model
-code is the Python API's (``mambaad.load_model`` / ``mambaad.predict``).
+code is the Python API's (``mambaad.load_model`` / ``mambaad.predict``). With ``--model``
+(an exported ``model.onnx`` / ``model.xml``) PyTorch is not imported at all.
 
 Writes, per image, ``<stem>.npy`` (float32 anomaly map at the model's input size, after
 the Gaussian blur) and ``<stem>.png`` (the image with a heat-map overlay), in the sub-folder
@@ -27,16 +28,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.default_ad import load_image
 from data.meta import IMAGE_EXTENSIONS
-from mambaad import Detector, load_model, predict_batch
+from deploy.runtime import ExportedModel, read_image
+from mambaad import Detector, load_model, predict
 from util.cli import add_config_args, report_error
-from util.distributed import resolve_device
 from util.errors import UsageError
 from util.logger import get_logger
 from util.progress import Progress
@@ -147,7 +146,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     """Predict every input image; returns the process exit code."""
     args = parse_args(argv)
@@ -167,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         return report_error(err, args)
     if isinstance(model, Detector):  # an exported model (--model) runs where its runtime runs
+        from util.distributed import resolve_device
+
         device = resolve_device(model.cfg.device)
         model.net.to(device)
         model.device = device
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_outputs(
     args: argparse.Namespace,
-    model: Detector,
+    model: Detector | ExportedModel,
     files: list[Path],
     relative: list[Path],
     npys: list[Path],
@@ -201,9 +201,9 @@ def write_outputs(
     batches = range(0, len(files), args.batch_size)
     for start in Progress(batches, "predict (batches)", logging.getLogger("mambaad").info):
         chunk = files[start : start + args.batch_size]
-        batch_maps, batch_scores = predict_batch(model, chunk)
+        batch = predict(model, chunk, batch_size=len(chunk))
         for i, amap, score in zip(
-            range(start, start + len(chunk)), batch_maps.cpu().numpy(), batch_scores.tolist(), strict=True
+            range(start, start + len(chunk)), batch.maps, batch.scores.tolist(), strict=True
         ):
             np.save(args.output / npys[i], amap.astype(np.float32))
             maps.append(amap)
@@ -212,10 +212,9 @@ def write_outputs(
     vmin = args.vmin if args.vmin is not None else float(min(m.min() for m in maps))
     vmax = args.vmax if args.vmax is not None else float(max(m.max() for m in maps))
     for path, amap, png in zip(files, maps, pngs, strict=True):
-        rgb = load_image(path, size, normalize=False).permute(1, 2, 0).numpy()
-        Image.fromarray(overlay((rgb * 255).round().astype(np.uint8), amap, vmin, vmax)).save(
-            args.output / png
-        )
+        # the pixels the model saw (RGB, bilinear resize; equal to the training loader's)
+        rgb = read_image(path, size)
+        Image.fromarray(overlay(rgb, amap, vmin, vmax)).save(args.output / png)
     with open(args.output / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "score", "map", "overlay"])

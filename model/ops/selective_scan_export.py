@@ -1,10 +1,12 @@
 # ruff: noqa: N803  (A, B, C, D are the standard names of the S6 parameters, as in mamba-ssm)
-"""Selective scan in a few plain tensor ops, for ONNX / OpenVINO / TorchScript export (backend ``export``).
+"""Selective scan for export (backend ``export``): plain tensor ops in PyTorch, one ONNX ``Scan`` in ONNX.
 
-``h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t``, ``y_t = C_t . h_t + D * u_t`` is
-computed with Split, Mul, Exp, Add, MatMul, CumSum, Concat and Reshape only, so the exported
-graph needs no custom operator and no loop operator, and stays small (a few hundred nodes
-per scan, independent of the sequence length up to a log factor):
+``h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t``, ``y_t = C_t . h_t + D * u_t`` has two
+exportable forms here, both free of custom operators:
+
+**PyTorch ops** (:func:`selective_scan_export`, what eager PyTorch, TorchScript and the
+``dynamo`` ONNX exporter see): a blocked scan in Split, Mul, Exp, Add, MatMul, CumSum, Concat
+and Reshape, a few hundred nodes per scan whatever the length:
 
 1. the sequence is cut into chunks of ``T`` steps (``CHUNK``; zero-padded at the end);
 2. all chunks at once, the recurrence runs from a zero state over the ``T`` steps of its
@@ -15,19 +17,36 @@ per scan, independent of the sequence length up to a log factor):
    the ``L / T`` chunk ends, recursively, with log decay ``A * sum(delta over the chunk)``);
 4. each output gets the carried state's share ``C_t . (exp(A * cumsum(delta)_t) * carry)``.
 
-Every exponent taken is a log decay ``delta * A`` summed over steps, <= 0 since ``A < 0`` and
-``delta > 0`` (after softplus): nothing can overflow, unlike formulations with
-``exp(-cumsum)``. The backend is differentiable (plain autograd) but meant for inference;
+**ONNX** (the tracing exporter, inside :func:`onnx_placeholders`): each scan is traced as one
+placeholder node, which :func:`expand_onnx_placeholders` replaces by :func:`scan_onnx_nodes`:
+one standard ONNX ``Scan`` operator that runs the recurrence step by step over time, ``S``
+steps per iteration (:data:`STEPS_PER_ITERATION`), on a ``[b, K, N, d]`` state that stays in
+cache. It does what the fused ``cpu`` kernel does, one exponential per state update, where the
+blocked form needs two and about twice the passes over memory, each over tensors too large for
+the cache; it measured 3x faster in onnxruntime (docs/deploy.md). Tracing records only the
+placeholder, not the scan's intermediate tensors, so exporting also takes far less memory.
+
+Every exponent taken is a log decay ``delta * A`` (summed over steps in the blocked form), <= 0
+since ``A < 0`` and ``delta > 0`` (after softplus): nothing can overflow, unlike formulations with
+``exp(-cumsum)``. The PyTorch form is differentiable (plain autograd) but meant for inference;
 training uses ``cpu``, ``triton`` or ``mamba_ssm``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
 import torch
 
-from model.ops.selective_scan import _finish, _prepare
+from model.ops.selective_scan import _finish, _numba_available, _prepare
 
 CHUNK = 16
+STEPS_PER_ITERATION = 8  # scan steps per iteration of the ONNX Scan (8 measured best of 1, 4, 8, 16)
+ONNX_DOMAIN = "mambaad"
+ONNX_OP = "SelectiveScan"
 
 
 def _sequential(log_a: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -119,6 +138,75 @@ def _chunked_outputs(
     return y[:length] if pad else y
 
 
+def _selective_scan_blocked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """The blocked form (module docstring, steps 1-4), ``[b, K*d, L] -> [b, K*d, L]``."""
+    u_t, delta_t, A, B_t, C_t = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    y_t = _chunked_outputs(delta_t, delta_t * u_t, A, B_t, C_t, chunk)
+    return _finish(y_t, u_t, D)
+
+
+_placeholder_depth = 0
+
+
+@contextlib.contextmanager
+def onnx_placeholders() -> Iterator[None]:
+    """While active, a traced :func:`selective_scan_export` becomes one ``mambaad::SelectiveScan`` node.
+
+    For the tracing ONNX exporter (``torch.onnx.export(..., dynamo=False,
+    custom_opsets={ONNX_DOMAIN: 1})``); :func:`expand_onnx_placeholders` then replaces every
+    placeholder by standard operators. Outside tracing nothing changes.
+    """
+    global _placeholder_depth
+    _placeholder_depth += 1
+    try:
+        yield
+    finally:
+        _placeholder_depth -= 1
+
+
+class _Placeholder(torch.autograd.Function):
+    """One node standing for a whole scan in the traced graph; its value is the real scan's."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, length, groups, d_state, channels):
+        # the value only feeds the rest of the trace: take the fastest backend here
+        if u.device.type == "cpu" and _numba_available():
+            from model.ops.selective_scan_cpu import selective_scan_cpu
+
+            return selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return _selective_scan_blocked(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+    @staticmethod
+    def symbolic(g, u, delta, A, B, C, D, delta_bias, delta_softplus, length, groups, d_state, channels):
+        y = g.op(
+            f"{ONNX_DOMAIN}::{ONNX_OP}",
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            delta_bias,
+            delta_softplus_i=int(delta_softplus),
+            length_i=length,
+            groups_i=groups,
+            d_state_i=d_state,
+            channels_i=channels,
+        )
+        y.setType(u.type())
+        return y
+
+
 def selective_scan_export(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -130,11 +218,283 @@ def selective_scan_export(
     delta_softplus: bool = False,
     chunk: int = CHUNK,
 ) -> torch.Tensor:
-    """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32) by :func:`_chunked_outputs`; same contract
-    as :func:`model.ops.selective_scan.selective_scan_fn`."""
-    u_t, delta_t, A, B_t, C_t = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    y_t = _chunked_outputs(delta_t, delta_t * u_t, A, B_t, C_t, chunk)
-    return _finish(y_t, u_t, D)
+    """Selective scan ``[b, K*d, L] -> [b, K*d, L]`` (fp32); same contract as
+    :func:`model.ops.selective_scan.selective_scan_fn`.
+
+    Computed by the blocked form (:func:`_chunked_outputs`); traced inside
+    :func:`onnx_placeholders`, one placeholder node instead (see the module docstring).
+    """
+    if _placeholder_depth and torch.jit.is_tracing():
+        u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+        channels = u.shape[1]
+        D = u.new_zeros(channels) if D is None else D.float()
+        delta_bias = u.new_zeros(channels) if delta_bias is None else delta_bias.float()
+        # int(): static sizes, attributes of the placeholder (the batch stays dynamic)
+        sizes = (int(u.shape[2]), int(B.shape[1]), int(A.shape[1]), int(A.shape[0]))
+        return _Placeholder.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), *sizes)
+    return _selective_scan_blocked(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk)
 
 
-__all__ = ["CHUNK", "blocked_scan", "selective_scan_export"]
+class _OnnxNodes:
+    """ONNX nodes under one name prefix; constants are ``Constant`` nodes, valid in any (sub)graph."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[Any] = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: Sequence[str], outputs: int = 1, **attrs: Any) -> Any:
+        """Add a node; returns its output name, or the list of names when ``outputs > 1``."""
+        from onnx import helper
+
+        names = [self.name(op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.name(op_type), **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, values: Any, dtype: type = np.float32) -> str:
+        from onnx import numpy_helper
+
+        return self.op("Constant", [], value=numpy_helper.from_array(np.asarray(values, dtype)))
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(list(values), np.int64)
+
+    def split(self, x: str, parts: int, axis: int) -> list[str]:
+        return [x] if parts == 1 else self.op("Split", [x], outputs=parts, axis=axis)
+
+
+def steps_per_iteration(length: int, most: int = STEPS_PER_ITERATION) -> int:
+    """The largest divisor of ``length`` that is at most ``most`` (no padding needed)."""
+    return max(s for s in range(1, min(most, length) + 1) if length % s == 0)
+
+
+def _softplus(g: _OnnxNodes, x: str) -> str:
+    """``max(x, log(1 + exp(min(x, 20))))``: PyTorch's softplus (``x`` above 20) within float32
+    rounding, without onnxruntime's ``Softplus`` kernel, which measured 10x slower than Exp."""
+    exp = g.op("Exp", [g.op("Min", [x, g.const(20.0)])])
+    return g.op("Max", [x, g.op("Log", [g.op("Add", [exp, g.const(1.0)])])])
+
+
+def _scan_body(
+    prefix: str,
+    steps: int,
+    groups: int,
+    d_inner: int,
+    d_state: int,
+    softplus: bool,
+    constants: dict[str, np.ndarray] | None,
+) -> Any:
+    """Body of the ONNX ``Scan``: ``steps`` recurrence steps on the state ``h [1, b, K, N, d]``.
+
+    Scanned inputs per iteration: ``z`` (delta before softplus) and ``u`` ``[S, b, K, 1, d]``,
+    ``B [S, b, K, N, 1]``, ``C [S, b, K, 1, N]``; output ``y [S, b, K, 1, d]`` with the skip
+    term. ``A [K, N, d]``, the delta bias and ``D`` ``[K, 1, d]`` are ``Constant`` nodes of the
+    body when ``constants`` gives them (the model's weights), else loop-carried values
+    (OpenVINO's ONNX reader does not take outer-scope values in a Scan body).
+    """
+    from onnx import TensorProto, helper
+
+    k, d, n, s = groups, d_inner, d_state, steps
+    g = _OnnxNodes(prefix)
+    shapes = {"h": [1, "batch", k, n, d]}
+    if constants is None:
+        shapes.update({"A": [k, n, d], "bias": [k, 1, d], "D": [k, 1, d]})
+    shapes.update(
+        {
+            "z": [s, "batch", k, 1, d],
+            "u": [s, "batch", k, 1, d],
+            "B": [s, "batch", k, n, 1],
+            "C": [s, "batch", k, 1, n],
+        }
+    )
+    names = {key: f"{prefix}{key}_in" for key in shapes}
+    if constants is not None:
+        names.update({key: g.const(value) for key, value in constants.items()})
+    delta = g.op("Add", [names["z"], names["bias"]])
+    if softplus:
+        delta = _softplus(g, delta)
+    du = g.op("Mul", [delta, names["u"]])
+    deltas, dus = g.split(delta, s, 0), g.split(du, s, 0)
+    bs, cs = g.split(names["B"], s, 0), g.split(names["C"], s, 0)
+    h, ys = names["h"], []
+    for i in range(s):
+        decay = g.op("Exp", [g.op("Mul", [deltas[i], names["A"]])])  # delta * A <= 0
+        h = g.op("Add", [g.op("Mul", [decay, h]), g.op("Mul", [dus[i], bs[i]])])
+        ys.append(g.op("MatMul", [cs[i], h]))  # [1, b, K, 1, d]
+    y = g.op("Concat", ys, axis=0) if s > 1 else ys[0]
+    y = g.op("Add", [y, g.op("Mul", [names["D"], names["u"]])])
+    outputs = [(h, shapes["h"])]
+    if constants is None:
+        outputs += [(g.op("Identity", [names[key]]), shapes[key]) for key in ("A", "bias", "D")]
+    outputs.append((y, [s, "batch", k, 1, d]))
+
+    def info(name: str, shape: list) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    inputs = [info(names[key], shapes[key]) for key in shapes if key in ("h", "z", "u", "B", "C")]
+    if constants is None:
+        inputs[1:1] = [info(names[key], shapes[key]) for key in ("A", "bias", "D")]
+    return helper.make_graph(g.nodes, f"{prefix}body", inputs, [info(*o) for o in outputs])
+
+
+def scan_onnx_nodes(
+    inputs: Sequence[str],
+    output: str,
+    length: int,
+    groups: int,
+    d_state: int,
+    channels: int,
+    delta_softplus: bool = True,
+    prefix: str = "selective_scan/",
+    steps: int | None = None,
+    weights: dict[str, np.ndarray] | None = None,
+) -> list[Any]:
+    """Standard ONNX nodes (opset 17) computing one selective scan, ending in ``output``.
+
+    ``inputs``: the names of ``u, delta [b, K*d, L]``, ``A [K*d, N]``, ``B, C [b, K, N, L]``,
+    ``D, delta_bias [K*d]`` (all float32; the batch ``b`` may be dynamic); ``output`` gets
+    ``y [b, K*d, L]``. ``weights``: the values of ``A``, ``D`` and ``delta_bias`` when they are
+    constants of the model (keys ``A``, ``D``, ``bias``), built into the loop body. The inputs
+    go time-major once (4 Transposes), one ``Scan`` runs the recurrence ``steps`` steps per
+    iteration (default: the largest divisor of ``length`` up to :data:`STEPS_PER_ITERATION`),
+    and one Transpose brings ``y`` back.
+    """
+    from onnx import TensorProto, helper
+
+    u, delta, A, B, C, D, bias = inputs
+    k, n, length = int(groups), int(d_state), int(length)
+    d = int(channels) // k
+    s = steps or steps_per_iteration(length)
+    if length % s:
+        raise ValueError(f"steps per iteration {s} must divide the length {length}")
+    g = _OnnxNodes(prefix)
+
+    def time_major(x: str, perm: list[int], tail: list[int]) -> str:
+        return g.op("Reshape", [g.op("Transpose", [x], perm=perm), g.ints([length // s, s, -1, *tail])])
+
+    z_t, u_t = (time_major(x, [2, 0, 1], [k, 1, d]) for x in (delta, u))
+    B_t = time_major(B, [3, 0, 1, 2], [k, n, 1])
+    C_t = time_major(C, [3, 0, 1, 2], [k, 1, n])
+    batch = g.op("Shape", [u], start=0, end=1)
+    h0_shape = g.op("Concat", [g.ints([1]), batch, g.ints([k, n, d])], axis=0)
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+    h0 = g.op("ConstantOfShape", [h0_shape], value=zero)
+    constants = None
+    carried = []
+    if weights is not None and {"A", "D", "bias"} <= weights.keys():
+        constants = {
+            "A": np.asarray(weights["A"], np.float32).reshape(k, d, n).transpose(0, 2, 1).copy(),
+            "bias": np.asarray(weights["bias"], np.float32).reshape(k, 1, d),
+            "D": np.asarray(weights["D"], np.float32).reshape(k, 1, d),
+        }
+    else:
+        carried = [g.op("Transpose", [g.op("Reshape", [A, g.ints([k, d, n])])], perm=[0, 2, 1])]
+        carried += [g.op("Reshape", [x, g.ints([k, 1, d])]) for x in (bias, D)]
+    body = _scan_body(f"{prefix}body/", s, k, d, n, bool(delta_softplus), constants)
+    scanned = g.op(
+        "Scan",
+        [h0, *carried, z_t, u_t, B_t, C_t],
+        outputs=2 + len(carried),
+        body=body,
+        num_scan_inputs=4,
+    )
+    y = g.op("Reshape", [scanned[-1], g.ints([length, -1, k * d])])  # [L/S, S, b, K, 1, d] -> [L, b, K*d]
+    g.nodes.append(helper.make_node("Transpose", [y], [output], name=g.name("Transpose"), perm=[1, 2, 0]))
+    return g.nodes
+
+
+def _constant_values(graph: Any) -> dict[str, np.ndarray]:
+    """Values of the graph's initializers and ``Constant`` nodes, by name."""
+    from onnx import helper, numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            value = helper.get_attribute_value(node.attribute[0])
+            if hasattr(value, "dims"):
+                values[node.output[0]] = numpy_helper.to_array(value)
+    return values
+
+
+def _used_names(graph: Any) -> set[str]:
+    """Every name read by a node of ``graph`` or of its subgraphs, and the graph's outputs."""
+    from onnx import helper
+
+    used = {out.name for out in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            value = helper.get_attribute_value(attr)
+            for sub in value if isinstance(value, list) else [value]:
+                if hasattr(sub, "node"):
+                    used |= _used_names(sub)
+    return used
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    """Remove initializers and ``Constant`` nodes that nothing reads any more."""
+    used = _used_names(graph)
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if n.op_type != "Constant" or any(o in used for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def expand_onnx_placeholders(model: Any) -> int:
+    """Replace every ``mambaad::SelectiveScan`` node of an ONNX ``ModelProto`` by
+    :func:`scan_onnx_nodes` (in place) and drop the custom domain; returns how many were replaced."""
+    from onnx import helper
+
+    graph = model.graph
+    values = _constant_values(graph)
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.domain != ONNX_DOMAIN:
+            nodes.append(node)
+            continue
+        if node.op_type != ONNX_OP:
+            raise ValueError(f"unknown {ONNX_DOMAIN} operator {node.op_type!r} in the exported graph")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        named = {"A": node.input[2], "D": node.input[5], "bias": node.input[6]}
+        weights = {key: values[name] for key, name in named.items() if name in values}
+        nodes.extend(
+            scan_onnx_nodes(
+                node.input,
+                node.output[0],
+                length=attrs["length"],
+                groups=attrs["groups"],
+                d_state=attrs["d_state"],
+                channels=attrs["channels"],
+                delta_softplus=bool(attrs.get("delta_softplus", 0)),
+                prefix=f"selective_scan_{count}/",
+                weights=weights,
+            )
+        )
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    imports = [op for op in model.opset_import if op.domain != ONNX_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    return count
+
+
+__all__ = [
+    "CHUNK",
+    "ONNX_DOMAIN",
+    "ONNX_OP",
+    "STEPS_PER_ITERATION",
+    "blocked_scan",
+    "expand_onnx_placeholders",
+    "onnx_placeholders",
+    "scan_onnx_nodes",
+    "selective_scan_export",
+    "steps_per_iteration",
+]
