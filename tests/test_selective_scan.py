@@ -165,6 +165,8 @@ def test_auto_on_cuda_checks_backends_and_respects_determinism(monkeypatch):
     monkeypatch.setattr(ss, "_mamba_ssm_kernel", lambda: object())
     monkeypatch.setattr(ss, "_triton_available", lambda: True)
     monkeypatch.setattr(ss, "backend_works", works)
+    # other tests of the session may have switched deterministic mode on process-wide
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
     cuda = torch.device("cuda")
     assert ss.resolve_backend("auto", cuda) == "mamba_ssm"
     assert ss.resolve_backend("ref", cuda) == "ref"
