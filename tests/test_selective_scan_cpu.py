@@ -73,7 +73,78 @@ def test_partial_channel_block_chunk_and_state_remainders():
     # 70 channels per group: one full block of lanes and one of 6; L=37: a partial last chunk
     # of steps; N=5: one pass of 4 states and one single state.
     assert 70 % ss_cpu._LANES and 37 % ss_cpu._CHUNK
+    assert 70 % ss_cpu._BWD_LANES and 37 % ss_cpu._BWD_CHUNK
     _compare(_inputs(2, 37, seed=11, k=2, d=70, n=5))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    ("use_d", "use_bias", "softplus"),
+    [(True, True, True), (False, False, False), (True, False, True), (False, True, False)],
+)
+def test_backward_odd_channels_and_partial_chunks(k, use_d, use_bias, softplus):
+    # 67 channels per group: a full block of lanes, then one of 3 (padded lanes must add
+    # nothing to the B/C grads summed over the block); L=150: two chunks and a partial one.
+    d, length = 67, 150
+    assert d % ss_cpu._BWD_LANES and length % ss_cpu._BWD_CHUNK and length > 2 * ss_cpu._BWD_CHUNK
+    tensors = _inputs(2, length, seed=20 + k, k=k, d=d)
+    if not softplus:  # delta + delta_bias >= 0, or the states grow as exp(|delta A| t)
+        tensors["delta"] = tensors["delta"].abs()
+        tensors["delta_bias"] = tensors["delta_bias"].abs()
+    _compare(tensors, use_d, use_bias, softplus)
+
+
+@pytest.mark.parametrize("d", [1, 5, 64, 129])
+def test_backward_group_widths(d):
+    # fewer lanes than a block, exactly one block, one block and a single channel
+    _compare(_inputs(3, 70, seed=d, k=2, d=d, n=16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_grads_match_reference(dtype):
+    t = {k: v.to(dtype) for k, v in _inputs(2, 90, seed=4, k=2, d=67).items()}
+    _, g_ref = run_backend("ref", t)
+    _, g_cpu = run_backend("cpu", t)
+    for name in NAMES:
+        assert g_cpu[name].dtype == dtype, name
+        # both compute in fp32; the grads differ by the rounding to 8 or 11 mantissa bits
+        assert_close_rel(g_cpu[name].float(), g_ref[name].float(), 1e-2)
+
+
+def _grads(tensors, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run_backend("cpu", tensors)[1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_backward_is_bit_identical_across_calls_and_thread_counts():
+    # b*K = 6 tasks of two blocks each, spread over 1 or 2 threads
+    t = _inputs(3, 150, seed=8, k=2, d=67)
+    first = _grads(t, 2)
+    for grads in (_grads(t, 2), _grads(t, 1)):
+        for name in NAMES:
+            assert torch.equal(grads[name], first[name]), name
+
+
+def test_backward_scratch_does_not_grow_with_batch_or_channels():
+    # what one backward thread allocates (the kernel sizes its scratch with this function)
+    n = 16
+    per_step = ss_cpu.backward_scratch_bytes(8192, n) - ss_cpu.backward_scratch_bytes(4096, n)
+    # delta' and delta' u of the block's lanes, and a checkpoint every _BWD_CHUNK steps
+    lanes = ss_cpu._BWD_LANES
+    assert per_step == 4 * 4096 * lanes * (2 + n / ss_cpu._BWD_CHUNK)
+    # the decoder's stage 3 at 256x256: 2 threads' scratch against the states a pure-PyTorch
+    # backward keeps (b*K*d*L*N floats) and against the input u alone
+    b, channels, length = 4, 1024, 4096
+    scratch = 2 * ss_cpu.backward_scratch_bytes(length, n)
+    assert scratch < 4 * b * channels * length * n / 100
+    assert scratch < 4 * b * channels * length / 2
+    # a short sequence needs only the buffers of one chunk
+    assert ss_cpu.backward_scratch_bytes(1, n) == ss_cpu.backward_scratch_bytes(ss_cpu._BWD_CHUNK, n)
+    assert ss_cpu.backward_scratch_bytes(1, n) < 1 << 20
 
 
 def test_vector_math_helpers_match_float64():

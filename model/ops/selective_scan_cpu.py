@@ -4,11 +4,16 @@
 Same semantics and shapes as :func:`model.ops.selective_scan.selective_scan_fn`. The
 PyTorch backends spend their time in thousands of small tensor ops and keep every state
 ``h_t`` for backward (``b*K*d*L*N`` floats); these kernels run fused loops instead.
-Forward runs a block of ``_LANES`` channels of one group at a time, the channels being the
-SIMD lanes (they share B_t and C_t, and their sum over the N states keeps the order of the
-plain definition), and keeps only the current states. Backward recomputes the states of
-one channel at a time into a small scratch buffer (``L*N`` floats per thread) and walks
-back through time, so the autograd graph holds nothing but the inputs.
+Both passes run a block of 64 channels of one group at a time, the channels being the SIMD
+lanes (they share B_t and C_t; sums over the N states keep the order of the plain
+definition). Forward keeps only the current states. Backward runs the block forward once,
+keeping delta' and delta' u of every step and the state at every 64th step, then goes
+back chunk by chunk: it recomputes the chunk's states from its checkpoint into a small
+buffer and runs the adjoint recurrence back through them. So the autograd graph holds
+nothing but the inputs, and a backward thread's scratch (:func:`backward_scratch_bytes`:
+0.8 MB plus ``2.25 * 64`` floats per step for N = 16) does not grow with the batch or the
+channels. Gradients are bit-identical from run to run, whatever the number of threads:
+each task writes its own outputs, and every sum has a fixed order.
 
 Every transcendental function in the loops (exp, 2**x, log, softplus) is written with
 arithmetic and selects only, so that LLVM vectorises them: Numba has no vector exp without
@@ -20,6 +25,10 @@ and :func:`selective_scan_cpu` raises ``ValueError``. Kernels are compiled on fi
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -85,10 +94,23 @@ _ROUND = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer h
 # 64 lanes then stay in the 32 KB L1 cache). Measured best of 32/64/128 x 8/16/32/64.
 _LANES = 64
 _CHUNK = 16
+# Backward blocking: lanes per block and steps per recomputed chunk, which is also the
+# checkpoint spacing (the chunk's states and decays, 2 * 64 * 16 * 64 floats, stay in a
+# 1 MB L2; measured 16/32/64/128 steps and 32/64 lanes); scratch rows of [state, lane],
+# [step, lane] and columns of [lane, step] for one chunk.
+_BWD_LANES = 64
+_BWD_CHUNK = 64
+_STATE_ROWS = 5
+_STEP_ROWS = 3
+_LANE_COLS = 8
 
 if NUMBA_AVAILABLE:
-    _jit = numba.njit(parallel=True, fastmath={"contract"}, cache=True)
-    _inline = numba.njit(fastmath={"contract"}, cache=True, inline="always")
+    # error_model="numpy": no zero-division check (a branch) in float divisions, which kept
+    # LLVM from vectorising the softplus loops; no division here can have a zero divisor.
+    _jit = numba.njit(parallel=True, fastmath={"contract"}, error_model="numpy", cache=True)
+    _inline = numba.njit(fastmath={"contract"}, error_model="numpy", cache=True, inline="always")
+    _nogil = numba.njit(fastmath={"contract"}, error_model="numpy", cache=True, nogil=True)
+    _reduce = numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
     prange = numba.prange
 
     @_inline
@@ -173,6 +195,7 @@ if NUMBA_AVAILABLE:
             inputs = np.zeros((_CHUNK, lanes), dtype=np.float32)
             ys = np.zeros((_CHUNK, lanes), dtype=np.float32)
             raw = np.zeros(lanes * _CHUNK, dtype=np.float32)
+            us = np.zeros(lanes * _CHUNK, dtype=np.float32)
             for j in range(width):
                 for n in range(n_state):
                     A_blk[n, j] = A[c0 + j, n] * _LOG2E
@@ -181,17 +204,21 @@ if NUMBA_AVAILABLE:
                 for j in range(width):
                     c = c0 + j
                     bc = bias[c]
+                    # rows sliced and indexed from 0: with delta[bi, c, t0 + s], the check for
+                    # negative indices turns contiguous loads into gathers
+                    d_row = delta[bi, c, t0 : t0 + span]
+                    u_row = u[bi, c, t0 : t0 + span]
                     for s in range(span):
-                        raw[j * _CHUNK + s] = delta[bi, c, t0 + s] + bc
+                        raw[j * _CHUNK + s] = d_row[s] + bc
+                        us[j * _CHUNK + s] = u_row[s]
                 if softplus:
                     for i in range(width * _CHUNK):
                         raw[i] = _softplus(raw[i])
                 for j in range(width):
-                    c = c0 + j
                     for s in range(span):
                         dt = raw[j * _CHUNK + s]
                         steps[s, j] = dt
-                        inputs[s, j] = dt * u[bi, c, t0 + s]
+                        inputs[s, j] = dt * us[j * _CHUNK + s]
                 ys[:] = _ZERO
                 for s in range(span):
                     B_t = Bt[bi, k, t0 + s]
@@ -228,105 +255,308 @@ if NUMBA_AVAILABLE:
                 for j in range(width):
                     c = c0 + j
                     dc = D[c]
+                    out_row = out[bi, c, t0 : t0 + span]
                     for s in range(span):
-                        out[bi, c, t0 + s] = ys[s, j] + dc * u[bi, c, t0 + s]
+                        out_row[s] = ys[s, j] + dc * us[j * _CHUNK + s]
 
-    @_jit
-    def _backward_kernel(u, delta, A, Bt, Ct, D, bias, softplus, dout, du, ddelta, dA, dBt, dCt, dD, dbias):
-        """Gradients of sum(dout * y).
+    @_reduce
+    def _rows_dot(rows, weights, span, out):
+        """out[s, n] += sum_j rows[s, n, j] * weights[s, j] for s < span: a chunk's B or C grads.
 
-        Parallel over (batch, group): a task owns dBt/dCt[b, k] and loops over the group's
-        channels, so the reduction of the B/C grads over channels needs no atomics. Per
-        channel it computes delta' and the softplus gate for all t (vectorised), recomputes
-        and stores h_t and exp(delta'_t A) for all t (as forward does), then runs the adjoint
-        recurrence g_t = dy_t C_t + a_{t+1} g_{t+1} backwards; the per-state terms of the
-        delta and u grads go to small arrays summed afterwards, so the loop over the states
-        has no scalar reduction and vectorises. dA, dD and dbias get one row per batch
-        element (the caller sums over b); they accumulate in float64.
+        The sums over the lanes are the only place where LLVM may reassociate (so that they
+        vectorise); the order is fixed by the compiled code, not by the data or the thread
+        count, so results are reproducible bit for bit. The other loops keep strict order.
+        """
+        n_state = rows.shape[1]
+        lanes = rows.shape[2]
+        for s in range(span):
+            w = weights[s]
+            for n in range(n_state):
+                r = rows[s, n]
+                total = _ZERO
+                for j in range(lanes):
+                    total += r[j] * w[j]
+                out[s, n] += total
+
+    @_nogil
+    def _backward_scratch_sizes(length, n_state, lanes):
+        """(float32, float64) element counts of the scratch a backward thread passes its tasks.
+
+        float32: the state at every chunk start (checkpoints) and delta', delta' u of every
+        step, all [step, lane]; for one chunk the recomputed states (one row more) and decays,
+        ``_STATE_ROWS`` rows of [state, lane], ``_STEP_ROWS`` of [step, lane] and
+        ``_LANE_COLS`` of [lane, step]. float64: the dA, dD and dbias sums of a block.
+        """
+        chunks = (length + _BWD_CHUNK - 1) // _BWD_CHUNK
+        per_state = n_state * lanes
+        per_step = _BWD_CHUNK * lanes
+        f32 = (chunks + 2 * _BWD_CHUNK + 1 + _STATE_ROWS) * per_state
+        f32 += (2 * chunks + _STEP_ROWS + _LANE_COLS) * per_step
+        return f32, per_state + 2 * per_step
+
+    @_inline
+    def _gather(src, bi, c0, width, t0, span, bias, add_bias, cols):
+        """cols[j * _BWD_CHUNK + s] = src[bi, c0 + j, t0 + s] (+ bias[c0 + j]), contiguous runs of
+        steps per channel; zero for the steps past ``span`` of a last, partial chunk."""
+        for j in range(width):
+            # a slice indexed from 0: with src[bi, c, t0 + s], the check for negative indices
+            # turns the contiguous loads into gathers
+            row = src[bi, c0 + j, t0 : t0 + span]
+            add = bias[c0 + j] if add_bias else _ZERO
+            for s in range(span):
+                cols[j * _BWD_CHUNK + s] = row[s] + add
+            for s in range(span, _BWD_CHUNK):
+                cols[j * _BWD_CHUNK + s] = _ZERO
+
+    @_inline
+    def _scatter(cols, bi, c0, width, t0, span, dst):
+        """dst[bi, c0 + j, t0 + s] = cols[j * _BWD_CHUNK + s] for the chunk's ``span`` steps."""
+        for j in range(width):
+            row = dst[bi, c0 + j, t0 : t0 + span]
+            for s in range(span):
+                row[s] = cols[j * _BWD_CHUNK + s]
+
+    @_inline
+    def _to_rows(cols, rows):
+        """rows[s, j] = cols[j * _BWD_CHUNK + s]: [lane, step] to [step, lane]."""
+        for s in range(_BWD_CHUNK):
+            r = rows[s]
+            for j in range(rows.shape[1]):
+                r[j] = cols[j * _BWD_CHUNK + s]
+
+    @_inline
+    def _to_cols(rows, cols):
+        """cols[j * _BWD_CHUNK + s] = rows[s, j]: [step, lane] to [lane, step]."""
+        for j in range(rows.shape[1]):
+            for s in range(_BWD_CHUNK):
+                cols[j * _BWD_CHUNK + s] = rows[s, j]
+
+    @_inline
+    def _copy(src, dst):
+        """dst[:] = src for [state, lane] arrays, as a loop (a slice assignment between views of
+        one buffer makes a temporary copy)."""
+        for n in range(src.shape[0]):
+            for j in range(src.shape[1]):
+                dst[n, j] = src[n, j]
+
+    @_nogil
+    def _backward_tasks(
+        u,
+        delta,
+        A,
+        Bt,
+        Ct,
+        D,
+        bias,
+        softplus,
+        dout,
+        du,
+        ddelta,
+        dA,
+        dBt,
+        dCt,
+        dD,
+        dbias,
+        lanes,
+        f32,
+        f64,
+        first,
+        step,
+    ):
+        """Gradients of sum(dout * y) for the (batch, group) tasks first, first + step, ...
+
+        A task owns dBt/dCt[b, k] and runs the group's blocks of ``lanes`` channels one after
+        the other, so the B/C grads are summed over the lanes of a block (:func:`_rows_dot`)
+        and then over the blocks in a fixed order, without atomics. A block runs all its
+        lanes at once (they share B_t and C_t): a forward pass stores delta' and delta' u of
+        every step and the state at the start of every chunk of ``_BWD_CHUNK`` steps; then,
+        chunk by chunk from the last, the states and decays of the chunk are recomputed from
+        its checkpoint and the adjoint g_t = dy_t C_t + a_{t+1} g_{t+1} runs back through it.
+        Per-step values move between [channel, time] and [step, lane] in contiguous runs of
+        ``_BWD_CHUNK`` steps. dA, dD and dbias get one float64 row per batch element.
+        ``f32`` and ``f64`` are the scratch (:func:`_backward_scratch_sizes`); whatever they
+        hold, a block reads only what it wrote (a partial block zeroes them first).
         """
         batch, channels, length = u.shape
         groups = Bt.shape[1]
         n_state = A.shape[1]
         per_group = channels // groups
-        for item in prange(batch * groups):
+        blocks = (per_group + lanes - 1) // lanes
+        chunks = (length + _BWD_CHUNK - 1) // _BWD_CHUNK
+        per_state = n_state * lanes
+        per_step = _BWD_CHUNK * lanes
+        padded = chunks * _BWD_CHUNK
+        ckpt = f32[: chunks * per_state].reshape((chunks, n_state, lanes))
+        o = chunks * per_state
+        all_steps = f32[o : o + padded * lanes].reshape((padded, lanes))
+        o += padded * lanes
+        all_inputs = f32[o : o + padded * lanes].reshape((padded, lanes))
+        o += padded * lanes
+        states = f32[o : o + (_BWD_CHUNK + 1) * per_state].reshape((_BWD_CHUNK + 1, n_state, lanes))
+        o += (_BWD_CHUNK + 1) * per_state
+        decay = f32[o : o + _BWD_CHUNK * per_state].reshape((_BWD_CHUNK, n_state, lanes))
+        o += _BWD_CHUNK * per_state
+        state_rows = f32[o : o + _STATE_ROWS * per_state].reshape((_STATE_ROWS, n_state, lanes))
+        o += _STATE_ROWS * per_state
+        step_rows = f32[o : o + _STEP_ROWS * per_step].reshape((_STEP_ROWS, _BWD_CHUNK, lanes))
+        o += _STEP_ROWS * per_step
+        cols = f32[o:].reshape((_LANE_COLS, per_step))
+        # one name per row (unpacking an array would lose its contiguous layout)
+        A2 = state_rows[0]
+        A_blk = state_rows[1]
+        h = state_rows[2]
+        carry = state_rows[3]
+        dA_chunk = state_rows[4]
+        dys = step_rows[0]
+        ddts = step_rows[1]
+        dbus = step_rows[2]
+        dts = cols[0]
+        gates = cols[1]
+        us = cols[2]
+        ins = cols[3]
+        dycol = cols[4]
+        ddtcol = cols[5]
+        dbucol = cols[6]
+        dcol = cols[7]
+        dA_acc = f64[:per_state].reshape((n_state, lanes))
+        dD_acc = f64[per_state : per_state + per_step]
+        dbias_acc = f64[per_state + per_step :]
+        for item in range(first, batch * groups, step):
             bi = item // groups
             k = item % groups
-            states = np.zeros((length + 1, n_state), dtype=np.float32)  # row t+1 holds h_t
-            decay = np.empty((length, n_state), dtype=np.float32)
-            steps = np.empty(length, dtype=np.float32)
-            gates = np.empty(length, dtype=np.float32)
-            carry = np.empty(n_state, dtype=np.float32)
-            A2 = np.empty(n_state, dtype=np.float32)
-            ddt_terms = np.empty(n_state, dtype=np.float32)
-            dbu_terms = np.empty(n_state, dtype=np.float32)
-            dA_acc = np.empty(n_state, dtype=np.float64)
-            for j in range(per_group):
-                c = k * per_group + j
-                A_c = A[c]
-                bc = bias[c]
-                for n in range(n_state):
-                    A2[n] = A_c[n] * _LOG2E
-                for t in range(length):
-                    steps[t] = delta[bi, c, t] + bc
-                if softplus:
-                    for t in range(length):
-                        raw = steps[t]
-                        e = _exp(raw)
-                        gates[t] = _ONE if raw > _SOFTPLUS_THRESHOLD else e / (_ONE + e)
-                        steps[t] = _softplus(raw)
-                else:
-                    gates[:] = _ONE
-                for t in range(length):
-                    dt = steps[t]
-                    dtu = dt * u[bi, c, t]
-                    B_t = Bt[bi, k, t]
-                    a_t = decay[t]
-                    h_prev = states[t]
-                    h_t = states[t + 1]
+            Bt_k = Bt[bi, k]
+            Ct_k = Ct[bi, k]
+            for blk in range(blocks):
+                c0 = k * per_group + blk * lanes
+                width = min(lanes, (k + 1) * per_group - c0)
+                if width < lanes:  # lanes past the group are zero and contribute nothing
+                    f32[:] = _ZERO
+                for j in range(width):
+                    for s in range(_BWD_CHUNK):
+                        dcol[j * _BWD_CHUNK + s] = D[c0 + j]
                     for n in range(n_state):
-                        a = _exp2(dt * A2[n])
-                        a_t[n] = a
-                        h_t[n] = a * h_prev[n] + dtu * B_t[n]
+                        A2[n, j] = A[c0 + j, n] * _LOG2E
+                        A_blk[n, j] = A[c0 + j, n]
+                # forward: delta', delta' u and the checkpoints
+                h[:] = _ZERO
+                for ci in range(chunks):
+                    t0 = ci * _BWD_CHUNK
+                    span = min(_BWD_CHUNK, length - t0)
+                    _copy(h, ckpt[ci])
+                    _gather(delta, bi, c0, width, t0, span, bias, True, dts)
+                    _gather(u, bi, c0, width, t0, span, bias, False, us)
+                    if softplus:
+                        for i in range(per_step):
+                            dts[i] = _softplus(dts[i])
+                    for i in range(per_step):
+                        ins[i] = dts[i] * us[i]
+                    steps = all_steps[t0 : t0 + _BWD_CHUNK]
+                    inputs = all_inputs[t0 : t0 + _BWD_CHUNK]
+                    _to_rows(dts, steps)
+                    _to_rows(ins, inputs)
+                    for s in range(span):
+                        B_t = Bt_k[t0 + s]
+                        dt_s = steps[s]
+                        in_s = inputs[s]
+                        for n in range(n_state):
+                            b_n = B_t[n]
+                            h_n = h[n]
+                            a_n = A2[n]
+                            for j in range(lanes):
+                                h_n[j] = _exp2(dt_s[j] * a_n[j]) * h_n[j] + in_s[j] * b_n
+                # backward, chunk by chunk from the last
                 carry[:] = _ZERO
-                dA_acc[:] = 0.0
-                dD_acc = 0.0
-                dbias_acc = 0.0
-                for t in range(length - 1, -1, -1):
-                    dy = dout[bi, c, t]
-                    dt = steps[t]
-                    ut = u[bi, c, t]
-                    dtu = dt * ut
-                    B_t = Bt[bi, k, t]
-                    C_t = Ct[bi, k, t]
-                    dB_t = dBt[bi, k, t]
-                    dC_t = dCt[bi, k, t]
-                    a_t = decay[t]
-                    h_prev = states[t]
-                    h_t = states[t + 1]
+                f64[:] = 0.0
+                gates[:] = _ONE
+                for ci in range(chunks - 1, -1, -1):
+                    t0 = ci * _BWD_CHUNK
+                    span = min(_BWD_CHUNK, length - t0)
+                    steps = all_steps[t0 : t0 + _BWD_CHUNK]
+                    inputs = all_inputs[t0 : t0 + _BWD_CHUNK]
+                    _gather(dout, bi, c0, width, t0, span, bias, False, dycol)
+                    _to_rows(dycol, dys)
+                    _copy(ckpt[ci], states[0])
+                    for s in range(span):
+                        B_t = Bt_k[t0 + s]
+                        dt_s = steps[s]
+                        in_s = inputs[s]
+                        for n in range(n_state):
+                            b_n = B_t[n]
+                            a_n = A2[n]
+                            prev = states[s, n]
+                            cur = states[s + 1, n]
+                            dec = decay[s, n]
+                            for j in range(lanes):
+                                a = _exp2(dt_s[j] * a_n[j])
+                                dec[j] = a
+                                cur[j] = a * prev[j] + in_s[j] * b_n
+                    _rows_dot(states[1:], dys, span, dCt[bi, k, t0:])
+                    dA_chunk[:] = _ZERO
+                    ddts[:] = _ZERO
+                    dbus[:] = _ZERO
+                    for s in range(span - 1, -1, -1):
+                        B_t = Bt_k[t0 + s]
+                        C_t = Ct_k[t0 + s]
+                        dt_s = steps[s]
+                        dy_s = dys[s]
+                        ddt_s = ddts[s]
+                        dbu_s = dbus[s]
+                        for n in range(n_state):
+                            b_n = B_t[n]
+                            c_n = C_t[n]
+                            g_n = carry[n]
+                            dA_n = dA_chunk[n]
+                            A_n = A_blk[n]
+                            prev = states[s, n]
+                            dec = decay[s, n]
+                            for j in range(lanes):
+                                g = dy_s[j] * c_n + g_n[j]
+                                a = dec[j]
+                                g_decay = g * a * prev[j]
+                                dA_n[j] += g_decay * dt_s[j]
+                                ddt_s[j] += g_decay * A_n[j]
+                                dbu_s[j] += g * b_n
+                                g_n[j] = a * g
+                                dec[j] = g  # the decay is used up: keep g for the B grads
+                    _rows_dot(decay, inputs, span, dBt[bi, k, t0:])
                     for n in range(n_state):
-                        g = dy * C_t[n] + carry[n]
-                        a = a_t[n]
-                        dC_t[n] += dy * h_t[n]
-                        dB_t[n] += g * dtu
-                        g_decay = g * h_prev[n] * a
-                        dA_acc[n] += g_decay * dt
-                        gb = g * B_t[n]
-                        ddt_terms[n] = g_decay * A_c[n] + gb * ut
-                        dbu_terms[n] = gb
-                        carry[n] = a * g
-                    ddt = _ZERO
-                    dbu = _ZERO
+                        acc = dA_acc[n]
+                        part = dA_chunk[n]
+                        for j in range(lanes):
+                            acc[j] += part[j]
+                    # per (step, channel): du, ddelta (through the softplus gate), dD, dbias
+                    _to_cols(ddts, ddtcol)
+                    _to_cols(dbus, dbucol)
+                    _to_cols(steps, dts)
+                    _gather(u, bi, c0, width, t0, span, bias, False, us)
+                    if softplus:  # d softplus(x) / dx = e / (1 + e), e = exp(x)
+                        _gather(delta, bi, c0, width, t0, span, bias, True, gates)
+                        for i in range(per_step):
+                            x = gates[i]
+                            e = _exp(x)
+                            gates[i] = _ONE if x > _SOFTPLUS_THRESHOLD else e / (_ONE + e)
+                    for i in range(per_step):
+                        dy = dycol[i]
+                        ut = us[i]
+                        dbu = dbucol[i]
+                        draw = (ddtcol[i] + dbu * ut) * gates[i]
+                        ddtcol[i] = draw
+                        dbucol[i] = dbu * dts[i] + dcol[i] * dy
+                        dD_acc[i] += dy * ut
+                        dbias_acc[i] += draw
+                    _scatter(dbucol, bi, c0, width, t0, span, du)
+                    _scatter(ddtcol, bi, c0, width, t0, span, ddelta)
+                for j in range(width):
+                    c = c0 + j
                     for n in range(n_state):
-                        ddt += ddt_terms[n]
-                        dbu += dbu_terms[n]
-                    du[bi, c, t] = dbu * dt + D[c] * dy
-                    draw = ddt * gates[t]
-                    ddelta[bi, c, t] = draw
-                    dD_acc += dy * ut
-                    dbias_acc += draw
-                dA[bi, c, :] = dA_acc
-                dD[bi, c] = dD_acc
-                dbias[bi, c] = dbias_acc
+                        dA[bi, c, n] = dA_acc[n, j]
+                    total_d = 0.0
+                    total_bias = 0.0
+                    for s in range(_BWD_CHUNK):
+                        total_d += dD_acc[j * _BWD_CHUNK + s]
+                        total_bias += dbias_acc[j * _BWD_CHUNK + s]
+                    dD[bi, c] = total_d
+                    dbias[bi, c] = total_bias
 
 
 _pool_started = False
@@ -356,6 +586,80 @@ def _set_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+_executor: tuple[ThreadPoolExecutor, int] | None = None  # the pool and its number of workers
+
+
+def _forget_executor() -> None:
+    """A forked child has none of its parent's threads: it starts a pool of its own."""
+    global _executor
+    _executor = None
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forget_executor)
+
+
+def _run_tasks(kernel, args: tuple, tasks: int, scratch: tuple[int, int]) -> None:
+    """Run ``kernel(*args, f32, f64, first, step)`` (a Numba function without the GIL) for
+    every task on as many threads as the kernels use, each thread taking the next task when
+    it is free and passing its own scratch arrays of ``scratch`` (float32, float64) elements.
+
+    Python threads rather than a ``prange`` loop: Numba compiled the backward inside a
+    parallel loop in half a minute, against a few seconds on its own; and a thread that
+    another process holds up does not keep a fixed share of the tasks. Each task writes its own
+    outputs, so the result does not depend on the number of threads or the order.
+    """
+    global _executor
+    threads = max(1, min(numba.get_num_threads(), tasks))
+    items = iter(range(tasks))
+    lock = threading.Lock()
+
+    def work() -> None:
+        f32 = np.empty(scratch[0], dtype=np.float32)
+        f64 = np.empty(scratch[1], dtype=np.float64)
+        while True:
+            with lock:
+                item = next(items, None)
+            if item is None:
+                return
+            kernel(*args, f32, f64, item, tasks)
+
+    if threads == 1:
+        work()
+        return
+    if _executor is None or _executor[1] < threads - 1:
+        if _executor is not None:
+            _executor[0].shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="selective_scan_cpu")
+        _executor = (pool, threads - 1)
+    futures = [_executor[0].submit(work) for _ in range(threads - 1)]
+    work()
+    for future in futures:
+        future.result()
+
+
+def backward_scratch_bytes(length: int, n_state: int) -> int:
+    """Bytes of scratch memory one backward thread allocates for sequences of ``length`` steps.
+
+    The backward sizes its scratch with the same function, so this is all it allocates besides
+    the gradients: per thread, whatever the batch and the number of channels,
+    ``(2 + n_state / 64) * 64`` floats per step (delta' and delta' u of 64 lanes, and the
+    states every 64 steps) plus the buffers of one chunk (0.8 MB for 16 states).
+    """
+    if not NUMBA_AVAILABLE:
+        raise ValueError("selective-scan backend 'cpu' needs numba (pip install numba)")
+    f32, f64 = _backward_scratch_sizes(length, n_state, _BWD_LANES)
+    return 4 * f32 + 8 * f64
+
+
+def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
+    """rows[0] + rows[1] + ... in this order (a reduction that does not depend on threads)."""
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total += row
+    return total
+
+
 def _arrays(u, delta, A, B, C, D, delta_bias):
     """Contiguous fp32 tensors for the kernels (no copy when already so); B, C as [b, K, L, N]."""
     channels = u.shape[1]
@@ -376,7 +680,7 @@ def _arrays(u, delta, A, B, C, D, delta_bias):
 
 
 class SelectiveScanCPU(torch.autograd.Function):
-    """Autograd wrapper: saves only the inputs; backward recomputes the states in the kernel."""
+    """Autograd wrapper: saves only the inputs; backward recomputes the states in the kernels."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
@@ -400,25 +704,28 @@ class SelectiveScanCPU(torch.autograd.Function):
         dA = torch.empty((batch, *A.shape), dtype=torch.float64)
         dBt = torch.zeros_like(Bt)
         dCt = torch.zeros_like(Ct)
-        dD = torch.empty((batch, channels), dtype=torch.float64)
-        dbias = torch.empty((batch, channels), dtype=torch.float64)
+        dD = torch.zeros((batch, channels), dtype=torch.float64)
+        dbias = torch.zeros((batch, channels), dtype=torch.float64)
         grad_out = grad_out.to(torch.float32).contiguous()
         _set_threads()
-        _backward_kernel(
+        args = (
             *(t.numpy() for t in arrays),
             ctx.delta_softplus,
             grad_out.numpy(),
             *(t.numpy() for t in (du, ddelta, dA, dBt, dCt, dD, dbias)),
+            _BWD_LANES,
         )
+        scratch = _backward_scratch_sizes(u.shape[2], A.shape[1], _BWD_LANES)
+        _run_tasks(_backward_tasks, args, batch * Bt.shape[1], scratch)
         need = ctx.needs_input_grad
         grads = (
             du.to(u.dtype),
             ddelta.to(delta.dtype),
-            dA.sum(0).to(A.dtype),
+            _sum_rows(dA).to(A.dtype),
             dBt.transpose(-1, -2).to(B.dtype),
             dCt.transpose(-1, -2).to(C.dtype),
-            None if D is None else dD.sum(0).to(D.dtype),
-            None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
+            None if D is None else _sum_rows(dD).to(D.dtype),
+            None if delta_bias is None else _sum_rows(dbias).to(delta_bias.dtype),
         )
         return (*(g if wanted else None for g, wanted in zip(grads, need)), None)
 

@@ -1,0 +1,154 @@
+"""Old vs new ``cpu`` selective-scan kernels, side by side in one run.
+
+    python tools/bench_cpu_backward.py [--old-ref HEAD] [--repeats 5] [--image-size 256] [--no-train]
+
+The old kernel module is ``git show <old-ref>:model/ops/selective_scan_cpu.py``, imported
+under another name; the new one is the working tree's. Measures, as medians of
+``--repeats`` runs after a warm-up run: (a) the scan forward and forward+backward at the four
+decoder stage shapes of ``tools/benchmark.py`` (batch 1, softplus on), both kernels in one
+process, their runs alternating so that load from other jobs hits both alike; (b) one
+training step of the whole model (forward, backward, AdamW) at batch 4 with the ``cpu``
+backend, wall and CPU time, each kernel in its own process so that its peak RSS is its own
+(CPU time varies less than wall time when other jobs share the cores; ``OMP_NUM_THREADS=1``
+measures the work alone). Prints a markdown table with the new/old ratios (below 1: the new
+kernel is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.ops import selective_scan_cpu  # noqa: E402
+from model.ops.selective_scan import prepare_cpu, selective_scan_fn  # noqa: E402
+from tools.benchmark import _scan_inputs, _train_step_fn, build_model, stage_shapes  # noqa: E402
+
+KERNEL = "model/ops/selective_scan_cpu.py"
+
+
+def old_kernel(ref: str):
+    """The ``selective_scan_cpu`` function of git revision ``ref`` (compiled once, then cached)."""
+    cmd = ["git", "show", f"{ref}:{KERNEL}"]
+    source = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    path = Path(tempfile.gettempdir()) / "mambaad_old_scan_kernel" / "selective_scan_cpu_old.py"
+    path.parent.mkdir(exist_ok=True)
+    if not path.is_file() or path.read_text() != source:
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location("selective_scan_cpu_old", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's cache finds the module again by this name
+    spec.loader.exec_module(module)
+    return module.selective_scan_cpu
+
+
+def use(kernels: dict, name: str) -> None:
+    """Make backend ``cpu`` call kernel ``name`` (the dispatcher imports the function per call)."""
+    selective_scan_cpu.selective_scan_cpu = kernels[name]
+
+
+def scan_rows(kernels: dict, image_size: int, repeats: int) -> dict:
+    """{row: {kernel: median ms}} for the scan at the stage shapes, old and new runs alternating."""
+    rows = {}
+    for shape in stage_shapes(image_size):
+        inputs = _scan_inputs(shape, torch.device("cpu"))
+
+        def forward(inputs=inputs):
+            with torch.no_grad():
+                selective_scan_fn(*inputs, delta_softplus=True, backend="cpu")
+
+        def forward_backward(inputs=inputs):
+            selective_scan_fn(*inputs, delta_softplus=True, backend="cpu").sum().backward()
+
+        key = f"stage {shape['stage']}: L={shape['L']}, K*d={shape['K'] * shape['d_inner']}"
+        times = {(fn, name): [] for fn in (forward, forward_backward) for name in kernels}
+        for run in range(repeats + 1):
+            for fn, name in times:
+                use(kernels, name)
+                start = time.perf_counter()
+                fn()
+                if run:  # the first run is the warm-up
+                    times[fn, name].append((time.perf_counter() - start) * 1e3)
+        for (fn, name), values in times.items():
+            what = "scan forward (ms)" if fn is forward else "scan fwd+bwd (ms)"
+            rows.setdefault(f"{what}, {key}", {})[name] = statistics.median(values)
+    return rows
+
+
+def train_row(image_size: int, repeats: int) -> dict:
+    """Median seconds of a training step at batch 4 (after a warm-up step) and the peak RSS."""
+    model = build_model(image_size, "cpu", torch.device("cpu")).train()
+    x = torch.randn(4, 3, image_size, image_size)
+    step = _train_step_fn(model, x, autocast=False)
+    wall, cpu = [], []
+    for run in range(repeats + 1):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        if run:
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return {
+        "train step, batch 4 (s)": statistics.median(wall),
+        "train step, CPU time of all threads (s)": statistics.median(cpu),
+        "train peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Run in a fresh process: the scan rows (both kernels) or one kernel's training row."""
+    kernels = {"old": old_kernel(args.old_ref), "new": selective_scan_cpu.selective_scan_cpu}
+    prepare_cpu()
+    small = _scan_inputs({"L": 20, "d_inner": 4, "K": 2, "N": 16}, torch.device("cpu"))
+    for name in kernels:  # compile (or load) both before timing anything
+        use(kernels, name)
+        selective_scan_fn(*small, delta_softplus=True, backend="cpu").sum().backward()
+    if args.child == "scan":
+        return scan_rows(kernels, args.image_size, args.repeats)
+    use(kernels, args.child)
+    return {key: {args.child: value} for key, value in train_row(args.image_size, args.repeats).items()}
+
+
+def run_child(what: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", what, "--old-ref", args.old_ref]
+    cmd += ["--image-size", str(args.image_size), "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--old-ref", default="HEAD", help="git revision of the old kernel (default HEAD)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median reported)")
+    parser.add_argument("--no-train", action="store_true", help="scan rows only")
+    parser.add_argument("--child", choices=("scan", "old", "new"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    rows = run_child("scan", args)
+    for name in () if args.no_train else ("old", "new"):
+        for key, value in run_child(name, args).items():
+            rows.setdefault(key, {}).update(value)
+    print(f"| measurement ({args.image_size}x{args.image_size}) | old | new | new / old |")
+    print("|---|---:|---:|---:|")
+    for key, value in rows.items():
+        print(f"| {key} | {value['old']:.4g} | {value['new']:.4g} | {value['new'] / value['old']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
