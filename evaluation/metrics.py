@@ -86,7 +86,7 @@ def _as_scores(x: Any) -> np.ndarray:
     return arr
 
 
-def _as_bool(x: Any) -> np.ndarray:
+def as_bool(x: Any) -> np.ndarray:
     """Binary labels/masks as bool; non-bool inputs are thresholded at 0.5 (works for 0/1 and 0/255)."""
     arr = _to_numpy(x)
     return arr if arr.dtype == bool else arr > 0.5
@@ -172,7 +172,7 @@ def _rank(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None =
 
 def _rank_flat(scores: Any, labels: Any) -> _Ranked:
     s = _as_scores(scores).reshape(-1)
-    y = _as_bool(labels).reshape(-1)
+    y = as_bool(labels).reshape(-1)
     if s.shape != y.shape:
         raise ValueError(f"scores and labels differ in size: {s.shape} vs {y.shape}")
     return _rank(s, y)
@@ -327,7 +327,7 @@ def region_weights(masks: np.ndarray) -> np.ndarray:
 
 def _prepare_maps(anomaly_maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
     maps = squeeze_channel(_as_scores(anomaly_maps), "anomaly_maps")
-    gts = squeeze_channel(_as_bool(masks), "masks")
+    gts = squeeze_channel(as_bool(masks), "masks")
     if maps.shape != gts.shape:
         raise ValueError(f"anomaly_maps {maps.shape} and masks {gts.shape} differ in shape")
     return maps, gts

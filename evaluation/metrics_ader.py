@@ -33,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes, squeeze_channel
+from evaluation.metrics import (
+    METRIC_NAMES,
+    as_bool,
+    compute_metrics,
+    inverse_region_sizes,
+    squeeze_channel,
+    wanted_metrics,
+)
 
 __all__ = [
     "ADER_BINS",
@@ -213,11 +220,11 @@ def compute_metrics_ader(
     curves: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Like :func:`evaluation.metrics.compute_metrics`, with the pixel metrics computed the ADer way."""
-    wanted = list(METRIC_NAMES if metrics is None else ([metrics] if isinstance(metrics, str) else metrics))
-    image = [m for m in wanted if m not in _PIXEL_METRICS]
+    wanted = wanted_metrics(metrics)
+    image = [m for m in METRIC_NAMES if m in wanted and m not in _PIXEL_METRICS]
     results = compute_metrics(anomaly_maps, masks, labels, metrics=image, scores=scores, curves=curves)
-    if any(m in _PIXEL_METRICS for m in wanted):
-        gts = squeeze_channel(np.asarray(masks), "masks")
+    if wanted & set(_PIXEL_METRICS):
+        gts = squeeze_channel(as_bool(masks), "masks")
         maps = squeeze_channel(np.asarray(anomaly_maps), "anomaly_maps")
-        results.update(ader_pixel_metrics(maps, gts if gts.dtype == bool else gts > 0.5, curves=curves))
+        results.update(ader_pixel_metrics(maps, gts, curves=curves))
     return {name: results[name] for name in METRIC_NAMES if name in wanted}

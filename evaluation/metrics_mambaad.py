@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.metrics import METRIC_NAMES, compute_metrics, inverse_region_sizes, squeeze_channel
+from evaluation.metrics import (
+    METRIC_NAMES,
+    as_bool,
+    compute_metrics,
+    inverse_region_sizes,
+    squeeze_channel,
+    wanted_metrics,
+)
 from evaluation.metrics_ader import ADER_F1_THRESHOLDS, f1_max_from_counts, f1_threshold_counts
 
 __all__ = ["MAMBAAD_AUPRO_STEPS", "compute_metrics_mambaad", "mambaad_pixel_metrics", "mask_labels"]
@@ -121,12 +128,11 @@ def compute_metrics_mambaad(
     module docstring). ``scores`` defaults to the maximum of each map, as there.
     """
     del labels  # the official evaluator derives the image labels from the masks
-    wanted = list(METRIC_NAMES if metrics is None else ([metrics] if isinstance(metrics, str) else metrics))
+    wanted = wanted_metrics(metrics)
     maps = squeeze_channel(np.asarray(anomaly_maps), "anomaly_maps")
-    gts = squeeze_channel(np.asarray(masks), "masks")
-    gts = gts if gts.dtype == bool else gts > 0.5
-    exact = [m for m in wanted if m not in _OWN_METRICS]
+    gts = squeeze_channel(as_bool(masks), "masks")
+    exact = [m for m in METRIC_NAMES if m in wanted and m not in _OWN_METRICS]
     results = compute_metrics(maps, gts, mask_labels(gts), metrics=exact, scores=scores, curves=curves)
-    if any(m in _OWN_METRICS for m in wanted):
+    if wanted & set(_OWN_METRICS):
         results.update(mambaad_pixel_metrics(maps, gts, curves=curves))
     return {name: results[name] for name in METRIC_NAMES if name in wanted}
