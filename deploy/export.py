@@ -40,7 +40,7 @@ from model.ops.selective_scan_export import (
     onnx_placeholders,
 )
 from util.config import BaseConfig, config_to_dict
-from util.errors import UsageError
+from util.errors import DiskFullError, UsageError, is_disk_full
 
 FORMATS = ("onnx", "openvino", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
@@ -328,7 +328,9 @@ def export_torchscript(graph: InferenceGraph, path: Path, batch: int | None = No
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, (example,), check_trace=False)
-    traced.save(str(path))
+    # PyTorch's archive writer aborts the process when the disk fills up while it writes a
+    # file; serialised in memory, the write is Python's and fails with an OSError instead
+    path.write_bytes(traced.save_to_buffer())
     return path
 
 
@@ -474,14 +476,19 @@ def export(
         raise ExportError(f"--out {out} is a file; pass a folder (it is created if needed)")
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILES[fmt]
-    if fmt == "onnx":
-        export_onnx(graph, path, batch, exporter)
-        if fp16:
-            compress_onnx_fp16(path)
-    elif fmt == "openvino":
-        export_openvino(graph, path, batch, fp16)
-    else:
-        export_torchscript(graph, path, batch)
+    try:
+        if fmt == "onnx":
+            export_onnx(graph, path, batch, exporter)
+            if fp16:
+                compress_onnx_fp16(path)
+        elif fmt == "openvino":
+            export_openvino(graph, path, batch, fp16)
+        else:
+            export_torchscript(graph, path, batch)
+    except Exception as err:
+        if is_disk_full(err):
+            raise DiskFullError(path, f"free some space in {out}, then export again") from err
+        raise
     info = metadata(detector.cfg, fmt, path.name, size, batch, fp16, checkpoint, exporter)
     info["model_sha256"] = file_sha256(path)
     info["model_bytes"] = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())

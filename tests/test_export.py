@@ -435,6 +435,20 @@ def test_torchscript_export(images: list[Path], tmp_path: Path) -> None:
     _check_export(SMALL, images, tmp_path, fmt="torchscript")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_full_disk_is_an_error_paragraph_not_an_abort(small_run: Path, tmp_path: Path) -> None:
+    # PyTorch's own archive writer aborts the process on a full disk (seen on CI); a child
+    # process, so that an abort fails this test instead of ending the test session
+    (tmp_path / "model.pt").symlink_to("/dev/full")
+    args = ["--checkpoint", str(small_run), "--format", "torchscript", "--out", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools/export.py"), *args], capture_output=True, text=True, cwd=REPO
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"error: no space left on device while writing {tmp_path / 'model.pt'}" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "model.json").exists()
+
+
 @pytest.mark.slow
 def test_paper_model_exports_at_64(images: list[Path], tmp_path: Path) -> None:
     _check_export(["data.image_size=64"], images, tmp_path)
