@@ -171,6 +171,10 @@ def test_graph_uses_standard_operators_only(exported: Path) -> None:
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("Scan") == 8 and "Loop" not in ops  # one Scan per SS2D (4 stages x 2 blocks)
     assert "Einsum" not in ops and "Softplus" not in {n.op_type for n in nodes}
+    # A = -exp(A_log), D and the delta bias are folded into each loop body as constants: a Scan
+    # reads only its initial state and the four scanned inputs, and no Exp is left outside
+    assert all(len(node.input) == 5 for node in model.graph.node if node.op_type == "Scan")
+    assert "Exp" not in ops
     onnx.checker.check_model(model, full_check=True)
 
 

@@ -420,6 +420,40 @@ def _constant_values(graph: Any) -> dict[str, np.ndarray]:
     return values
 
 
+def _fold_constant(name: str, values: dict[str, np.ndarray], producers: dict[str, Any]) -> np.ndarray | None:
+    """The value of ``name`` when it is a constant, or a chain of Neg, Exp, Identity and float
+    Casts of one (SS2D's ``A = -exp(A_log)``, which the tracing exporter leaves unfolded)."""
+    from onnx import TensorProto, helper
+
+    if name in values:
+        return values[name]
+    node = producers.get(name)
+    if node is None or node.domain not in ("", "ai.onnx") or len(node.input) != 1:
+        return None
+    if node.op_type not in ("Neg", "Exp", "Identity", "Cast"):
+        return None
+    value = _fold_constant(node.input[0], values, producers)
+    if value is None:
+        return None
+    if node.op_type == "Cast":
+        to = {a.name: helper.get_attribute_value(a) for a in node.attribute}.get("to")
+        return value.astype(np.float32) if to == TensorProto.FLOAT else None
+    if node.op_type == "Neg":
+        return np.negative(value)
+    return np.exp(value) if node.op_type == "Exp" else value
+
+
+def _drop_dead_nodes(graph: Any) -> None:
+    """Remove nodes none of whose outputs is read any more (the folded ``-exp(A_log)`` chains)."""
+    while True:
+        used = _used_names(graph)
+        nodes = [n for n in graph.node if any(out in used for out in n.output)]
+        if len(nodes) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
 def _used_names(graph: Any) -> set[str]:
     """Every name read by a node of ``graph`` or of its subgraphs, and the graph's outputs."""
     from onnx import helper
@@ -453,6 +487,7 @@ def expand_onnx_placeholders(model: Any) -> int:
 
     graph = model.graph
     values = _constant_values(graph)
+    producers = {out: node for node in graph.node for out in node.output}
     nodes, count = [], 0
     for node in graph.node:
         if node.domain != ONNX_DOMAIN:
@@ -462,7 +497,8 @@ def expand_onnx_placeholders(model: Any) -> int:
             raise ValueError(f"unknown {ONNX_DOMAIN} operator {node.op_type!r} in the exported graph")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         named = {"A": node.input[2], "D": node.input[5], "bias": node.input[6]}
-        weights = {key: values[name] for key, name in named.items() if name in values}
+        folded = {key: _fold_constant(name, values, producers) for key, name in named.items()}
+        weights = {key: value for key, value in folded.items() if value is not None}
         nodes.extend(
             scan_onnx_nodes(
                 node.input,
@@ -479,6 +515,7 @@ def expand_onnx_placeholders(model: Any) -> int:
         count += 1
     del graph.node[:]
     graph.node.extend(nodes)
+    _drop_dead_nodes(graph)
     _drop_unused_initializers(graph)
     imports = [op for op in model.opset_import if op.domain != ONNX_DOMAIN]
     del model.opset_import[:]
