@@ -221,18 +221,26 @@ class SS2D(nn.Module):
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D, H, W]`` -> summed directional scan outputs ``[B, D, H*W]`` (fp32).
 
-        With the ``triton`` backend (named, or what ``auto`` resolves to) the directions are
-        fused into the kernels (:meth:`_forward_core_fused`); otherwise the input is gathered
-        into the K scan orders, scanned and scattered back.
+        With the ``triton`` or ``cpu`` backend (named, or what ``auto`` resolves to) the
+        directions are fused into the kernels (:meth:`_forward_core_fused`,
+        :meth:`_forward_core_channels_last`); otherwise the input is gathered into the K scan
+        orders, scanned and scattered back.
         """
         b, d, h, w = x.shape
         k, length, groups = self.num_directions, h * w, self.scan_groups
         perms = self.scans.permutations(h, w, x.device)
-        if resolve_backend(self.scan_backend, x.device) == "triton" and groups in (1, k):
+        backend = resolve_backend(self.scan_backend, x.device)
+        if backend == "triton" and groups in (1, k):
             return self._forward_core_fused(x.reshape(b, d, length), perms)
+        if backend == "cpu" and groups in (1, k):
+            return self._forward_core_channels_last(x.reshape(b, d, length), perms)
         if groups > 1:
             return self._forward_core_grouped(x.reshape(b, d, length), perms)
         return scan_decode(self._scan_sequences(scan_encode(x, perms)), perms, h, w)
+
+    def _s6_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``A = -exp(A_log) [K*d, N]``, ``D [K*d]`` and the delta bias ``[K*d]``, in fp32."""
+        return -torch.exp(self.A_logs.float()), self.Ds.float(), self.dt_projs_bias.float().reshape(-1)
 
     def _scan_sequences(self, xs: torch.Tensor) -> torch.Tensor:
         """Project each direction's sequences ``xs [B, K, d, L]`` (already in scan order) with its
@@ -241,14 +249,15 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        A, D, bias = self._s6_parameters()
         out = selective_scan_fn(
             xs.float().reshape(b, k * d, length),
             dts.float().reshape(b, k * d, length),
-            -torch.exp(self.A_logs.float()),
+            A,
             bs.float().contiguous(),
             cs.float().contiguous(),
-            D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().reshape(-1),
+            D=D,
+            delta_bias=bias,
             delta_softplus=True,
             backend=self.scan_backend,
         )
@@ -274,18 +283,36 @@ class SS2D(nn.Module):
             x_dbl = torch.einsum("bdl,kcd->bkcl", x, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        return cross_scan_triton(
-            x.float(),
-            dts.float(),
-            -torch.exp(self.A_logs.float()),
-            bs.float(),
-            cs.float(),
-            self.Ds.float(),
-            self.dt_projs_bias.float().reshape(-1),
-            perms,
-            delta_softplus=True,
-            grouped=grouped,
-        )
+        A, D, bias = self._s6_parameters()
+        args = (x.float(), dts.float(), A, bs.float(), cs.float(), D, bias, perms)
+        return cross_scan_triton(*args, delta_softplus=True, grouped=grouped)
+
+    def _forward_core_channels_last(self, x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_core` of ``x [B, D, L]`` by :func:`cross_scan_cpu_channels_last`.
+
+        Like :meth:`_forward_core_fused`, in pixel order, but channels-last (the CPU kernels'
+        layout): the input projection is one matrix product of ``[B*L, D]`` rows (grouped: with
+        a block-diagonal weight), the per-direction delta projection a batched product giving
+        ``delta`` direction-major ``[K, B, L, d]``, and the result comes back as a view of
+        ``[B, L, D]``.
+        """
+        from model.ops.selective_scan_cpu import cross_scan_cpu_channels_last
+
+        b, _, length = x.shape
+        k, rank, n = self.num_directions, self.dt_rank, self.d_state
+        grouped = self.scan_groups > 1
+        rows = x.transpose(1, 2).contiguous()  # [B, L, D]
+        if grouped:  # direction k projects its own channels
+            x_weight = torch.block_diag(*self.x_proj_weight.transpose(1, 2))
+        else:
+            x_weight = self.x_proj_weight.reshape(-1, x.shape[1]).t()
+        x_dbl = (rows @ x_weight).view(b, length, k, rank + 2 * n)
+        dts, bs, cs = torch.split(x_dbl, [rank, n, n], dim=3)
+        dts = dts.permute(2, 0, 1, 3).reshape(k, b * length, rank)  # small: rank channels
+        delta = torch.bmm(dts, self.dt_projs_weight.transpose(1, 2)).view(k, b, length, -1)
+        A, D, bias = self._s6_parameters()
+        args = (rows.float(), delta.float(), A, bs.float(), cs.float(), D, bias, perms)
+        return cross_scan_cpu_channels_last(*args, delta_softplus=True, grouped=grouped).transpose(1, 2)
 
     def _forward_core_grouped(self, x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_core` of ``x [B, D, L]`` with channel groups (``scan_groups`` G).

@@ -21,8 +21,15 @@ import torch
 
 from model.ops import selective_scan as ss
 from model.ops.selective_scan import available_backends, selective_scan_fn
-from model.scan import inverse_permutations, scan_decode, scan_encode
-from tests.scan_helpers import NAMES, assert_close_rel, run_backend
+from tests.scan_helpers import (
+    CROSS_NAMES,
+    NAMES,
+    assert_close_rel,
+    cross_inputs,
+    cross_reference,
+    run_backend,
+    run_cross,
+)
 from tests.test_selective_scan import _inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,71 +126,6 @@ FUSED_CASES = [
     (2, 2, 10, 7, 4, True, True, True, True, "bfloat16"),
     (2, 4, 3, 8, 4, False, True, True, True, "bfloat16"),
 ]
-CROSS_NAMES = ("x", "delta", "A", "B", "C", "D", "delta_bias")
-
-
-def _cross_inputs(
-    b: int, k: int, d_x: int, length: int, n: int, grouped: bool, seed: int = 0
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Cross-scan inputs in pixel order and K random direction permutations ``[K, L]``."""
-    g = torch.Generator().manual_seed(seed)
-    d = d_x // k if grouped else d_x
-    perms = torch.stack([torch.randperm(length, generator=g) for _ in range(k)])
-    tensors = {
-        "x": torch.randn(b, d_x, length, generator=g),
-        "delta": torch.randn(b, k, d, length, generator=g) * 0.5,
-        "A": -torch.rand(k * d, n, generator=g) - 0.1,
-        "B": torch.randn(b, k, n, length, generator=g),
-        "C": torch.randn(b, k, n, length, generator=g),
-        "D": torch.randn(k * d, generator=g),
-        "delta_bias": torch.randn(k * d, generator=g) * 0.3,
-    }
-    return tensors, perms
-
-
-def _cross_reference(
-    t: dict[str, torch.Tensor | None], perms: torch.Tensor, softplus: bool, grouped: bool
-) -> torch.Tensor:
-    """The unfused path: gather into scan order, ``ref`` scan, scatter back (and sum unless grouped)."""
-    b, d_x, length = t["x"].shape
-    k, d = perms.shape[0], t["delta"].shape[2]
-    perms = perms.to(t["x"].device)
-
-    def scan_order(v: torch.Tensor) -> torch.Tensor:  # [b, K, c, L] pixel order -> scan order
-        return torch.gather(v, 3, perms.view(1, k, 1, length).expand(*v.shape))
-
-    xs = scan_order(t["x"].reshape(b, k, d, length)) if grouped else scan_encode(t["x"], perms)
-    y = selective_scan_fn(
-        xs.reshape(b, k * d, length),
-        scan_order(t["delta"]).reshape(b, k * d, length),
-        t["A"],
-        scan_order(t["B"]),
-        scan_order(t["C"]),
-        t["D"],
-        t["delta_bias"],
-        delta_softplus=softplus,
-        backend="ref" if t["x"].device.type == "cpu" else "chunked",
-    ).view(b, k, d, length)
-    if not grouped:
-        return scan_decode(y, perms, length, 1)
-    inv = inverse_permutations(perms).view(1, k, 1, length).expand(*y.shape)
-    return torch.gather(y, 3, inv).reshape(b, d_x, length)
-
-
-def _run_cross(
-    fn, tensors: dict[str, torch.Tensor], use_d: bool, use_bias: bool
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """Output and input gradients of ``sum(fn(inputs) * w)`` for fixed random weights ``w``."""
-    leaves = {key: v.clone().requires_grad_(True) for key, v in tensors.items()}
-    args = {
-        **leaves,
-        "D": leaves["D"] if use_d else None,
-        "delta_bias": leaves["delta_bias"] if use_bias else None,
-    }
-    y = fn(args)
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
-    (y * weight).sum().backward()
-    return y.detach(), {key: leaves[key].grad for key in CROSS_NAMES}
 
 
 def _tolerances(device: str) -> tuple[float, float]:
@@ -199,7 +141,7 @@ def _check_cross(case: tuple, device: str = "cpu", repeat: bool = False) -> str 
     from model.ops import selective_scan_triton as sst
 
     b, k, d_x, length, n, grouped, use_d, use_bias, softplus, dtype = case
-    tensors, perms = _cross_inputs(b, k, d_x, length, n, grouped, seed=length)
+    tensors, perms = cross_inputs(b, k, d_x, length, n, grouped, seed=length)
     tensors = {key: v.to(device=device, dtype=getattr(torch, dtype)) for key, v in tensors.items()}
 
     def fused(t):
@@ -207,13 +149,13 @@ def _check_cross(case: tuple, device: str = "cpu", repeat: bool = False) -> str 
         return sst.cross_scan_triton(*args, delta_softplus=softplus, grouped=grouped)
 
     try:
-        y_ref, g_ref = _run_cross(
-            lambda t: _cross_reference(t, perms, softplus, grouped),
+        y_ref, g_ref = run_cross(
+            lambda t: cross_reference(t, perms, softplus, grouped),
             {key: v.float() for key, v in tensors.items()},
             use_d,
             use_bias,
         )
-        y, grads = _run_cross(fused, tensors, use_d, use_bias)
+        y, grads = run_cross(fused, tensors, use_d, use_bias)
         rel_y, rel_g = _tolerances(device)
         assert y.dtype == torch.float32 and y.shape == (b, d_x, length), (y.dtype, y.shape)
         assert_close_rel(y, y_ref, rel_y)
@@ -224,7 +166,7 @@ def _check_cross(case: tuple, device: str = "cpu", repeat: bool = False) -> str 
             assert grads[name].dtype == tensors[name].dtype, name
             assert_close_rel(grads[name].float(), g_ref[name], rel_g if dtype == "float32" else 1e-2)
         if repeat:
-            y2, grads2 = _run_cross(fused, tensors, use_d, use_bias)
+            y2, grads2 = run_cross(fused, tensors, use_d, use_bias)
             assert torch.equal(y, y2), "output differs between calls"
             for name in CROSS_NAMES:
                 assert grads[name] is None or torch.equal(grads[name], grads2[name]), f"{name} not repeatable"

@@ -1,6 +1,6 @@
 """Old vs new ``cpu`` selective-scan kernels, side by side in one run.
 
-    python tools/bench_cpu_backward.py [--old-ref HEAD] [--repeats 5] [--image-size 256] [--no-train]
+    python tools/bench_cpu_backward.py [--old-ref REV] [--repeats 5] [--rounds 2] [--no-train]
 
 The old kernel module is ``git show <old-ref>:model/ops/selective_scan_cpu.py``, imported
 under another name; the new one is the working tree's. Measures, as medians of
@@ -8,21 +8,23 @@ under another name; the new one is the working tree's. Measures, as medians of
 decoder stage shapes of ``tools/benchmark.py`` (batch 1, softplus on), both kernels in one
 process, their runs alternating so that load from other jobs hits both alike; (b) one
 training step of the whole model (forward, backward, AdamW) at batch 4 with the ``cpu``
-backend, wall and CPU time, each kernel in its own process so that its peak RSS is its own
-(CPU time varies less than wall time when other jobs share the cores; ``OMP_NUM_THREADS=1``
-measures the work alone). Prints a markdown table with the new/old ratios (below 1: the new
-kernel is faster).
+backend, wall and CPU time: the whole old tree (``git archive`` of <old-ref>, so changes
+outside the kernel file count too) and the working tree, each in a process of its own (its
+peak RSS is its own), ``--rounds`` times alternately; the median over rounds of each round's
+median step (CPU time varies less than wall time when other jobs share the cores). Prints a
+markdown table with the new/old ratios (below 1: the new code is faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
-import resource
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.ops import selective_scan_cpu  # noqa: E402
 from model.ops.selective_scan import prepare_cpu, selective_scan_fn  # noqa: E402
-from tools.benchmark import _scan_inputs, _train_step_fn, build_model, stage_shapes  # noqa: E402
+from tools.benchmark import _scan_inputs, stage_shapes  # noqa: E402
 
 KERNEL = "model/ops/selective_scan_cpu.py"
 
@@ -87,37 +89,65 @@ def scan_rows(kernels: dict, image_size: int, repeats: int) -> dict:
     return rows
 
 
-def train_row(image_size: int, repeats: int) -> dict:
-    """Median seconds of a training step at batch 4 (after a warm-up step) and the peak RSS."""
-    model = build_model(image_size, "cpu", torch.device("cpu")).train()
-    x = torch.randn(4, 3, image_size, image_size)
-    step = _train_step_fn(model, x, autocast=False)
-    wall, cpu = [], []
-    for run in range(repeats + 1):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        if run:
-            wall.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
+def old_tree(ref: str) -> Path:
+    """The files of git revision ``ref`` in a temporary folder (extracted once per revision)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", ref], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+    folder = Path(tempfile.gettempdir()) / "mambaad_old_trees" / commit
+    if not (folder / "tools" / "benchmark.py").is_file():
+        archive = subprocess.run(["git", "archive", commit], capture_output=True, check=True, cwd=ROOT).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+    return folder
+
+
+# run with the tree being measured as the working directory: its own model and kernels
+TRAIN_CHILD = """
+import json, resource, statistics, sys, time
+import torch
+sys.path.insert(0, ".")
+from model.ops.selective_scan import prepare_cpu
+from tools.benchmark import _train_step_fn, build_model
+prepare_cpu()
+size, repeats = int(sys.argv[1]), int(sys.argv[2])
+model = build_model(size, "cpu", torch.device("cpu")).train()
+step = _train_step_fn(model, torch.randn(4, 3, size, size), False)
+step()  # warm-up: compiles or loads the kernels
+wall, cpu = [], []
+for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    step()
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps([statistics.median(wall), statistics.median(cpu), peak]))
+"""
+
+
+def train_rows(tree: Path, image_size: int, repeats: int) -> dict:
+    """One training-step measurement of the code at ``tree``, in a process of its own."""
+    cmd = [sys.executable, "-c", TRAIN_CHILD, str(image_size), str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tree)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training step in {tree} failed:\n{proc.stderr[-2000:]}")
+    wall, cpu, peak = json.loads(proc.stdout.strip().splitlines()[-1])
     return {
-        "train step, batch 4 (s)": statistics.median(wall),
-        "train step, CPU time of all threads (s)": statistics.median(cpu),
-        "train peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train step, batch 4 (s)": wall,
+        "train step, CPU time of all threads (s)": cpu,
+        "train peak RSS (MiB)": peak,
     }
 
 
 def child(args: argparse.Namespace) -> dict:
-    """Run in a fresh process: the scan rows (both kernels) or one kernel's training row."""
+    """Run in a fresh process: the scan rows of both kernels."""
     kernels = {"old": old_kernel(args.old_ref), "new": selective_scan_cpu.selective_scan_cpu}
     prepare_cpu()
     small = _scan_inputs({"L": 20, "d_inner": 4, "K": 2, "N": 16}, torch.device("cpu"))
     for name in kernels:  # compile (or load) both before timing anything
         use(kernels, name)
         selective_scan_fn(*small, delta_softplus=True, backend="cpu").sum().backward()
-    if args.child == "scan":
-        return scan_rows(kernels, args.image_size, args.repeats)
-    use(kernels, args.child)
-    return {key: {args.child: value} for key, value in train_row(args.image_size, args.repeats).items()}
+    return scan_rows(kernels, args.image_size, args.repeats)
 
 
 def run_child(what: str, args: argparse.Namespace) -> dict:
@@ -134,16 +164,22 @@ def main() -> None:
     parser.add_argument("--old-ref", default="HEAD", help="git revision of the old kernel (default HEAD)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median reported)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating old/new training processes")
     parser.add_argument("--no-train", action="store_true", help="scan rows only")
-    parser.add_argument("--child", choices=("scan", "old", "new"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("scan",), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
     rows = run_child("scan", args)
-    for name in () if args.no_train else ("old", "new"):
-        for key, value in run_child(name, args).items():
-            rows.setdefault(key, {}).update(value)
+    trees = {"old": old_tree(args.old_ref), "new": ROOT}
+    measured: dict[str, dict[str, list[float]]] = {}
+    for _ in range(0 if args.no_train else args.rounds):
+        for name, tree in trees.items():
+            for key, value in train_rows(tree, args.image_size, args.repeats).items():
+                measured.setdefault(key, {}).setdefault(name, []).append(value)
+    for key, values in measured.items():
+        rows[key] = {name: statistics.median(v) for name, v in values.items()}
     print(f"| measurement ({args.image_size}x{args.image_size}) | old | new | new / old |")
     print("|---|---:|---:|---:|")
     for key, value in rows.items():

@@ -76,7 +76,12 @@ def _counting(root: nn.Module, tally: dict[str, int]) -> Iterator[None]:
 
     handles = [m.register_forward_hook(hook) for m in root.modules() if isinstance(m, _NORMS)]
     try:
-        with mock.patch.object(mamba_decoder, "selective_scan_fn", fake_scan):
+        # the unfused scan path, whose projections are the model's own arithmetic (the fused
+        # CPU path's block-diagonal products would count zeros) and whose scans are counted here
+        with (
+            mock.patch.object(mamba_decoder, "selective_scan_fn", fake_scan),
+            mock.patch.object(mamba_decoder, "resolve_backend", lambda backend, device: "ref"),
+        ):
             yield
     finally:
         for h in handles:

@@ -247,6 +247,45 @@ def _check_args(
 _checked: dict[tuple[str, str], bool] = {}
 
 
+def check_cross_scan_args(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    perms: torch.Tensor,
+    grouped: bool,
+) -> None:
+    """Shapes of a fused cross-scan's arguments (``cross_scan_cpu`` / ``cross_scan_triton``):
+    ``x [b, d_x, L]``, ``perms [K, L]``, ``delta [b, K, d, L]``, ``A [K*d, N]``, ``B, C [b, K, N,
+    L]``, ``D, delta_bias [K*d]`` with ``d = d_x`` (or ``d_x / K`` when ``grouped``); a
+    ``ValueError`` names the first argument that does not fit."""
+    if x.dim() != 3 or delta.dim() != 4 or perms.dim() != 2:
+        raise ValueError(
+            f"cross scan: expected x [b, d_x, L], delta [b, K, d, L], perms [K, L], got x "
+            f"{tuple(x.shape)}, delta {tuple(delta.shape)}, perms {tuple(perms.shape)}"
+        )
+    batch, d_x, length = x.shape
+    groups, n = perms.shape[0], A.shape[-1]
+    if grouped and d_x % groups:
+        raise ValueError(f"grouped cross scan: {d_x} channels cannot be split into {groups} directions")
+    d = d_x // groups if grouped else d_x
+    expected = {
+        "perms": (perms, (groups, length)),
+        "delta": (delta, (batch, groups, d, length)),
+        "A": (A, (groups * d, n)),
+        "B": (B, (batch, groups, n, length)),
+        "C": (C, (batch, groups, n, length)),
+        "D": (D, (groups * d,)),
+        "delta_bias": (delta_bias, (groups * d,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"cross scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+
+
 def _smoke_inputs(device: torch.device) -> list[torch.Tensor]:
     """Small scan inputs (b=2, K=2, d=3, L=37, N=16) on ``device``, from a private generator."""
     g = torch.Generator().manual_seed(1234)

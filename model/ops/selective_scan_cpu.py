@@ -171,16 +171,26 @@ if NUMBA_AVAILABLE:
         return raw if (raw > _SOFTPLUS_THRESHOLD or raw != raw) else res
 
     @_jit
-    def _forward_kernel(u, delta, A, Bt, Ct, D, bias, softplus, out, lanes):
+    def _forward_kernel(u, delta, A, Bt, Ct, D, bias, softplus, out, lanes, order):
         """out[b, c, t] = y_t; parallel over blocks of ``lanes`` channels of one group.
+
+        ``order [K, L]`` (empty: none) makes it SS2D's fused cross-scan, every tensor in pixel
+        order, group ``k`` visiting pixel ``order[k, t]`` at step ``t``: ``u [b, L, C]``
+        channels-last, channel ``c`` reading channel ``c % C`` (all directions share the image's
+        channels); ``delta`` and ``out`` direction-major channels-last ``[K*b, L, d]`` (row
+        ``k*b + bi``); Bt and Ct ``[b, K, L, N]``. A step then loads the block's channels of one
+        pixel, one contiguous run.
 
         Per chunk of ``_CHUNK`` steps: delta' of the block's channels (softplus vectorised
         over the chunk), then delta' and delta' * u transposed to one row of lanes per step,
         then the state update for all lanes at once, 4 states per pass (the sum over the
         states into y stays in state order), then y + D * u written back.
         """
-        batch, channels, length = u.shape
+        fused = order.shape[0] > 0
         groups = Bt.shape[1]
+        batch = u.shape[0]
+        channels = groups * delta.shape[2] if fused else delta.shape[1]
+        length = delta.shape[1] if fused else delta.shape[2]
         n_state = A.shape[1]
         per_group = channels // groups
         blocks = (per_group + lanes - 1) // lanes
@@ -196,12 +206,33 @@ if NUMBA_AVAILABLE:
             ys = np.zeros((_CHUNK, lanes), dtype=np.float32)
             raw = np.zeros(lanes * _CHUNK, dtype=np.float32)
             us = np.zeros(lanes * _CHUNK, dtype=np.float32)
+            u_steps = np.zeros((_CHUNK, lanes), dtype=np.float32)
+            bias_blk = np.zeros(lanes, dtype=np.float32)
+            cu0 = c0 % u.shape[2] if fused else 0  # the block's first channel in u
+            row = k * batch + bi  # the direction-major row of delta and out
+            cd0 = c0 - k * per_group  # and the block's first channel there
             for j in range(width):
+                bias_blk[j] = bias[c0 + j]
                 for n in range(n_state):
                     A_blk[n, j] = A[c0 + j, n] * _LOG2E
             for t0 in range(0, length, _CHUNK):
                 span = min(_CHUNK, length - t0)
-                for j in range(width):
+                if fused:  # one contiguous run of the block's channels per step, no transposes
+                    for s in range(span):
+                        pixel = order[k, t0 + s]
+                        d_row = delta[row, pixel, cd0 : cd0 + width]
+                        u_row = u[bi, pixel, cu0 : cu0 + width]
+                        dt_s = steps[s]
+                        in_s = inputs[s]
+                        u_s = u_steps[s]
+                        for j in range(width):
+                            dt = d_row[j] + bias_blk[j]
+                            if softplus:
+                                dt = _softplus(dt)
+                            dt_s[j] = dt
+                            in_s[j] = dt * u_row[j]
+                            u_s[j] = u_row[j]
+                for j in range(0 if fused else width):
                     c = c0 + j
                     bc = bias[c]
                     # rows sliced and indexed from 0: with delta[bi, c, t0 + s], the check for
@@ -211,18 +242,19 @@ if NUMBA_AVAILABLE:
                     for s in range(span):
                         raw[j * _CHUNK + s] = d_row[s] + bc
                         us[j * _CHUNK + s] = u_row[s]
-                if softplus:
+                if softplus and not fused:
                     for i in range(width * _CHUNK):
                         raw[i] = _softplus(raw[i])
-                for j in range(width):
+                for j in range(0 if fused else width):
                     for s in range(span):
                         dt = raw[j * _CHUNK + s]
                         steps[s, j] = dt
                         inputs[s, j] = dt * us[j * _CHUNK + s]
                 ys[:] = _ZERO
                 for s in range(span):
-                    B_t = Bt[bi, k, t0 + s]
-                    C_t = Ct[bi, k, t0 + s]
+                    t = order[k, t0 + s] if fused else t0 + s
+                    B_t = Bt[bi, k, t]
+                    C_t = Ct[bi, k, t]
                     dt_s = steps[s]
                     in_s = inputs[s]
                     y_s = ys[s]
@@ -252,7 +284,14 @@ if NUMBA_AVAILABLE:
                             x = _exp2(dt_s[j] * a_n[j]) * h_n[j] + in_s[j] * b_n
                             h_n[j] = x
                             y_s[j] += c_n * x
-                for j in range(width):
+                if fused:
+                    for s in range(span):
+                        o_row = out[row, order[k, t0 + s], cd0 : cd0 + width]
+                        y_s = ys[s]
+                        u_s = u_steps[s]
+                        for j in range(width):
+                            o_row[j] = y_s[j] + D[c0 + j] * u_s[j]
+                for j in range(0 if fused else width):
                     c = c0 + j
                     dc = D[c]
                     out_row = out[bi, c, t0 : t0 + span]
@@ -295,9 +334,20 @@ if NUMBA_AVAILABLE:
         return f32, per_state + 2 * per_step
 
     @_inline
-    def _gather(src, bi, c0, width, t0, span, bias, add_bias, cols):
+    def _gather(src, bi, c0, width, t0, span, bias, add_bias, cols, order, k, row, cs):
         """cols[j * _BWD_CHUNK + s] = src[bi, c0 + j, t0 + s] (+ bias[c0 + j]), contiguous runs of
-        steps per channel; zero for the steps past ``span`` of a last, partial chunk."""
+        steps per channel; zero for the steps past ``span`` of a last, partial chunk. With an
+        ``order`` (fused cross-scan, channels-last ``src``): cols[s * lanes + j] =
+        src[row, order[k, t0 + s], cs + j], one contiguous run of channels per step."""
+        if order.shape[0] > 0:
+            lanes = cols.shape[0] // _BWD_CHUNK
+            for s in range(span):
+                run = src[row, order[k, t0 + s], cs : cs + width]
+                for j in range(width):
+                    cols[s * lanes + j] = run[j] + (bias[c0 + j] if add_bias else _ZERO)
+            for i in range(span * lanes, _BWD_CHUNK * lanes):
+                cols[i] = _ZERO
+            return
         for j in range(width):
             # a slice indexed from 0: with src[bi, c, t0 + s], the check for negative indices
             # turns the contiguous loads into gathers
@@ -309,24 +359,48 @@ if NUMBA_AVAILABLE:
                 cols[j * _BWD_CHUNK + s] = _ZERO
 
     @_inline
-    def _scatter(cols, bi, c0, width, t0, span, dst):
-        """dst[bi, c0 + j, t0 + s] = cols[j * _BWD_CHUNK + s] for the chunk's ``span`` steps."""
+    def _scatter(cols, bi, c0, width, t0, span, dst, order, k, row, cs):
+        """dst[bi, c0 + j, t0 + s] = cols[j * _BWD_CHUNK + s] for the chunk's ``span`` steps
+        (channels-last dst[row, order[k, t0 + s], cs + j] = cols[s * lanes + j] with an ``order``)."""
+        if order.shape[0] > 0:
+            lanes = cols.shape[0] // _BWD_CHUNK
+            for s in range(span):
+                run = dst[row, order[k, t0 + s], cs : cs + width]
+                for j in range(width):
+                    run[j] = cols[s * lanes + j]
+            return
         for j in range(width):
             row = dst[bi, c0 + j, t0 : t0 + span]
             for s in range(span):
                 row[s] = cols[j * _BWD_CHUNK + s]
 
     @_inline
-    def _to_rows(cols, rows):
-        """rows[s, j] = cols[j * _BWD_CHUNK + s]: [lane, step] to [step, lane]."""
+    def _to_rows(cols, rows, fused):
+        """rows[s, j] = cols[j * _BWD_CHUNK + s]: [lane, step] to [step, lane] (a copy when
+        ``fused``: the fused cross-scan keeps cols in [step, lane] layout)."""
+        if fused:
+            lanes = rows.shape[1]
+            for s in range(_BWD_CHUNK):
+                r = rows[s]
+                for j in range(lanes):
+                    r[j] = cols[s * lanes + j]
+            return
         for s in range(_BWD_CHUNK):
             r = rows[s]
             for j in range(rows.shape[1]):
                 r[j] = cols[j * _BWD_CHUNK + s]
 
     @_inline
-    def _to_cols(rows, cols):
-        """cols[j * _BWD_CHUNK + s] = rows[s, j]: [step, lane] to [lane, step]."""
+    def _to_cols(rows, cols, fused):
+        """cols[j * _BWD_CHUNK + s] = rows[s, j]: [step, lane] to [lane, step] (a copy when
+        ``fused``)."""
+        if fused:
+            lanes = rows.shape[1]
+            for s in range(_BWD_CHUNK):
+                r = rows[s]
+                for j in range(lanes):
+                    cols[s * lanes + j] = r[j]
+            return
         for j in range(rows.shape[1]):
             for s in range(_BWD_CHUNK):
                 cols[j * _BWD_CHUNK + s] = rows[s, j]
@@ -358,6 +432,7 @@ if NUMBA_AVAILABLE:
         dD,
         dbias,
         lanes,
+        order,
         f32,
         f64,
         first,
@@ -375,9 +450,15 @@ if NUMBA_AVAILABLE:
         Per-step values move between [channel, time] and [step, lane] in contiguous runs of
         ``_BWD_CHUNK`` steps. dA, dD and dbias get one float64 row per batch element.
         ``f32`` and ``f64`` are the scratch (:func:`_backward_scratch_sizes`); whatever they
-        hold, a block reads only what it wrote (a partial block zeroes them first).
+        hold, a block reads only what it wrote (a partial block zeroes them first). With an
+        ``order`` (fused cross-scan, see :func:`_forward_kernel`) every tensor but dBt and dCt,
+        which stay in scan order, is in pixel order; dout is laid out like u, du and ddelta
+        like delta.
         """
-        batch, channels, length = u.shape
+        fused = order.shape[0] > 0
+        batch = u.shape[0]
+        channels = Bt.shape[1] * delta.shape[2] if fused else delta.shape[1]
+        length = delta.shape[1] if fused else delta.shape[2]
         groups = Bt.shape[1]
         n_state = A.shape[1]
         per_group = channels // groups
@@ -429,11 +510,15 @@ if NUMBA_AVAILABLE:
             for blk in range(blocks):
                 c0 = k * per_group + blk * lanes
                 width = min(lanes, (k + 1) * per_group - c0)
+                row = k * batch + bi  # fused: direction-major row and first channel of delta, du, ddelta
+                cd0 = blk * lanes
+                cu0 = c0 % u.shape[2]  # and the block's first channel in u and dout
+                cy0 = c0 % dout.shape[2]
                 if width < lanes:  # lanes past the group are zero and contribute nothing
                     f32[:] = _ZERO
                 for j in range(width):
                     for s in range(_BWD_CHUNK):
-                        dcol[j * _BWD_CHUNK + s] = D[c0 + j]
+                        dcol[s * lanes + j if fused else j * _BWD_CHUNK + s] = D[c0 + j]
                     for n in range(n_state):
                         A2[n, j] = A[c0 + j, n] * _LOG2E
                         A_blk[n, j] = A[c0 + j, n]
@@ -443,8 +528,8 @@ if NUMBA_AVAILABLE:
                     t0 = ci * _BWD_CHUNK
                     span = min(_BWD_CHUNK, length - t0)
                     _copy(h, ckpt[ci])
-                    _gather(delta, bi, c0, width, t0, span, bias, True, dts)
-                    _gather(u, bi, c0, width, t0, span, bias, False, us)
+                    _gather(delta, bi, c0, width, t0, span, bias, True, dts, order, k, row, cd0)
+                    _gather(u, bi, c0, width, t0, span, bias, False, us, order, k, bi, cu0)
                     if softplus:
                         for i in range(per_step):
                             dts[i] = _softplus(dts[i])
@@ -452,10 +537,10 @@ if NUMBA_AVAILABLE:
                         ins[i] = dts[i] * us[i]
                     steps = all_steps[t0 : t0 + _BWD_CHUNK]
                     inputs = all_inputs[t0 : t0 + _BWD_CHUNK]
-                    _to_rows(dts, steps)
-                    _to_rows(ins, inputs)
+                    _to_rows(dts, steps, fused)
+                    _to_rows(ins, inputs, fused)
                     for s in range(span):
-                        B_t = Bt_k[t0 + s]
+                        B_t = Bt_k[order[k, t0 + s] if fused else t0 + s]
                         dt_s = steps[s]
                         in_s = inputs[s]
                         for n in range(n_state):
@@ -473,11 +558,11 @@ if NUMBA_AVAILABLE:
                     span = min(_BWD_CHUNK, length - t0)
                     steps = all_steps[t0 : t0 + _BWD_CHUNK]
                     inputs = all_inputs[t0 : t0 + _BWD_CHUNK]
-                    _gather(dout, bi, c0, width, t0, span, bias, False, dycol)
-                    _to_rows(dycol, dys)
+                    _gather(dout, bi, c0, width, t0, span, bias, False, dycol, order, k, bi, cy0)
+                    _to_rows(dycol, dys, fused)
                     _copy(ckpt[ci], states[0])
                     for s in range(span):
-                        B_t = Bt_k[t0 + s]
+                        B_t = Bt_k[order[k, t0 + s] if fused else t0 + s]
                         dt_s = steps[s]
                         in_s = inputs[s]
                         for n in range(n_state):
@@ -495,8 +580,8 @@ if NUMBA_AVAILABLE:
                     ddts[:] = _ZERO
                     dbus[:] = _ZERO
                     for s in range(span - 1, -1, -1):
-                        B_t = Bt_k[t0 + s]
-                        C_t = Ct_k[t0 + s]
+                        B_t = Bt_k[order[k, t0 + s] if fused else t0 + s]
+                        C_t = Ct_k[order[k, t0 + s] if fused else t0 + s]
                         dt_s = steps[s]
                         dy_s = dys[s]
                         ddt_s = ddts[s]
@@ -525,12 +610,12 @@ if NUMBA_AVAILABLE:
                         for j in range(lanes):
                             acc[j] += part[j]
                     # per (step, channel): du, ddelta (through the softplus gate), dD, dbias
-                    _to_cols(ddts, ddtcol)
-                    _to_cols(dbus, dbucol)
-                    _to_cols(steps, dts)
-                    _gather(u, bi, c0, width, t0, span, bias, False, us)
+                    _to_cols(ddts, ddtcol, fused)
+                    _to_cols(dbus, dbucol, fused)
+                    _to_cols(steps, dts, fused)
+                    _gather(u, bi, c0, width, t0, span, bias, False, us, order, k, bi, cu0)
                     if softplus:  # d softplus(x) / dx = e / (1 + e), e = exp(x)
-                        _gather(delta, bi, c0, width, t0, span, bias, True, gates)
+                        _gather(delta, bi, c0, width, t0, span, bias, True, gates, order, k, row, cd0)
                         for i in range(per_step):
                             x = gates[i]
                             e = _exp(x)
@@ -544,8 +629,8 @@ if NUMBA_AVAILABLE:
                         dbucol[i] = dbu * dts[i] + dcol[i] * dy
                         dD_acc[i] += dy * ut
                         dbias_acc[i] += draw
-                    _scatter(dbucol, bi, c0, width, t0, span, du)
-                    _scatter(ddtcol, bi, c0, width, t0, span, ddelta)
+                    _scatter(dbucol, bi, c0, width, t0, span, du, order, k, row, cd0)
+                    _scatter(ddtcol, bi, c0, width, t0, span, ddelta, order, k, row, cd0)
                 for j in range(width):
                     c = c0 + j
                     for n in range(n_state):
@@ -553,8 +638,9 @@ if NUMBA_AVAILABLE:
                     total_d = 0.0
                     total_bias = 0.0
                     for s in range(_BWD_CHUNK):
-                        total_d += dD_acc[j * _BWD_CHUNK + s]
-                        total_bias += dbias_acc[j * _BWD_CHUNK + s]
+                        i = s * lanes + j if fused else j * _BWD_CHUNK + s
+                        total_d += dD_acc[i]
+                        total_bias += dbias_acc[i]
                     dD[bi, c] = total_d
                     dbias[bi, c] = total_bias
 
@@ -662,7 +748,7 @@ def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def _arrays(u, delta, A, B, C, D, delta_bias):
     """Contiguous fp32 tensors for the kernels (no copy when already so); B, C as [b, K, L, N]."""
-    channels = u.shape[1]
+    channels = A.shape[0]
 
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(torch.float32).contiguous()
@@ -679,6 +765,18 @@ def _arrays(u, delta, A, B, C, D, delta_bias):
     )
 
 
+_NO_ORDER = np.zeros((0, 0), dtype=np.int32)
+
+
+def _merge_directions(rows: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Direction-major ``[K, b, L, d]`` to the image's channels-last ``[b, L, d_x]``: the K
+    directions summed in a fixed order, or (``grouped``) side by side as ``d_x = K*d`` channels."""
+    if grouped:
+        groups, b, length, d = rows.shape
+        return rows.permute(1, 2, 0, 3).reshape(b, length, groups * d)
+    return _sum_rows(rows)
+
+
 class SelectiveScanCPU(torch.autograd.Function):
     """Autograd wrapper: saves only the inputs; backward recomputes the states in the kernels."""
 
@@ -689,7 +787,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         arrays = _arrays(u, delta, A, B, C, D, delta_bias)
         out = torch.empty(u.shape, dtype=torch.float32)
         _set_threads()
-        _forward_kernel(*(t.numpy() for t in arrays), delta_softplus, out.numpy(), _LANES)
+        _forward_kernel(*(t.numpy() for t in arrays), delta_softplus, out.numpy(), _LANES, _NO_ORDER)
         return out
 
     @staticmethod
@@ -714,6 +812,7 @@ class SelectiveScanCPU(torch.autograd.Function):
             grad_out.numpy(),
             *(t.numpy() for t in (du, ddelta, dA, dBt, dCt, dD, dbias)),
             _BWD_LANES,
+            _NO_ORDER,
         )
         scratch = _backward_scratch_sizes(u.shape[2], A.shape[1], _BWD_LANES)
         _run_tasks(_backward_tasks, args, batch * Bt.shape[1], scratch)
@@ -728,6 +827,155 @@ class SelectiveScanCPU(torch.autograd.Function):
             None if delta_bias is None else _sum_rows(dbias).to(delta_bias.dtype),
         )
         return (*(g if wanted else None for g, wanted in zip(grads, need)), None)
+
+
+class CrossScanCPU(torch.autograd.Function):
+    """Autograd wrapper of the fused cross-scan (:func:`cross_scan_cpu_channels_last`); saves
+    only the inputs."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D, delta_bias, perms, delta_softplus, grouped):
+        ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, perms)
+        ctx.delta_softplus, ctx.grouped = delta_softplus, grouped
+        groups, b, length, d = delta.shape
+        arrays = _arrays(
+            x,
+            delta.reshape(groups * b, length, d),
+            A,
+            B.permute(0, 2, 3, 1),
+            C.permute(0, 2, 3, 1),
+            D,
+            delta_bias,
+        )
+        out = torch.empty((groups, b, length, d), dtype=torch.float32)
+        order = perms.to(torch.int32).contiguous()
+        _set_threads()
+        _forward_kernel(
+            *(t.numpy() for t in arrays),
+            delta_softplus,
+            out.view(-1, length, d).numpy(),
+            _LANES,
+            order.numpy(),
+        )
+        return _merge_directions(out, grouped)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, delta, A, B, C, D, delta_bias, perms = ctx.saved_tensors
+        groups, b, length, d = delta.shape
+        n_state, channels = A.shape[1], groups * d
+        arrays = _arrays(
+            x,
+            delta.reshape(groups * b, length, d),
+            A,
+            B.permute(0, 2, 3, 1),
+            C.permute(0, 2, 3, 1),
+            D,
+            delta_bias,
+        )
+        Bt, Ct = arrays[3], arrays[4]
+        du = torch.empty((groups, b, length, d), dtype=torch.float32)
+        ddelta = torch.empty_like(du)
+        dA = torch.empty((b, *A.shape), dtype=torch.float64)
+        dBt = torch.zeros_like(Bt)  # in scan order
+        dCt = torch.zeros_like(Ct)
+        dD = torch.zeros((b, channels), dtype=torch.float64)
+        dbias = torch.zeros((b, channels), dtype=torch.float64)
+        order = perms.to(torch.int32).contiguous()
+        _set_threads()
+        args = (
+            *(t.numpy() for t in arrays),
+            ctx.delta_softplus,
+            grad_out.to(torch.float32).contiguous().numpy(),
+            du.view(-1, length, d).numpy(),
+            ddelta.view(-1, length, d).numpy(),
+            *(t.numpy() for t in (dA, dBt, dCt, dD, dbias)),
+            _BWD_LANES,
+            order.numpy(),
+        )
+        _run_tasks(_backward_tasks, args, b * groups, _backward_scratch_sizes(length, n_state, _BWD_LANES))
+        inverse = torch.argsort(perms.to(torch.int64), dim=1)
+        index = inverse.view(1, groups, length, 1).expand(b, groups, length, n_state)
+
+        def to_pixels(scan_rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return torch.gather(scan_rows, 2, index).transpose(1, 2).to(like.dtype)
+
+        grads = (
+            _merge_directions(du, ctx.grouped).to(x.dtype),
+            ddelta.to(delta.dtype),
+            _sum_rows(dA).to(A.dtype),
+            to_pixels(dBt, B),
+            to_pixels(dCt, C),
+            None if D is None else _sum_rows(dD).to(D.dtype),
+            None if delta_bias is None else _sum_rows(dbias).to(delta_bias.dtype),
+        )
+        need = ctx.needs_input_grad
+        return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None)
+
+
+def cross_scan_cpu_channels_last(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    perms: torch.Tensor,
+    delta_softplus: bool = False,
+    grouped: bool = False,
+) -> torch.Tensor:
+    """:func:`cross_scan_cpu` on channels-last tensors, the kernels' own layout: ``x [b, L,
+    d_x]``, ``delta [K, b, L, d]`` (direction-major), ``B, C [b, L, K, N]``, all in pixel order;
+    returns ``[b, L, d_x]``.
+
+    A step of direction k reads the block's channels of pixel ``perms[k, t]`` in one run, and
+    SS2D computes its projections in these layouts with (batched) matrix products, so nothing
+    large is transposed on the way in or out. Arguments are not checked here.
+    """
+    if not NUMBA_AVAILABLE:
+        raise ValueError("selective-scan backend 'cpu' needs numba (pip install numba)")
+    args = (x, delta, A, B, C, D, delta_bias, perms.to(x.device))
+    return CrossScanCPU.apply(*args, bool(delta_softplus), bool(grouped))
+
+
+def cross_scan_cpu(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    perms: torch.Tensor,
+    delta_softplus: bool = False,
+    grouped: bool = False,
+) -> torch.Tensor:
+    """SS2D's K-direction scan in one call on CPU tensors, every tensor in pixel order.
+
+    Same arguments and result as :func:`model.ops.selective_scan_triton.cross_scan_triton`
+    (checked by :func:`model.ops.selective_scan.check_cross_scan_args`): the kernels read each
+    direction's steps through ``perms``, so no ``[b, K, d, L]`` copy of ``x`` in scan order is
+    made, nor the outputs and gradients scattered back. Runs
+    :func:`cross_scan_cpu_channels_last` after transposing; SS2D calls that one directly.
+    """
+    from model.ops.selective_scan import check_cross_scan_args
+
+    check_cross_scan_args(x, delta, A, B, C, D, delta_bias, perms, grouped)
+    y = cross_scan_cpu_channels_last(
+        x.transpose(1, 2),
+        delta.permute(1, 0, 3, 2),
+        A,
+        B.permute(0, 3, 1, 2),
+        C.permute(0, 3, 1, 2),
+        D,
+        delta_bias,
+        perms,
+        delta_softplus,
+        grouped,
+    )
+    return y.transpose(1, 2)
 
 
 def selective_scan_cpu(

@@ -46,6 +46,8 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from model.ops.selective_scan import check_cross_scan_args
+
 try:
     import triton
     import triton.language as tl
@@ -420,27 +422,6 @@ def cross_scan_triton(
     but ``perms``; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``.
     """
     _check_usable(x)
-    if x.dim() != 3 or delta.dim() != 4 or perms.dim() != 2:
-        raise ValueError(
-            f"cross scan: expected x [b, d_x, L], delta [b, K, d, L], perms [K, L], got x "
-            f"{tuple(x.shape)}, delta {tuple(delta.shape)}, perms {tuple(perms.shape)}"
-        )
-    batch, d_x, length = x.shape
-    groups, n = perms.shape[0], A.shape[-1]
-    if grouped and d_x % groups:
-        raise ValueError(f"grouped cross scan: {d_x} channels cannot be split into {groups} directions")
-    d = d_x // groups if grouped else d_x
-    expected = {
-        "perms": (perms, (groups, length)),
-        "delta": (delta, (batch, groups, d, length)),
-        "A": (A, (groups * d, n)),
-        "B": (B, (batch, groups, n, length)),
-        "C": (C, (batch, groups, n, length)),
-        "D": (D, (groups * d,)),
-        "delta_bias": (delta_bias, (groups * d,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"cross scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    check_cross_scan_args(x, delta, A, B, C, D, delta_bias, perms, grouped)
     table = perms.to(device=x.device, dtype=torch.int32).contiguous()
     return _apply(x, delta, A, B, C, D, delta_bias, table, delta_softplus, shared_u=not grouped)
