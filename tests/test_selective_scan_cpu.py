@@ -329,6 +329,16 @@ def test_cross_scan_names_a_wrong_argument():
         ValueError, match=r"cross scan: delta has shape \(1, 2, 3, 6\), expected \(1, 2, 4, 6\)"
     ):
         _cross_cpu(perms)(tensors)
+    tensors, perms = cross_inputs(1, 2, 4, 6, 3, False)
+    perms[1, 2] = 6  # one past the last pixel: the kernels would read outside the tensors
+    with pytest.raises(ValueError, match=r"perms must index the 6 pixels \(0..5\)"):
+        _cross_cpu(perms)(tensors)
+    # the channels-last entry (SS2D's) checks the same on pixel-order views
+    t = tensors
+    channels_last = (t["x"].transpose(1, 2), t["delta"].permute(1, 0, 3, 2), t["A"])
+    channels_last += (t["B"].permute(0, 3, 1, 2), t["C"].permute(0, 3, 1, 2), t["D"], t["delta_bias"])
+    with pytest.raises(ValueError, match="perms must index"):
+        ss_cpu.cross_scan_cpu_channels_last(*channels_last, perms)
 
 
 @pytest.mark.parametrize(

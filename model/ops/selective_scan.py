@@ -260,8 +260,10 @@ def check_cross_scan_args(
 ) -> None:
     """Shapes of a fused cross-scan's arguments (``cross_scan_cpu`` / ``cross_scan_triton``):
     ``x [b, d_x, L]``, ``perms [K, L]``, ``delta [b, K, d, L]``, ``A [K*d, N]``, ``B, C [b, K, N,
-    L]``, ``D, delta_bias [K*d]`` with ``d = d_x`` (or ``d_x / K`` when ``grouped``); a
-    ``ValueError`` names the first argument that does not fit."""
+    L]``, ``D, delta_bias [K*d]`` with ``d = d_x`` (or ``d_x / K`` when ``grouped``), and
+    ``perms`` within ``0..L-1`` on the CPU (the kernels do not check their reads; on a GPU
+    this would wait for the device); a ``ValueError`` names the first argument that does not
+    fit."""
     if x.dim() != 3 or delta.dim() != 4 or perms.dim() != 2:
         raise ValueError(
             f"cross scan: expected x [b, d_x, L], delta [b, K, d, L], perms [K, L], got x "
@@ -284,6 +286,9 @@ def check_cross_scan_args(
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"cross scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    in_range = perms.device.type != "cpu" or not length  # on a GPU the check would synchronise
+    if not in_range and (int(perms.min()) < 0 or int(perms.max()) >= length):
+        raise ValueError(f"cross scan: perms must index the {length} pixels (0..{length - 1})")
 
 
 def _smoke_inputs(device: torch.device) -> list[torch.Tensor]:

@@ -15,6 +15,11 @@ nothing but the inputs, and a backward thread's scratch (:func:`backward_scratch
 channels. Gradients are bit-identical from run to run, whatever the number of threads:
 each task writes its own outputs, and every sum has a fixed order.
 
+The same kernels, given a table of scan orders, also run SS2D's K-direction scan fused
+(:func:`cross_scan_cpu_channels_last`): every tensor in pixel order and channels-last, each
+step reading the block's channels of the pixel it visits, so SS2D never gathers its input
+into the K scan orders nor scatters outputs and gradients back.
+
 Every transcendental function in the loops (exp, 2**x, log, softplus) is written with
 arithmetic and selects only, so that LLVM vectorises them: Numba has no vector exp without
 Intel SVML, and a scalar libm call costs more than the whole state update.
@@ -232,24 +237,25 @@ if NUMBA_AVAILABLE:
                             dt_s[j] = dt
                             in_s[j] = dt * u_row[j]
                             u_s[j] = u_row[j]
-                for j in range(0 if fused else width):
-                    c = c0 + j
-                    bc = bias[c]
-                    # rows sliced and indexed from 0: with delta[bi, c, t0 + s], the check for
-                    # negative indices turns contiguous loads into gathers
-                    d_row = delta[bi, c, t0 : t0 + span]
-                    u_row = u[bi, c, t0 : t0 + span]
-                    for s in range(span):
-                        raw[j * _CHUNK + s] = d_row[s] + bc
-                        us[j * _CHUNK + s] = u_row[s]
-                if softplus and not fused:
-                    for i in range(width * _CHUNK):
-                        raw[i] = _softplus(raw[i])
-                for j in range(0 if fused else width):
-                    for s in range(span):
-                        dt = raw[j * _CHUNK + s]
-                        steps[s, j] = dt
-                        inputs[s, j] = dt * us[j * _CHUNK + s]
+                else:
+                    for j in range(width):
+                        c = c0 + j
+                        bc = bias[c]
+                        # rows sliced and indexed from 0: with delta[bi, c, t0 + s], the check for
+                        # negative indices turns contiguous loads into gathers
+                        d_row = delta[bi, c, t0 : t0 + span]
+                        u_row = u[bi, c, t0 : t0 + span]
+                        for s in range(span):
+                            raw[j * _CHUNK + s] = d_row[s] + bc
+                            us[j * _CHUNK + s] = u_row[s]
+                    if softplus:
+                        for i in range(width * _CHUNK):
+                            raw[i] = _softplus(raw[i])
+                    for j in range(width):
+                        for s in range(span):
+                            dt = raw[j * _CHUNK + s]
+                            steps[s, j] = dt
+                            inputs[s, j] = dt * us[j * _CHUNK + s]
                 ys[:] = _ZERO
                 for s in range(span):
                     t = order[k, t0 + s] if fused else t0 + s
@@ -291,12 +297,13 @@ if NUMBA_AVAILABLE:
                         u_s = u_steps[s]
                         for j in range(width):
                             o_row[j] = y_s[j] + D[c0 + j] * u_s[j]
-                for j in range(0 if fused else width):
-                    c = c0 + j
-                    dc = D[c]
-                    out_row = out[bi, c, t0 : t0 + span]
-                    for s in range(span):
-                        out_row[s] = ys[s, j] + dc * us[j * _CHUNK + s]
+                else:
+                    for j in range(width):
+                        c = c0 + j
+                        dc = D[c]
+                        out_row = out[bi, c, t0 : t0 + span]
+                        for s in range(span):
+                            out_row[s] = ys[s, j] + dc * us[j * _CHUNK + s]
 
     @_reduce
     def _rows_dot(rows, weights, span, out):
@@ -932,10 +939,14 @@ def cross_scan_cpu_channels_last(
 
     A step of direction k reads the block's channels of pixel ``perms[k, t]`` in one run, and
     SS2D computes its projections in these layouts with (batched) matrix products, so nothing
-    large is transposed on the way in or out. Arguments are not checked here.
+    large is transposed on the way in or out. The shapes are checked on pixel-order views.
     """
     if not NUMBA_AVAILABLE:
         raise ValueError("selective-scan backend 'cpu' needs numba (pip install numba)")
+    from model.ops.selective_scan import check_cross_scan_args
+
+    views = (x.transpose(1, 2), delta.permute(1, 0, 3, 2), A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1))
+    check_cross_scan_args(*views, D, delta_bias, perms, grouped)
     args = (x, delta, A, B, C, D, delta_bias, perms.to(x.device))
     return CrossScanCPU.apply(*args, bool(delta_softplus), bool(grouped))
 
