@@ -152,8 +152,12 @@ class MambaADDefaults(BaseConfig):
                 "data.batch_size_test": int_at_least(1),
                 "data.num_workers": int_at_least(0),
                 "data.image_size": (
-                    lambda v: len(sizes) in (1, 2) and all(isinstance(s, int) and s >= 32 for s in sizes),
-                    "a size of at least 32 pixels, or [height, width]",
+                    lambda v: (
+                        len(sizes) in (1, 2)
+                        and all(isinstance(s, int) and s >= 64 and s % 32 == 0 for s in sizes)
+                    ),
+                    "a multiple of 32 of at least 64 pixels (the 1/32-scale bottleneck needs 2x2 "
+                    "cells), or [height, width] of such",
                 ),
                 "model.depths": (
                     lambda v: isinstance(v, list | tuple) and len(v) == 4 and all(map(stage_ok, v)),

@@ -52,6 +52,8 @@ def _overrides(data_root: Path, out: Path, epochs: int = 1) -> list[str]:
         ("model.scan.method=zigzag+spiral", "model.scan.method"),
         ("trainer.amp=fp8", "trainer.amp"),
         ("model.depths=[1,2,2,2]", "model.depths"),
+        ("data.image_size=80", "data.image_size"),  # the model would refuse it only when built
+        ("data.image_size=32", "data.image_size"),
     ],
 )
 def test_bad_config_values_stop_before_any_work(
