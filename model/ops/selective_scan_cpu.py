@@ -784,6 +784,42 @@ def _merge_directions(rows: torch.Tensor, grouped: bool) -> torch.Tensor:
     return _sum_rows(rows)
 
 
+def _run_backward(arrays: tuple, softplus: bool, dout, du, ddelta, order: np.ndarray) -> tuple:
+    """Run the backward kernels on the kernel inputs ``arrays`` (:func:`_arrays`), writing the
+    input gradients into ``du`` and ``ddelta`` (numpy views); returns dA, dD and dbias summed
+    over the batch in a fixed order, and dBt, dCt ``[b, K, L, N]`` in scan order."""
+    A, Bt, Ct = arrays[2], arrays[3], arrays[4]
+    batch, groups, length, n_state = Bt.shape
+    dA = torch.empty((batch, *A.shape), dtype=torch.float64)
+    dBt = torch.zeros_like(Bt)
+    dCt = torch.zeros_like(Ct)
+    dD = torch.zeros((batch, A.shape[0]), dtype=torch.float64)
+    dbias = torch.zeros_like(dD)
+    _set_threads()
+    args = (
+        *(t.numpy() for t in arrays),
+        softplus,
+        dout,
+        du,
+        ddelta,
+        *(t.numpy() for t in (dA, dBt, dCt, dD, dbias)),
+        _BWD_LANES,
+        order,
+    )
+    _run_tasks(_backward_tasks, args, batch * groups, _backward_scratch_sizes(length, n_state, _BWD_LANES))
+    return _sum_rows(dA), _sum_rows(dD), _sum_rows(dbias), dBt, dCt
+
+
+def _parameter_grads(sums: tuple, A, D, delta_bias) -> tuple:
+    """The A, D and delta-bias gradients from :func:`_run_backward`'s sums, in their dtypes."""
+    dA, dD, dbias = sums[:3]
+    return (
+        dA.to(A.dtype),
+        None if D is None else dD.to(D.dtype),
+        None if delta_bias is None else dbias.to(delta_bias.dtype),
+    )
+
+
 class SelectiveScanCPU(torch.autograd.Function):
     """Autograd wrapper: saves only the inputs; backward recomputes the states in the kernels."""
 
@@ -802,38 +838,39 @@ class SelectiveScanCPU(torch.autograd.Function):
     def backward(ctx, grad_out):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
         arrays = _arrays(u, delta, A, B, C, D, delta_bias)
-        u32, _, _, Bt, Ct, _, _ = arrays
-        batch, channels, _ = u32.shape
-        du = torch.empty_like(u32)
-        ddelta = torch.empty_like(u32)
-        dA = torch.empty((batch, *A.shape), dtype=torch.float64)
-        dBt = torch.zeros_like(Bt)
-        dCt = torch.zeros_like(Ct)
-        dD = torch.zeros((batch, channels), dtype=torch.float64)
-        dbias = torch.zeros((batch, channels), dtype=torch.float64)
-        grad_out = grad_out.to(torch.float32).contiguous()
-        _set_threads()
-        args = (
-            *(t.numpy() for t in arrays),
-            ctx.delta_softplus,
-            grad_out.numpy(),
-            *(t.numpy() for t in (du, ddelta, dA, dBt, dCt, dD, dbias)),
-            _BWD_LANES,
-            _NO_ORDER,
-        )
-        scratch = _backward_scratch_sizes(u.shape[2], A.shape[1], _BWD_LANES)
-        _run_tasks(_backward_tasks, args, batch * Bt.shape[1], scratch)
-        need = ctx.needs_input_grad
+        du = torch.empty_like(arrays[0])
+        ddelta = torch.empty_like(du)
+        dout = grad_out.to(torch.float32).contiguous().numpy()
+        sums = _run_backward(arrays, ctx.delta_softplus, dout, du.numpy(), ddelta.numpy(), _NO_ORDER)
+        dBt, dCt = sums[3:]
+        dA, dD, dbias = _parameter_grads(sums, A, D, delta_bias)
         grads = (
             du.to(u.dtype),
             ddelta.to(delta.dtype),
-            _sum_rows(dA).to(A.dtype),
+            dA,
             dBt.transpose(-1, -2).to(B.dtype),
             dCt.transpose(-1, -2).to(C.dtype),
-            None if D is None else _sum_rows(dD).to(D.dtype),
-            None if delta_bias is None else _sum_rows(dbias).to(delta_bias.dtype),
+            dD,
+            dbias,
         )
+        need = ctx.needs_input_grad
         return (*(g if wanted else None for g, wanted in zip(grads, need)), None)
+
+
+def _cross_arrays(x, delta, A, B, C, D, delta_bias, perms) -> tuple[tuple, np.ndarray]:
+    """The kernel inputs of a channels-last cross-scan (delta as ``[K*b, L, d]`` rows, B and C
+    as ``[b, K, L, N]``) and the scan orders as int32."""
+    groups, b, length, d = delta.shape
+    arrays = _arrays(
+        x,
+        delta.reshape(groups * b, length, d),
+        A,
+        B.permute(0, 2, 3, 1),
+        C.permute(0, 2, 3, 1),
+        D,
+        delta_bias,
+    )
+    return arrays, perms.to(torch.int32).contiguous().numpy()
 
 
 class CrossScanCPU(torch.autograd.Function):
@@ -845,24 +882,11 @@ class CrossScanCPU(torch.autograd.Function):
         ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, perms)
         ctx.delta_softplus, ctx.grouped = delta_softplus, grouped
         groups, b, length, d = delta.shape
-        arrays = _arrays(
-            x,
-            delta.reshape(groups * b, length, d),
-            A,
-            B.permute(0, 2, 3, 1),
-            C.permute(0, 2, 3, 1),
-            D,
-            delta_bias,
-        )
+        arrays, order = _cross_arrays(x, delta, A, B, C, D, delta_bias, perms)
         out = torch.empty((groups, b, length, d), dtype=torch.float32)
-        order = perms.to(torch.int32).contiguous()
         _set_threads()
         _forward_kernel(
-            *(t.numpy() for t in arrays),
-            delta_softplus,
-            out.view(-1, length, d).numpy(),
-            _LANES,
-            order.numpy(),
+            *(t.numpy() for t in arrays), delta_softplus, out.view(-1, length, d).numpy(), _LANES, order
         )
         return _merge_directions(out, grouped)
 
@@ -871,39 +895,16 @@ class CrossScanCPU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, delta, A, B, C, D, delta_bias, perms = ctx.saved_tensors
         groups, b, length, d = delta.shape
-        n_state, channels = A.shape[1], groups * d
-        arrays = _arrays(
-            x,
-            delta.reshape(groups * b, length, d),
-            A,
-            B.permute(0, 2, 3, 1),
-            C.permute(0, 2, 3, 1),
-            D,
-            delta_bias,
-        )
-        Bt, Ct = arrays[3], arrays[4]
+        arrays, order = _cross_arrays(x, delta, A, B, C, D, delta_bias, perms)
         du = torch.empty((groups, b, length, d), dtype=torch.float32)
         ddelta = torch.empty_like(du)
-        dA = torch.empty((b, *A.shape), dtype=torch.float64)
-        dBt = torch.zeros_like(Bt)  # in scan order
-        dCt = torch.zeros_like(Ct)
-        dD = torch.zeros((b, channels), dtype=torch.float64)
-        dbias = torch.zeros((b, channels), dtype=torch.float64)
-        order = perms.to(torch.int32).contiguous()
-        _set_threads()
-        args = (
-            *(t.numpy() for t in arrays),
-            ctx.delta_softplus,
-            grad_out.to(torch.float32).contiguous().numpy(),
-            du.view(-1, length, d).numpy(),
-            ddelta.view(-1, length, d).numpy(),
-            *(t.numpy() for t in (dA, dBt, dCt, dD, dbias)),
-            _BWD_LANES,
-            order.numpy(),
-        )
-        _run_tasks(_backward_tasks, args, b * groups, _backward_scratch_sizes(length, n_state, _BWD_LANES))
+        dout = grad_out.to(torch.float32).contiguous().numpy()
+        rows = (du.view(-1, length, d).numpy(), ddelta.view(-1, length, d).numpy())
+        sums = _run_backward(arrays, ctx.delta_softplus, dout, *rows, order)
+        dBt, dCt = sums[3:]  # in scan order
+        dA, dD, dbias = _parameter_grads(sums, A, D, delta_bias)
         inverse = torch.argsort(perms.to(torch.int64), dim=1)
-        index = inverse.view(1, groups, length, 1).expand(b, groups, length, n_state)
+        index = inverse.view(1, groups, length, 1).expand(b, groups, length, A.shape[1])
 
         def to_pixels(scan_rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             return torch.gather(scan_rows, 2, index).transpose(1, 2).to(like.dtype)
@@ -911,11 +912,11 @@ class CrossScanCPU(torch.autograd.Function):
         grads = (
             _merge_directions(du, ctx.grouped).to(x.dtype),
             ddelta.to(delta.dtype),
-            _sum_rows(dA).to(A.dtype),
+            dA,
             to_pixels(dBt, B),
             to_pixels(dCt, C),
-            None if D is None else _sum_rows(dD).to(D.dtype),
-            None if delta_bias is None else _sum_rows(dbias).to(delta_bias.dtype),
+            dD,
+            dbias,
         )
         need = ctx.needs_input_grad
         return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None)
