@@ -7,9 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from util.precision import at_least_float32
+
 
 class FeatureMSELoss(nn.Module):
-    """``weight * sum_i mean((f_t[i] - f_s[i])**2)``; the official config uses weight 5.0."""
+    """``weight * sum_i mean((f_t[i] - f_s[i])**2)``; the official config uses weight 5.0.
+
+    Computed in float32 under mixed precision, and in float64 for float64 features.
+    """
 
     def __init__(self, weight: float = 5.0) -> None:
         super().__init__()
@@ -18,9 +23,9 @@ class FeatureMSELoss(nn.Module):
     def forward(self, feats_t: Sequence[torch.Tensor], feats_s: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(feats_t) != len(feats_s):
             raise ValueError(f"teacher gave {len(feats_t)} scales but student {len(feats_s)}")
-        total = feats_s[0].new_zeros((), dtype=torch.float32)
+        total = at_least_float32(feats_s[0].new_zeros(()))
         for ft, fs in zip(feats_t, feats_s, strict=True):
             if ft.shape != fs.shape:
                 raise ValueError(f"teacher feature {tuple(ft.shape)} != student feature {tuple(fs.shape)}")
-            total = total + torch.mean((ft.float() - fs.float()) ** 2)
+            total = total + torch.mean((at_least_float32(ft) - at_least_float32(fs)) ** 2)
         return self.weight * total

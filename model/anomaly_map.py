@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from util.precision import at_least_float32
+
 
 def cosine_anomaly_map(
     feats_t: Sequence[torch.Tensor], feats_s: Sequence[torch.Tensor], out_size: tuple[int, int]
@@ -20,7 +22,7 @@ def cosine_anomaly_map(
     """Sum of per-scale ``1 - cos(f_t, f_s)`` maps, upsampled to ``out_size``: [B, H, W]."""
     total = None
     for ft, fs in zip(feats_t, feats_s, strict=True):
-        amap = 1.0 - F.cosine_similarity(ft.float(), fs.float(), dim=1)
+        amap = 1.0 - F.cosine_similarity(at_least_float32(ft), at_least_float32(fs), dim=1)
         amap = F.interpolate(amap.unsqueeze(1), size=out_size, mode="bilinear", align_corners=True)
         total = amap if total is None else total + amap
     if total is None:

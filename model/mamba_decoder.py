@@ -21,6 +21,7 @@ from torch import nn
 
 from model.ops.selective_scan import resolve_backend, selective_scan_fn
 from model.scan import direction_permutations, inverse_permutations, scan_decode, scan_encode
+from util.precision import at_least_float32
 
 T = TypeVar("T")
 
@@ -239,23 +240,27 @@ class SS2D(nn.Module):
         return scan_decode(self._scan_sequences(scan_encode(x, perms)), perms, h, w)
 
     def _s6_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``A = -exp(A_log) [K*d, N]``, ``D [K*d]`` and the delta bias ``[K*d]``, in fp32."""
-        return -torch.exp(self.A_logs.float()), self.Ds.float(), self.dt_projs_bias.float().reshape(-1)
+        """``A = -exp(A_log) [K*d, N]``, ``D [K*d]`` and the delta bias ``[K*d]``, in fp32 or wider."""
+        return (
+            -torch.exp(at_least_float32(self.A_logs)),
+            at_least_float32(self.Ds),
+            at_least_float32(self.dt_projs_bias).reshape(-1),
+        )
 
     def _scan_sequences(self, xs: torch.Tensor) -> torch.Tensor:
         """Project each direction's sequences ``xs [B, K, d, L]`` (already in scan order) with its
-        own weights and run the selective scan: ``[B, K, d, L]`` fp32, still in scan order."""
+        own weights and run the selective scan: ``[B, K, d, L]`` fp32 (or float64), still in scan order."""
         b, k, d, length = xs.shape
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         A, D, bias = self._s6_parameters()
         out = selective_scan_fn(
-            xs.float().reshape(b, k * d, length),
-            dts.float().reshape(b, k * d, length),
+            at_least_float32(xs).reshape(b, k * d, length),
+            at_least_float32(dts).reshape(b, k * d, length),
             A,
-            bs.float().contiguous(),
-            cs.float().contiguous(),
+            at_least_float32(bs).contiguous(),
+            at_least_float32(cs).contiguous(),
             D=D,
             delta_bias=bias,
             delta_softplus=True,

@@ -15,6 +15,7 @@ from model.anomaly_map import anomaly_maps_and_scores
 from model.bottleneck import BottleneckOptions, build_bottleneck
 from model.mamba_decoder import LSSOptions, MambaDecoder, ScanOptions, options
 from model.teacher import TeacherOptions, build_teacher, calibrate_batchnorm
+from util.precision import at_least_float32
 
 INDEX_BUFFER_NAMES = ("index_flat", "index_flat_inv")
 _NORM_TYPES = (
@@ -120,8 +121,8 @@ class MambaAD(nn.Module):
         feats_t, feats_s = self(imgs)
         size = tuple(imgs.shape[-2:]) if out_size is None else out_size
         with torch.autocast(imgs.device.type, enabled=False):
-            feats_t = [f.float() for f in feats_t]
-            feats_s = [f.float() for f in feats_s]
+            feats_t = [at_least_float32(f) for f in feats_t]
+            feats_s = [at_least_float32(f) for f in feats_s]
             return anomaly_maps_and_scores(feats_t, feats_s, size, self.sigma)
 
     def unused_parameter_names(self) -> list[str]:

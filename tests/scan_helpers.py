@@ -1,14 +1,38 @@
 """Shared helpers for the selective-scan backend tests: run a backend, compare with tolerance,
-and the fused cross-scans' inputs and unfused reference."""
+and the fused cross-scans' inputs and unfused reference.
+
+Tolerances follow from float32 arithmetic, not from what one machine printed: every kernel is
+compared with the ``ref`` backend run in float64 (exact up to ~1e-16), and allowed Higham's
+first-order bound for the number of float32 roundings that a value passes through
+(:func:`scan_bounds`), relative to the largest magnitude of the reference.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from model.ops.selective_scan import selective_scan_fn
 from model.scan import inverse_permutations, scan_decode, scan_encode
+from tests.rounding import gamma32
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def scan_bounds(t: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(output, gradient) tolerances of a float32 selective scan or cross-scan of the inputs ``t``.
+
+    Each step of the recurrence ``h = exp(delta A) h + delta B u`` rounds about four times (the
+    exponent's product, ``exp``, the two products with the add), so the oldest term of an output
+    has passed ``4 L`` roundings, then the sum over the ``N`` states and the ``K`` directions, plus
+    a few for softplus, the bias and the skip term. Gradients add the sums over the batch and the
+    steps (``dA``, ``dD``, the bias) and over a group's channels (``dB``, ``dC``).
+    """
+    b, k, n, length = t["B"].shape
+    channels = t["A"].shape[0] // k
+    out = gamma32(4 * length + n + k + 8)
+    return out, out + gamma32(b * length + channels)
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
@@ -16,6 +40,33 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -
     scale = expected.abs().max().clamp_min(1e-6)
     err = (actual - expected).abs().max()
     assert err <= rel * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+def ss2d_bounds(m: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(output, gradient) tolerances of an SS2D module ``m`` on channels-last ``x [B, H, W, C]``:
+    the scan's (:func:`scan_bounds`) plus the sums of the projections around it (input and output
+    projections, the 3x3 depthwise convolution, the layer norm), and for the weights' gradients
+    the sums over the batch's positions."""
+    b, h, w, c = x.shape
+    d_inner, length = m.d_inner, h * w
+    around = c + 9 + 2 * d_inner + 16
+    out = gamma32(4 * length + m.d_state + m.num_directions + around)
+    return out, out + gamma32(b * length + d_inner)
+
+
+def run_ss2d(
+    m: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and gradients (input and every parameter) of ``sum(m(x) * weight)`` with ``backend``;
+    ``ref`` runs a float64 copy of ``m`` (the reference, see :func:`run_backend`)."""
+    if backend == "ref":
+        m, x, weight = copy.deepcopy(m).double(), x.double(), weight.double()
+    m.scan_backend = backend
+    m.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_(True)
+    y = m(leaf)
+    (y * weight).sum().backward()
+    return y.detach(), {"input": leaf.grad, **{name: p.grad for name, p in m.named_parameters()}}
 
 
 def run_backend(
@@ -26,7 +77,12 @@ def run_backend(
     softplus: bool = True,
     grad_names: tuple[str, ...] = NAMES,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """Output and input gradients of ``sum(y * w)`` for fixed random weights ``w``."""
+    """Output and input gradients of ``sum(y * w)`` for fixed random weights ``w``.
+
+    The ``ref`` backend runs float32 inputs in float64: it is the reference the others are held to.
+    """
+    if backend == "ref":
+        tensors = {k: v.double() if v.dtype == torch.float32 else v for k, v in tensors.items()}
     leaves = {k: v.clone().requires_grad_(k in grad_names) for k, v in tensors.items()}
     y = selective_scan_fn(
         leaves["u"],
@@ -39,7 +95,7 @@ def run_backend(
         delta_softplus=softplus,
         backend=backend,
     )
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     (y * weight).sum().backward()
     return y.detach(), {k: leaves[k].grad for k in NAMES}
 
@@ -64,6 +120,11 @@ def cross_inputs(
         "delta_bias": torch.randn(k * d, generator=g) * 0.3,
     }
     return tensors, perms
+
+
+def as_reference(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float32 inputs in float64, for :func:`cross_reference` on the CPU (see :func:`run_backend`)."""
+    return {k: v.double() if v.dtype == torch.float32 else v for k, v in t.items()}
 
 
 def cross_reference(
@@ -106,6 +167,6 @@ def run_cross(
         "delta_bias": leaves["delta_bias"] if use_bias else None,
     }
     y = fn(args)
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
     (y * weight).sum().backward()
     return y.detach(), {key: leaves[key].grad for key in CROSS_NAMES}

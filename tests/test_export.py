@@ -29,13 +29,14 @@ from deploy.export import (
     gather_scan_orders,
 )
 from deploy.runtime import load_exported, load_onnx, load_openvino, read_image
-from mambaad import Detector, load_model, predict
+from mambaad import Detector, load_model, predict, prepare_image
 from model import mamba_decoder
 from model.build import build_model
 from model.ops.selective_scan import available_backends, selective_scan_fn
 from model.ops.selective_scan_export import ONNX_DOMAIN, blocked_scan, steps_per_iteration
 from model.scan import NUM_DIRECTIONS, SCAN_METHODS, direction_permutations, scan_decode, scan_encode
-from tests.scan_helpers import NAMES, assert_close_rel, run_backend
+from tests.rounding import maps_tolerance
+from tests.scan_helpers import NAMES, assert_close_rel, run_backend, scan_bounds
 from tools import export as export_cli
 from util.config import load_config, save_config
 
@@ -45,7 +46,6 @@ ort = pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs/mambaad_demo.py"
 SMALL = ["model.depths=[2,2,2,2]", "model.teacher.name=resnet18", "data.image_size=64"]
-TOL = 1e-4
 HAS_OPENVINO = True
 try:
     import openvino  # noqa: F401
@@ -72,10 +72,11 @@ def test_export_scan_equals_reference_forward_and_backward(length: int) -> None:
     tensors = _scan_inputs(2, 2, 3, length, 4, seed=length, a_scale=8.0)
     y_ref, g_ref = run_backend("ref", tensors)
     y, g = run_backend("export", tensors)
-    assert_close_rel(y, y_ref, 1e-5)
+    tol_y, tol_g = scan_bounds(tensors)
+    assert_close_rel(y, y_ref, tol_y)
     for name in NAMES:  # with one step the decay is never used: no gradient (None) means zero
         grad = torch.zeros_like(g_ref[name]) if g[name] is None else g[name]
-        assert_close_rel(grad, g_ref[name], 1e-5)
+        assert_close_rel(grad, g_ref[name], tol_g)
 
 
 def test_blocked_scan_does_not_overflow_with_strong_decays() -> None:
@@ -99,8 +100,9 @@ def test_export_backend_is_registered() -> None:
     assert "export" in available_backends()
     t = _scan_inputs(1, 2, 2, 40, 3, seed=1, a_scale=1.0)
     args = [t[name] for name in NAMES]
-    expected = selective_scan_fn(*args, delta_softplus=True, backend="ref")
-    assert_close_rel(selective_scan_fn(*args, delta_softplus=True, backend="export"), expected, 1e-5)
+    expected = selective_scan_fn(*(a.double() for a in args), delta_softplus=True, backend="ref")
+    got = selective_scan_fn(*args, delta_softplus=True, backend="export")
+    assert_close_rel(got, expected, scan_bounds(t)[0])
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +140,26 @@ def reference(small_run: Path, images: list[Path]):
     return predict(load_model(small_run), images, batch_size=4)
 
 
-def test_onnx_equals_pytorch_at_batch_1_and_4(exported: Path, images: list[Path], reference) -> None:
+@pytest.fixture(scope="module")
+def tol(small_run: Path, images: list[Path]) -> float:
+    """How far an export's maps may lie from PyTorch's: rounding (:mod:`tests.rounding`)."""
+    return _tolerance(load_model(small_run).net, images)
+
+
+def _tolerance(net: torch.nn.Module, images: list[Path], size: int = 64) -> float:
+    return maps_tolerance(net, torch.stack([prepare_image(p, (size, size)) for p in images]))
+
+
+def test_onnx_equals_pytorch_at_batch_1_and_4(exported: Path, images: list[Path], reference, tol) -> None:
     model = load_onnx(exported / "model.onnx")
     assert model.image_size == (64, 64) and model.batch is None
     one = model.predict(images[:1])
     four = model.predict(images[:4], batch_size=4)
     assert one.maps.shape == (1, 64, 64) and four.maps.shape == (4, 64, 64)
-    np.testing.assert_allclose(one.maps, reference.maps[:1], rtol=0, atol=TOL)
-    np.testing.assert_allclose(four.maps, reference.maps[:4], rtol=0, atol=TOL)
-    np.testing.assert_allclose(four.scores, reference.scores[:4], rtol=0, atol=TOL)
-    np.testing.assert_allclose(one.scores, reference.scores[:1], rtol=0, atol=TOL)
+    np.testing.assert_allclose(one.maps, reference.maps[:1], rtol=0, atol=tol)
+    np.testing.assert_allclose(four.maps, reference.maps[:4], rtol=0, atol=tol)
+    np.testing.assert_allclose(four.scores, reference.scores[:4], rtol=0, atol=tol)
+    np.testing.assert_allclose(one.scores, reference.scores[:1], rtol=0, atol=tol)
     assert reference.maps.std() > 1e-3  # the maps are not trivially constant
 
 
@@ -284,7 +296,7 @@ def test_metadata_beside_the_model(exported: Path, small_run: Path) -> None:
     assert load_onnx(exported).metadata == info
 
 
-def test_runtime_does_not_import_torch(exported: Path, images: list[Path], reference) -> None:
+def test_runtime_does_not_import_torch(exported: Path, images: list[Path], reference, tol) -> None:
     code = (
         "import sys, json; from deploy.runtime import load_exported; "
         f"m = load_exported({str(exported)!r}); r = m.predict([{str(images[0])!r}]); "
@@ -294,11 +306,11 @@ def test_runtime_does_not_import_torch(exported: Path, images: list[Path], refer
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    assert abs(json.loads(out.stdout.strip().splitlines()[-1]) - reference.scores[0]) <= TOL
+    assert abs(json.loads(out.stdout.strip().splitlines()[-1]) - reference.scores[0]) <= tol
 
 
 def test_api_and_predict_tool_on_an_export_do_not_import_torch(
-    exported: Path, images: list[Path], reference, tmp_path: Path
+    exported: Path, images: list[Path], reference, tol: float, tmp_path: Path
 ) -> None:
     model, image = str(exported / "model.onnx"), str(images[0])
     code = (
@@ -312,7 +324,7 @@ def test_api_and_predict_tool_on_an_export_do_not_import_torch(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    assert abs(json.loads(out.stdout.strip().splitlines()[-1]) - reference.scores[0]) <= TOL
+    assert abs(json.loads(out.stdout.strip().splitlines()[-1]) - reference.scores[0]) <= tol
     assert (tmp_path / "scores.csv").is_file() and len(list(tmp_path.glob("*.npy"))) == 1
 
 
@@ -346,6 +358,8 @@ def test_fp16_weights_halve_the_file(exported: Path, tmp_path: Path, images: lis
     assert compress_onnx_fp16(path) > 0
     assert path.stat().st_size < 0.6 * (exported / "model.onnx").stat().st_size
     result = load_onnx(path).predict(images[:2])
+    # not rounding of sums but of every weight, by up to 2^-11 of itself (fp16): 2 % is 41 such
+    # units, for the ~20 weight layers a score passes through
     np.testing.assert_allclose(result.scores, reference.scores[:2], rtol=0.02)
 
 
@@ -376,6 +390,7 @@ def _check_export(
     cfg = load_config(CONFIG, overrides)
     net = build_model(cfg, logging.getLogger("test_export")).eval()
     expected = predict(Detector(net=net, cfg=cfg, device=torch.device("cpu")), images, batch_size=4)
+    tol = _tolerance(net, images[:4])
     graph = build_graph(copy.deepcopy(net), cfg.data.image_size)
     if fmt == "torchscript":
         export_torchscript(graph, tmp_path / "model.pt", batch)
@@ -389,8 +404,8 @@ def _check_export(
         else:
             export_onnx(graph, tmp_path / "model.onnx", batch)
         maps, scores = load_exported(tmp_path).predict(images[:4], batch_size=4)
-    np.testing.assert_allclose(maps, expected.maps[:4], rtol=0, atol=TOL)
-    np.testing.assert_allclose(scores, expected.scores[:4], rtol=0, atol=TOL)
+    np.testing.assert_allclose(maps, expected.maps[:4], rtol=0, atol=tol)
+    np.testing.assert_allclose(scores, expected.scores[:4], rtol=0, atol=tol)
 
 
 @pytest.mark.slow
@@ -403,13 +418,14 @@ def test_onnx_equals_pytorch_at_256(images: list[Path], tmp_path: Path) -> None:
     cfg = load_config(CONFIG, overrides)
     net = build_model(cfg, logging.getLogger("test_export")).eval()
     expected = predict(Detector(net=net, cfg=cfg, device=torch.device("cpu")), images[:4], batch_size=4)
+    tol = _tolerance(net, images[:4], 256)
     export_onnx(build_graph(copy.deepcopy(net), 256), tmp_path / "model.onnx", batch=None)
     model = load_onnx(tmp_path / "model.onnx", threads=1)  # one thread: least sensitive to load
     one, four = model.predict(images[:1]), model.predict(images[:4], batch_size=4)
     assert four.maps.shape == (4, 256, 256)
-    np.testing.assert_allclose(one.maps, expected.maps[:1], rtol=0, atol=TOL)
-    np.testing.assert_allclose(four.maps, expected.maps, rtol=0, atol=TOL)
-    np.testing.assert_allclose(four.scores, expected.scores, rtol=0, atol=TOL)
+    np.testing.assert_allclose(one.maps, expected.maps[:1], rtol=0, atol=tol)
+    np.testing.assert_allclose(four.maps, expected.maps, rtol=0, atol=tol)
+    np.testing.assert_allclose(four.scores, expected.scores, rtol=0, atol=tol)
     assert expected.maps.std() > 1e-3
 
 
@@ -420,11 +436,11 @@ def test_fixed_batch_export_with_another_scan(images: list[Path], tmp_path: Path
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
-def test_openvino_reads_the_onnx_export(exported: Path, images: list[Path], reference) -> None:
+def test_openvino_reads_the_onnx_export(exported: Path, images: list[Path], reference, tol) -> None:
     model = load_openvino(exported / "model.onnx")
     maps, scores = model.predict(images[:4], batch_size=4)
-    np.testing.assert_allclose(maps, reference.maps[:4], rtol=0, atol=TOL)
-    np.testing.assert_allclose(scores, reference.scores[:4], rtol=0, atol=TOL)
+    np.testing.assert_allclose(maps, reference.maps[:4], rtol=0, atol=tol)
+    np.testing.assert_allclose(scores, reference.scores[:4], rtol=0, atol=tol)
 
 
 @pytest.mark.slow
@@ -498,14 +514,14 @@ def test_benchmark_export_measures_every_engine() -> None:
 
 
 def test_predict_tool_and_api_take_the_exported_model(
-    exported: Path, small_run: Path, images: list[Path], reference, tmp_path: Path
+    exported: Path, small_run: Path, images: list[Path], reference, tol: float, tmp_path: Path
 ) -> None:
     import csv
 
     from tools import predict as predict_cli
 
     api = predict(load_model(exported / "model.onnx"), images, batch_size=4)
-    np.testing.assert_allclose(api.maps, reference.maps, rtol=0, atol=TOL)
+    np.testing.assert_allclose(api.maps, reference.maps, rtol=0, atol=tol)
     folder = tmp_path / "in"
     folder.mkdir()
     for i, img in enumerate(images):
@@ -519,4 +535,4 @@ def test_predict_tool_and_api_take_the_exported_model(
         assert len(list(out.glob("*.npy"))) == len(images)
     assert rows["--model"].keys() == rows["--checkpoint"].keys()
     for name, score in rows["--model"].items():
-        assert score == pytest.approx(rows["--checkpoint"][name], abs=TOL)
+        assert score == pytest.approx(rows["--checkpoint"][name], abs=tol)

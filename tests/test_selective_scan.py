@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.ops.selective_scan import available_backends, selective_scan_fn
-from tests.scan_helpers import NAMES, assert_close_rel, run_backend
+from tests.scan_helpers import NAMES, assert_close_rel, run_backend, scan_bounds
 
 
 def _inputs(b, k, d, length, n, seed=0, delta=None, a_scale=1.0):
@@ -64,14 +64,15 @@ def test_chunked_matches_reference(b, k, d, length, n, use_d, use_bias, softplus
     y_ref, g_ref = run_backend("ref", tensors, use_d, use_bias, softplus)
     y_chk, g_chk = run_backend("chunked", tensors, use_d, use_bias, softplus)
     assert y_chk.dtype == torch.float32 and y_chk.shape == (b, k * d, length)
-    assert_close_rel(y_chk, y_ref, 1e-5)
+    tol_y, tol_g = scan_bounds(tensors)
+    assert_close_rel(y_chk, y_ref, tol_y)
     for name in NAMES:
         if not (use_d or name != "D") or not (use_bias or name != "delta_bias"):
             assert g_ref[name] is None and g_chk[name] is None
             continue
         # With L=1 the decay never reaches the output: autograd may leave A's grad unset (zero).
         got = torch.zeros_like(g_ref[name]) if g_chk[name] is None else g_chk[name]
-        assert_close_rel(got, g_ref[name], 1e-4)
+        assert_close_rel(got, g_ref[name], tol_g)
 
 
 def test_large_decay_and_zero_delta():
@@ -83,10 +84,11 @@ def test_large_decay_and_zero_delta():
     y_ref, g_ref = run_backend("ref", tensors, True, False, False)
     y_chk, g_chk = run_backend("chunked", tensors, True, False, False)
     assert torch.isfinite(y_chk).all()
-    assert_close_rel(y_chk, y_ref, 1e-5)
+    tol_y, tol_g = scan_bounds(tensors)
+    assert_close_rel(y_chk, y_ref, tol_y)
     for name in ("u", "delta", "A", "B", "C", "D"):
         assert torch.isfinite(g_chk[name]).all()
-        assert_close_rel(g_chk[name], g_ref[name], 1e-4)
+        assert_close_rel(g_chk[name], g_ref[name], tol_g)
 
 
 def test_all_zero_delta_gives_skip_only():
@@ -102,7 +104,7 @@ def test_bf16_inputs_give_fp32_output():
     outs = [selective_scan_fn(*args, delta_softplus=True, backend=be) for be in ("ref", "chunked")]
     for y in outs:
         assert y.dtype == torch.float32
-    assert_close_rel(outs[1], outs[0], 1e-5)
+    assert_close_rel(outs[1], outs[0], 2 * scan_bounds(t)[0])  # two float32 computations
 
 
 def test_backends_listing_and_errors():

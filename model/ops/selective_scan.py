@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from util.precision import at_least_float32
+
 _PURE_BACKENDS = ("chunked", "ref", "export")
 
 
@@ -109,30 +111,31 @@ def available_backends() -> list[str]:
 
 
 def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus):
-    """fp32, time-major views: u, delta [L, b, K, d]; A [K, d, N]; B [L, b, K, 1, N]; C [L, b, K, N, 1].
+    """fp32 (float64 stays float64), time-major views: u, delta [L, b, K, d]; A [K, d, N];
+    B [L, b, K, 1, N]; C [L, b, K, N, 1].
 
     Time-major layout makes every time step (and every run of steps) one contiguous block.
     """
     b, channels, length = u.shape
     groups = B.shape[1]
-    u = u.float()
-    delta = delta.float()
+    u = at_least_float32(u)
+    delta = at_least_float32(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + at_least_float32(delta_bias)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     u_t = u.permute(2, 0, 1).reshape(length, b, groups, -1)
     delta_t = delta.permute(2, 0, 1).reshape(length, b, groups, -1)
-    A = A.float().view(groups, channels // groups, -1)
-    B_t = B.float().permute(3, 0, 1, 2).unsqueeze(3)
-    C_t = C.float().permute(3, 0, 1, 2).unsqueeze(4)
+    A = at_least_float32(A).view(groups, channels // groups, -1)
+    B_t = at_least_float32(B).permute(3, 0, 1, 2).unsqueeze(3)
+    C_t = at_least_float32(C).permute(3, 0, 1, 2).unsqueeze(4)
     return u_t, delta_t, A, B_t, C_t
 
 
 def _finish(y_t, u_t, D):
     """Add the skip term and return to [b, K*d, L]."""
     if D is not None:
-        y_t = y_t + D.float().view(u_t.shape[2:]) * u_t
+        y_t = y_t + at_least_float32(D).view(u_t.shape[2:]) * u_t
     return y_t.flatten(2).permute(1, 2, 0).contiguous()
 
 
