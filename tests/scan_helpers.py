@@ -13,6 +13,8 @@ import copy
 
 import torch
 
+from model.ops import selective_scan_cpu
+from model.ops.scan_reference import check_cross_scan_args
 from model.ops.selective_scan import selective_scan_fn
 from model.scan import inverse_permutations, scan_decode, scan_encode
 from tests.rounding import gamma32
@@ -170,3 +172,35 @@ def run_cross(
     weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
     (y * weight).sum().backward()
     return y.detach(), {key: leaves[key].grad for key in CROSS_NAMES}
+
+
+def cross_scan_cpu(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,  # noqa: N803
+    B: torch.Tensor,  # noqa: N803
+    C: torch.Tensor,  # noqa: N803
+    D: torch.Tensor | None,  # noqa: N803
+    delta_bias: torch.Tensor | None,
+    perms: torch.Tensor,
+    delta_softplus: bool = False,
+    grouped: bool = False,
+) -> torch.Tensor:
+    """The ``cpu`` backend's fused cross-scan with the arguments of
+    :func:`model.ops.selective_scan_triton.cross_scan_triton` (every tensor in pixel order,
+    channels first), for tests that hold both to the same reference: transposes to
+    :func:`model.ops.selective_scan_cpu.cross_scan_cpu_channels_last`, which SS2D calls."""
+    check_cross_scan_args(x, delta, A, B, C, D, delta_bias, perms, grouped)
+    y = selective_scan_cpu.cross_scan_cpu_channels_last(
+        x.transpose(1, 2),
+        delta.permute(1, 0, 3, 2),
+        A,
+        B.permute(0, 3, 1, 2),
+        C.permute(0, 3, 1, 2),
+        D,
+        delta_bias,
+        perms,
+        delta_softplus,
+        grouped,
+    )
+    return y.transpose(1, 2)

@@ -188,8 +188,8 @@ def test_first_use_check_rejects_a_wrong_backend_and_warns_once(monkeypatch):
 
     monkeypatch.setattr(ss, "_checked", {})
     assert ss.backend_works("chunked", torch.device("cpu"))
-    wrong = ss._selective_scan_chunked
-    monkeypatch.setattr(ss, "_selective_scan_chunked", lambda *a, **k: wrong(*a, **k) * 1.01)
+    wrong = ss.selective_scan_chunked
+    monkeypatch.setattr(ss, "selective_scan_chunked", lambda *a, **k: wrong(*a, **k) * 1.01)
     monkeypatch.setattr(ss, "_checked", {})
     with pytest.warns(RuntimeWarning, match="'chunked' failed its first-use check.*output differs"):
         assert not ss.backend_works("chunked", torch.device("cpu"))

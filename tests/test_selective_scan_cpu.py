@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("numba")
 
+from model.ops import cpu_kernels, cpu_math
 from model.ops import selective_scan as ss
 from model.ops import selective_scan_cpu as ss_cpu
 from model.ops.selective_scan import available_backends, selective_scan_fn
@@ -19,6 +20,7 @@ from tests.scan_helpers import (
     assert_close_rel,
     cross_inputs,
     cross_reference,
+    cross_scan_cpu,
     run_backend,
     run_cross,
     run_ss2d,
@@ -86,8 +88,8 @@ def test_large_decay_and_zero_delta():
 def test_partial_channel_block_chunk_and_state_remainders():
     # 70 channels per group: one full block of lanes and one of 6; L=37: a partial last chunk
     # of steps; N=5: one pass of 4 states and one single state.
-    assert 70 % ss_cpu._LANES and 37 % ss_cpu._CHUNK
-    assert 70 % ss_cpu._BWD_LANES and 37 % ss_cpu._BWD_CHUNK
+    assert 70 % cpu_kernels.LANES and 37 % cpu_kernels.CHUNK
+    assert 70 % cpu_kernels.BWD_LANES and 37 % cpu_kernels.BWD_CHUNK
     _compare(_inputs(2, 37, seed=11, k=2, d=70, n=5))
 
 
@@ -100,7 +102,7 @@ def test_backward_odd_channels_and_partial_chunks(k, use_d, use_bias, softplus):
     # 67 channels per group: a full block of lanes, then one of 3 (padded lanes must add
     # nothing to the B/C grads summed over the block); L=150: two chunks and a partial one.
     d, length = 67, 150
-    assert d % ss_cpu._BWD_LANES and length % ss_cpu._BWD_CHUNK and length > 2 * ss_cpu._BWD_CHUNK
+    assert d % cpu_kernels.BWD_LANES and length % cpu_kernels.BWD_CHUNK and length > 2 * cpu_kernels.BWD_CHUNK
     tensors = _inputs(2, length, seed=20 + k, k=k, d=d)
     if not softplus:  # delta + delta_bias >= 0, or the states grow as exp(|delta A| t)
         tensors["delta"] = tensors["delta"].abs()
@@ -149,8 +151,8 @@ def test_backward_scratch_does_not_grow_with_batch_or_channels():
     n = 16
     per_step = ss_cpu.backward_scratch_bytes(8192, n) - ss_cpu.backward_scratch_bytes(4096, n)
     # delta' and delta' u of the block's lanes, and a checkpoint every _BWD_CHUNK steps
-    lanes = ss_cpu._BWD_LANES
-    assert per_step == 4 * 4096 * lanes * (2 + n / ss_cpu._BWD_CHUNK)
+    lanes = cpu_kernels.BWD_LANES
+    assert per_step == 4 * 4096 * lanes * (2 + n / cpu_kernels.BWD_CHUNK)
     # the decoder's stage 3 at 256x256: 2 threads' scratch against the states a pure-PyTorch
     # backward keeps (b*K*d*L*N floats) and against the input u alone
     b, channels, length = 4, 1024, 4096
@@ -158,27 +160,27 @@ def test_backward_scratch_does_not_grow_with_batch_or_channels():
     assert scratch < 4 * b * channels * length * n / 100
     assert scratch < 4 * b * channels * length / 2
     # a short sequence needs only the buffers of one chunk
-    assert ss_cpu.backward_scratch_bytes(1, n) == ss_cpu.backward_scratch_bytes(ss_cpu._BWD_CHUNK, n)
+    assert ss_cpu.backward_scratch_bytes(1, n) == ss_cpu.backward_scratch_bytes(cpu_kernels.BWD_CHUNK, n)
     assert ss_cpu.backward_scratch_bytes(1, n) < 1 << 20
 
 
 def test_vector_math_helpers_match_float64():
     raw = np.concatenate([np.linspace(-100.0, 30.0, 1301), [-1e-8, 0.0, 1e-8, 19.999, 20.0, 20.001]])
     raw = raw.astype(np.float32)
-    got = np.array([ss_cpu._softplus(x) for x in raw], dtype=np.float64)
+    got = np.array([cpu_math.softplus32(x) for x in raw], dtype=np.float64)
     r64 = raw.astype(np.float64)
     want = np.where(r64 > 20.0, r64, np.log1p(np.exp(r64)))
     assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want) + 1e-37)
-    assert np.isnan(ss_cpu._softplus(np.float32(np.nan)))
+    assert np.isnan(cpu_math.softplus32(np.float32(np.nan)))
 
     z = np.linspace(-125.9, 127.9, 2573).astype(np.float32)
-    got = np.array([ss_cpu._exp2(x) for x in z], dtype=np.float64)
+    got = np.array([cpu_math.exp2_32(x) for x in z], dtype=np.float64)
     want = np.exp2(z.astype(np.float64))
     assert np.all(np.abs(got - want) <= 1e-6 * want)
-    assert ss_cpu._exp2(np.float32(0.0)) == 1.0
-    assert ss_cpu._exp2(np.float32(128.0)) == np.inf and ss_cpu._exp2(np.float32(1e4)) == np.inf
+    assert cpu_math.exp2_32(np.float32(0.0)) == 1.0
+    assert cpu_math.exp2_32(np.float32(128.0)) == np.inf and cpu_math.exp2_32(np.float32(1e4)) == np.inf
     # Anything below 2**-126 gives 2**-126, the smallest normal float (not a denormal or garbage).
-    assert ss_cpu._exp2(np.float32(-1e4)) == np.float32(2.0**-126)
+    assert cpu_math.exp2_32(np.float32(-1e4)) == np.float32(2.0**-126)
 
 
 def test_all_zero_delta_gives_skip_only():
@@ -268,7 +270,7 @@ CROSS_CASES = [
 def _cross_cpu(perms, softplus=True, grouped=False):
     def run(t):
         args = (t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"], perms)
-        return ss_cpu.cross_scan_cpu(*args, delta_softplus=softplus, grouped=grouped)
+        return cross_scan_cpu(*args, delta_softplus=softplus, grouped=grouped)
 
     return run
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.ops.selective_scan import _finish, _numba_available, _prepare
+from model.ops.scan_reference import finish_outputs, prepare_inputs
 
 CHUNK = 16
 STEPS_PER_ITERATION = 8  # scan steps per iteration of the ONNX Scan (8 measured best of 1, 4, 8, 16)
@@ -150,9 +150,9 @@ def _selective_scan_blocked(
     chunk: int = CHUNK,
 ) -> torch.Tensor:
     """The blocked form (module docstring, steps 1-4), ``[b, K*d, L] -> [b, K*d, L]``."""
-    u_t, delta_t, A, B_t, C_t = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    u_t, delta_t, A, B_t, C_t = prepare_inputs(u, delta, A, B, C, D, delta_bias, delta_softplus)
     y_t = _chunked_outputs(delta_t, delta_t * u_t, A, B_t, C_t, chunk)
-    return _finish(y_t, u_t, D)
+    return finish_outputs(y_t, u_t, D)
 
 
 _placeholder_depth = 0
@@ -180,10 +180,11 @@ class _Placeholder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, length, groups, d_state, channels):
         # the value only feeds the rest of the trace: take the fastest backend here
-        if u.device.type == "cpu" and _numba_available():
-            from model.ops.selective_scan_cpu import selective_scan_cpu
+        if u.device.type == "cpu":
+            from model.ops import selective_scan_cpu  # imports numba: only when tracing on a CPU
 
-            return selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
+            if selective_scan_cpu.NUMBA_AVAILABLE:
+                return selective_scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
         return _selective_scan_blocked(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
     @staticmethod

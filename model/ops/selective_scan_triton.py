@@ -46,7 +46,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.ops.selective_scan import check_cross_scan_args
+from model.ops.scan_reference import check_cross_scan_args
 
 try:
     import triton
