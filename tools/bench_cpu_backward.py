@@ -2,23 +2,23 @@
 
     python tools/bench_cpu_backward.py [--old-ref REV] [--repeats 5] [--rounds 2] [--no-train]
 
-The old kernel module is ``git show <old-ref>:model/ops/selective_scan_cpu.py``, imported
-under another name; the new one is the working tree's. Measures, as medians of
-``--repeats`` runs after a warm-up run: (a) the scan forward and forward+backward at the four
-decoder stage shapes of ``tools/benchmark.py`` (batch 1, softplus on), both kernels in one
-process, their runs alternating so that load from other jobs hits both alike; (b) one
-training step of the whole model (forward, backward, AdamW) at batch 4 with the ``cpu``
-backend, wall and CPU time: the whole old tree (``git archive`` of <old-ref>, so changes
-outside the kernel file count too) and the working tree, each in a process of its own (its
-peak RSS is its own), ``--rounds`` times alternately; the median over rounds of each round's
-median step (CPU time varies less than wall time when other jobs share the cores). Prints a
-markdown table with the new/old ratios (below 1: the new code is faster).
+The old kernel is ``model/ops/selective_scan_cpu.py`` of ``<old-ref>`` with the ``model/`` and
+``util/`` it imports, unpacked as a package of another name; the new one is the working tree's.
+Measures, as medians of ``--repeats`` runs after a warm-up run: (a) the scan forward and
+forward+backward at the four decoder stage shapes of ``tools/benchmark.py`` (batch 1, softplus
+on), both kernels in one process, their runs alternating so that load from other jobs hits both
+alike; (b) one training step of the whole model (forward, backward, AdamW) at batch 4 with the
+``cpu`` backend, wall and CPU time: the whole old tree (``git archive`` of <old-ref>, so
+changes outside the kernel file count too) and the working tree, each in a process of its own
+(its peak RSS is its own), ``--rounds`` times alternately; the median over rounds of each
+round's median step (CPU time varies less than wall time when other jobs share the cores).
+Prints a markdown table with the new/old ratios (below 1: the new code is faster).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import io
 import json
 import statistics
@@ -38,21 +38,34 @@ from model.ops import selective_scan_cpu  # noqa: E402
 from model.ops.selective_scan import prepare_cpu, selective_scan_fn  # noqa: E402
 from tools.benchmark import _scan_inputs, stage_shapes  # noqa: E402
 
-KERNEL = "model/ops/selective_scan_cpu.py"
+OLD_PACKAGE = "mambaad_old"  # the old revision's model/ and util/, imported under this name
 
 
 def old_kernel(ref: str):
-    """The ``selective_scan_cpu`` function of git revision ``ref`` (compiled once, then cached)."""
-    cmd = ["git", "show", f"{ref}:{KERNEL}"]
-    source = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    path = Path(tempfile.gettempdir()) / "mambaad_old_scan_kernel" / "selective_scan_cpu_old.py"
-    path.parent.mkdir(exist_ok=True)
-    if not path.is_file() or path.read_text() != source:
-        path.write_text(source)
-    spec = importlib.util.spec_from_file_location("selective_scan_cpu_old", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # numba's cache finds the module again by this name
-    spec.loader.exec_module(module)
+    """The ``selective_scan_cpu`` function of git revision ``ref`` (compiled once, then cached).
+
+    The revision's ``model/`` and ``util/`` are unpacked into a package of their own, their
+    absolute imports rewritten to it, so that a kernel spread over several files (the split
+    ``model/ops/cpu_*.py``) runs entirely as it was in ``ref``, and an older single file too.
+    """
+    root = Path(tempfile.gettempdir()) / "mambaad_old_scan_kernel" / ref.replace("/", "_")
+    package = root / OLD_PACKAGE
+    if not package.is_dir():
+        archive = subprocess.run(
+            ["git", "archive", ref, "model", "util"], capture_output=True, check=True, cwd=ROOT
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(package, filter="data")
+        (package / "__init__.py").write_text("")
+        for path in package.rglob("*.py"):
+            text = path.read_text()
+            for top in ("model", "util"):
+                text = text.replace(f"from {top}.", f"from {OLD_PACKAGE}.{top}.")
+                text = text.replace(f"from {top} import", f"from {OLD_PACKAGE}.{top} import")
+            path.write_text(text)
+    sys.path.insert(0, str(root))
+    module = importlib.import_module(f"{OLD_PACKAGE}.model.ops.selective_scan_cpu")
+    sys.path.remove(str(root))
     return module.selective_scan_cpu
 
 
