@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.metrics import (
-    METRIC_MODES,
+from evaluation.metrics import METRIC_MODES, compute_metrics
+from evaluation.metrics_exact import (
     METRIC_NAMES,
     SAMPLE_METRIC_NAMES,
     add_mad,
     average_over_classes,
     average_precision,
-    compute_metrics,
     f1_max,
     roc_auc,
 )

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.metrics import (
+from evaluation.metrics_exact import (
     METRIC_NAMES,
     as_bool,
-    compute_metrics,
+    compute_metrics_exact,
     inverse_region_sizes,
     squeeze_channel,
     wanted_metrics,
@@ -219,10 +219,10 @@ def compute_metrics_ader(
     scores: Any = None,
     curves: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Like :func:`evaluation.metrics.compute_metrics`, with the pixel metrics computed the ADer way."""
+    """Like :func:`compute_metrics_exact`, with the pixel metrics computed the ADer way."""
     wanted = wanted_metrics(metrics)
     image = [m for m in METRIC_NAMES if m in wanted and m not in _PIXEL_METRICS]
-    results = compute_metrics(anomaly_maps, masks, labels, metrics=image, scores=scores, curves=curves)
+    results = compute_metrics_exact(anomaly_maps, masks, labels, metrics=image, scores=scores, curves=curves)
     if wanted & set(_PIXEL_METRICS):
         gts = squeeze_channel(as_bool(masks), "masks")
         maps = squeeze_channel(np.asarray(anomaly_maps), "anomaly_maps")

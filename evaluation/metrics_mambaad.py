@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.metrics import (
+from evaluation.metrics_ader import ADER_F1_THRESHOLDS, f1_max_from_counts, f1_threshold_counts
+from evaluation.metrics_exact import (
     METRIC_NAMES,
     as_bool,
-    compute_metrics,
+    compute_metrics_exact,
     inverse_region_sizes,
     squeeze_channel,
     wanted_metrics,
 )
-from evaluation.metrics_ader import ADER_F1_THRESHOLDS, f1_max_from_counts, f1_threshold_counts
 
 __all__ = ["MAMBAAD_AUPRO_STEPS", "compute_metrics_mambaad", "mambaad_pixel_metrics", "mask_labels"]
 
@@ -122,7 +122,7 @@ def compute_metrics_mambaad(
     scores: Any = None,
     curves: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Like :func:`evaluation.metrics.compute_metrics`, computed as the MambaAD paper's evaluator did.
+    """Like :func:`compute_metrics_exact`, computed as the MambaAD paper's evaluator did.
 
     ``labels`` is not used: the image label is whether the mask has a positive pixel (see the
     module docstring). ``scores`` defaults to the maximum of each map, as there.
@@ -132,7 +132,7 @@ def compute_metrics_mambaad(
     maps = squeeze_channel(np.asarray(anomaly_maps), "anomaly_maps")
     gts = squeeze_channel(as_bool(masks), "masks")
     exact = [m for m in METRIC_NAMES if m in wanted and m not in _OWN_METRICS]
-    results = compute_metrics(maps, gts, mask_labels(gts), metrics=exact, scores=scores, curves=curves)
+    results = compute_metrics_exact(maps, gts, mask_labels(gts), metrics=exact, scores=scores, curves=curves)
     if wanted & set(_OWN_METRICS):
         results.update(mambaad_pixel_metrics(maps, gts, curves=curves))
     return {name: results[name] for name in METRIC_NAMES if name in wanted}

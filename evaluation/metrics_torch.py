@@ -1,6 +1,6 @@
-"""The exact metrics of :mod:`evaluation.metrics`, computed with torch on the device of the maps.
+"""The exact metrics of :mod:`evaluation.metrics_exact`, computed with torch on the device of the maps.
 
-Same algorithm and same tie handling as :func:`evaluation.metrics.compute_metrics`: the scores are split
+Same algorithm and same tie handling as :func:`compute_metrics_exact`: the scores are split
 into positives and negatives, the negatives are sorted once, every distinct positive score is located
 in them with ``searchsorted``, and AUROC, AP, F1-max and AU-PRO are all read from those rank
 statistics. Everything runs on the tensors' device (CPU or CUDA) except the connected components
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.metrics import (
+from evaluation.metrics_exact import (
     METRIC_NAMES,
     fpr_crossing_count,
     region_weights,
@@ -136,7 +136,7 @@ def _f1_max(r: _TorchRanked) -> float:
 
 
 def _au_pro(r: _TorchRanked, fpr_limit: float) -> float:
-    """AU-PRO from the ranked scores; the same cut and interpolation as ``evaluation.metrics._au_pro``."""
+    """AU-PRO from the ranked scores; the same cut and interpolation as ``metrics_exact._au_pro``."""
     n_neg = r.n_neg
     if r.n_pos == 0 or n_neg == 0 or r.pos_weights is None:
         return math.nan
@@ -169,7 +169,7 @@ def compute_metrics_torch(
     scores: Any = None,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """:func:`evaluation.metrics.compute_metrics` (same arguments, keys and nan rules) computed with torch.
+    """:func:`compute_metrics_exact` (same arguments, keys and nan rules) computed with torch.
 
     Runs on ``device``, by default the device of ``anomaly_maps`` (CPU for numpy input); masks
     (from the host, where AU-PRO labels their regions), labels and scores are moved there. The

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.metrics import average_over_classes, metric_columns, with_mad
+from evaluation.metrics_exact import average_over_classes, metric_columns, with_mad
 
 
 def _cell(value: float | None, epoch: Any = None) -> str:

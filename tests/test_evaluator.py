@@ -12,10 +12,11 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-import evaluation.metrics_torch
+import evaluation.metrics
 from evaluation.evaluator import ADEvaluator, sample_metrics
-from evaluation.metrics import METRIC_NAMES, SAMPLE_METRIC_NAMES, compute_metrics
+from evaluation.metrics import compute_metrics
 from evaluation.metrics_ader import compute_metrics_ader
+from evaluation.metrics_exact import METRIC_NAMES, SAMPLE_METRIC_NAMES
 from evaluation.metrics_torch import compute_metrics_torch
 from evaluation.report import format_table
 
@@ -241,7 +242,7 @@ def test_torch_metric_path_gives_the_numpy_numbers(tmp_path, monkeypatch, spill:
         calls.append(args[0].device)
         return compute_metrics_torch(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation.metrics_torch, "compute_metrics_torch", counting)
+    monkeypatch.setattr(evaluation.metrics, "compute_metrics_torch", counting)
     for batch in batches:
         numpy_ev.update(*batch)
         torch_ev.update(*batch)
@@ -269,7 +270,7 @@ def test_device_out_of_memory_falls_back_to_numpy(monkeypatch, caplog) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
         return compute_metrics_torch(maps, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation.metrics_torch, "compute_metrics_torch", out_of_memory_for_a)
+    monkeypatch.setattr(evaluation.metrics, "compute_metrics_torch", out_of_memory_for_a)
     for batch in batches:
         numpy_ev.update(*batch)
         torch_ev.update(*batch)

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metrics import METRIC_NAMES, compute_metrics
+from evaluation.metrics import compute_metrics
+from evaluation.metrics_exact import METRIC_NAMES
 from evaluation.metrics_mambaad import compute_metrics_mambaad, mambaad_pixel_metrics, mask_labels
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.metrics import METRIC_NAMES, _au_pro, _rank, _Ranked, compute_metrics, region_weights
+from evaluation.metrics import compute_metrics
+from evaluation.metrics_exact import METRIC_NAMES, _au_pro, _rank, _Ranked, region_weights
 from evaluation.metrics_torch import _au_pro as torch_au_pro
 from evaluation.metrics_torch import _rank as torch_rank
 from evaluation.metrics_torch import compute_metrics_torch

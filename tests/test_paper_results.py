@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evaluation.metrics import METRIC_MODES, METRIC_NAMES
+from evaluation.metrics import METRIC_MODES
+from evaluation.metrics_exact import METRIC_NAMES
 from tools import collect, sweep
 from util.config import load_config
 

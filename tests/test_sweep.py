@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.metrics import METRIC_NAMES
+from evaluation.metrics_exact import METRIC_NAMES
 from model.mamba_decoder import LSSModule, split_scan_method
 from tools import collect, sweep
 from util.config import load_config

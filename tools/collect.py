@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.metrics import METRIC_NAMES
+from evaluation.metrics_exact import METRIC_NAMES
 from util.config import flat_keys
 
 IGNORED_KEYS = ("output_dir", "trainer.resume", "config_file")
