@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from data import as_hw
-from util.config import BaseConfig, load_config
+from util.config import BaseConfig
 from util.run_config import load_run_config
 
 if TYPE_CHECKING:
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
     from deploy.runtime import ExportedModel
 
-REPO = Path(__file__).resolve().parent
-DEFAULT_CONFIG = REPO / "configs" / "defaults.py"
 ImageInput = str | Path | Image.Image | np.ndarray
 
 __all__ = ["Detector", "Prediction", "config_from_run", "load_model", "predict", "prepare_image"]
@@ -109,35 +107,10 @@ def load_model(
         from deploy.runtime import load_exported  # an exported model: onnxruntime / OpenVINO
 
         return load_exported(source)
-    if source.is_dir():
-        candidates = [source / "net.pth", source / "ckpt.pth"]
-        checkpoint = next((p for p in candidates if p.is_file()), None)
-        if checkpoint is None:
-            raise FileNotFoundError(f"run folder {source} holds neither net.pth nor ckpt.pth")
-    elif source.is_file():
-        checkpoint = source
-    else:
-        raise FileNotFoundError(f"{source} does not exist; pass a run folder or a .pth checkpoint")
-    extra = [*overrides, f"model.checkpoint={checkpoint}"]
-    if isinstance(config, BaseConfig):
-        cfg = config
-        cfg.model.checkpoint = str(checkpoint)
-    elif config is not None:
-        cfg = load_config(config, extra)
-    elif (checkpoint.parent / "config.json").is_file():
-        cfg = config_from_run(checkpoint.parent, extra)
-    else:
-        cfg = load_config(DEFAULT_CONFIG, extra)
-    from model.build import build_model
-    from model.ops.selective_scan import prepare_cpu
-    from util.distributed import resolve_device
+    from model.loading import load_network  # PyTorch: only for a PyTorch model
 
-    log = log or logging.getLogger("mambaad")
-    dev = resolve_device(device)
-    if dev.type == "cpu":
-        prepare_cpu()  # keeps the caller's torch thread count (see model.ops.selective_scan.prepare_cpu)
-    net = build_model(cfg, log)
-    return Detector(net=net.to(dev).eval(), cfg=cfg, device=dev)
+    net, cfg, dev = load_network(source, config, device, overrides, log)
+    return Detector(net=net, cfg=cfg, device=dev)
 
 
 def prepare_image(image: ImageInput, size: tuple[int, int]) -> torch.Tensor:

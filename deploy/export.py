@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from data import as_hw
 from data.default_ad import IMAGENET_MEAN, IMAGENET_STD
 from model import mamba_decoder, scan
+from model.loading import load_network
 from model.mamba_decoder import SS2D
 from model.ops.selective_scan_export import (
     CHUNK,
@@ -452,12 +454,11 @@ def export(
 ) -> Path:
     """Export a checkpoint (or run folder) to ``out_dir`` and write ``model.json``; returns the model file.
 
-    The model is loaded by :func:`mambaad.load_model` (run folders from their ``config.json``,
-    as data). ``image_size`` (default: the config's ``data.image_size``) fixes the exported
-    input size; ``batch=None`` exports a dynamic batch dimension.
+    The model is loaded by :func:`model.loading.load_network` (run folders from their
+    ``config.json``, as data), as :func:`mambaad.load_model` loads it. ``image_size`` (default: the
+    config's ``data.image_size``) fixes the exported input size; ``batch=None`` exports a dynamic
+    batch dimension.
     """
-    from mambaad import load_model
-
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if batch is not None and batch < 1:
@@ -466,11 +467,11 @@ def export(
         raise ExportError("--fp16 applies to onnx and openvino (float16 weights, float32 compute)")
     log = log or logging.getLogger("mambaad")
     try:
-        detector = load_model(checkpoint, config=config, overrides=overrides, log=log)
+        net, cfg, _ = load_network(checkpoint, config=config, overrides=overrides, log=log)
     except RuntimeError as err:  # load_weights: the checkpoint's keys or shapes do not fit the config
         raise ExportError(str(err)) from err
-    size = check_image_size(image_size or detector.image_size[0])
-    graph = build_graph(detector.net, size)
+    size = check_image_size(image_size or as_hw(cfg.data.image_size)[0])
+    graph = build_graph(net, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; pass a folder (it is created if needed)")
@@ -489,7 +490,7 @@ def export(
         if is_disk_full(err):
             raise DiskFullError(path, f"free some space in {out}, then export again") from err
         raise
-    info = metadata(detector.cfg, fmt, path.name, size, batch, fp16, checkpoint, exporter)
+    info = metadata(cfg, fmt, path.name, size, batch, fp16, checkpoint, exporter)
     info["model_sha256"] = file_sha256(path)
     info["model_bytes"] = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
     (out / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
