@@ -120,10 +120,12 @@ class MambaADDefaults(BaseConfig):
 
     def validate(self) -> None:
         """Reject values that would fail later (or silently do nothing) before any work starts."""
+        from model.input_size import RULE as INPUT_SIZE_RULE
+        from model.input_size import input_hw, valid_input_size
         from model.scan import NUM_DIRECTIONS, SCAN_METHODS
 
         size = self.data.image_size
-        sizes = [size] if not isinstance(size, list | tuple) else list(size)
+        side = min(input_hw(size)) // 16 if valid_input_size(size) else 0  # of the 1/16-scale map
         methods = str(self.model.scan.method).split("+")
         blocks = self.model.lss.blocks
 
@@ -151,14 +153,7 @@ class MambaADDefaults(BaseConfig):
                 "data.batch_size": int_at_least(1),
                 "data.batch_size_test": int_at_least(1),
                 "data.num_workers": int_at_least(0),
-                "data.image_size": (
-                    lambda v: (
-                        len(sizes) in (1, 2)
-                        and all(isinstance(s, int) and s >= 64 and s % 32 == 0 for s in sizes)
-                    ),
-                    "a multiple of 32 of at least 64 pixels (the 1/32-scale bottleneck needs 2x2 "
-                    "cells), or [height, width] of such",
-                ),
+                "data.image_size": (valid_input_size, INPUT_SIZE_RULE),
                 "model.depths": (
                     lambda v: isinstance(v, list | tuple) and len(v) == 4 and all(map(stage_ok, v)),
                     f"four multiples of model.lss.blocks={blocks}"
@@ -183,10 +178,10 @@ class MambaADDefaults(BaseConfig):
                     lambda v: (
                         isinstance(v, list | tuple)
                         and len(v) > 0
-                        and all(isinstance(r, int) and r >= 1 and (r == 1 or r < min(sizes) // 16) for r in v)
+                        and all(isinstance(r, int) and r >= 1 and (r == 1 or r < side) for r in v)
                     ),
                     f"a non-empty list of integer rates, each 1 or smaller than the "
-                    f"{min(sizes) // 16}-pixel side of the 1/16-scale map (data.image_size / 16)",
+                    f"{side}-pixel side of the 1/16-scale map (data.image_size / 16)",
                 ),
             },
         )

@@ -32,6 +32,7 @@ from torch import nn
 from data import as_hw
 from data.default_ad import IMAGENET_MEAN, IMAGENET_STD
 from model import mamba_decoder, scan
+from model.input_size import input_hw
 from model.loading import load_network
 from model.mamba_decoder import SS2D
 from model.ops.selective_scan_export import (
@@ -97,10 +98,11 @@ def set_scan_backend(net: nn.Module, backend: str) -> int:
 
 
 def check_image_size(size: int) -> int:
-    """The exported input side: a multiple of 32 and at least 64 (the 1/32 bottleneck needs 2x2 cells)."""
-    if size < 64 or size % 32:
-        raise ExportError(f"--image-size must be a multiple of 32 and at least 64, got {size}")
-    return int(size)
+    """The exported input side, checked against the model's rule (:mod:`model.input_size`)."""
+    try:
+        return input_hw(size, "--image-size")[0]
+    except ValueError as err:
+        raise ExportError(str(err)) from err
 
 
 def build_graph(net: nn.Module, image_size: int) -> InferenceGraph:

@@ -34,7 +34,7 @@ class BottleneckOptions:
 def build_bottleneck(
     options: BottleneckOptions,
     in_channels: Sequence[int],
-    image_size: int,
+    image_size: int | Sequence[int],
     d_state: int,
     scan_backend: str,
 ) -> nn.Module:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from model.input_size import input_hw
 from model.mamba_decoder import HSSBlock
 
 
@@ -44,20 +45,22 @@ class DilatedMambaFuser(nn.Module):
         method: str = "sweep",
         directions: int = 4,
         d_state: int = 16,
-        image_size: int = 256,
+        image_size: int | Sequence[int] = 256,
         scan_backend: str = "auto",
     ) -> None:
         super().__init__()
         c0, c1, c2 = (int(c) for c in in_channels)
         self.in_channels = (c0, c1, c2)
         self.out_channels = 2 * c2
-        side = image_size // 16
+        h, w = input_hw(image_size)
+        side = min(h, w) // 16
         rates = list(dilations)
         bad = [r for r in rates if not isinstance(r, int) or r < 1 or (r > 1 and r >= side)]
         if not rates or bad:
             raise ValueError(
                 f"model.bottleneck.dilations={rates!r}: each rate must be a positive integer smaller "
-                f"than the {side}x{side} map it scans (1/16 of data.image_size={image_size})"
+                f"than the {side}-pixel side of the {h // 16}x{w // 16} map it scans (1/16 of "
+                f"data.image_size={image_size})"
             )
         self.dilations = tuple(rates)
         self.down0 = _conv_bn_relu(c0, c1, 3, 2)
@@ -68,7 +71,7 @@ class DilatedMambaFuser(nn.Module):
             HSSBlock(
                 c2,
                 d_state=d_state,
-                size=side,
+                size=(h // 16, w // 16),
                 scan_method=method,
                 num_directions=directions,
                 scan_backend=scan_backend,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from model.input_size import input_hw
 from model.ops.selective_scan import resolve_backend, selective_scan_fn
 from model.scan import direction_permutations, inverse_permutations, scan_decode, scan_encode
 from util.precision import at_least_float32
@@ -87,15 +88,15 @@ class ScanIndex(nn.Module):
     """
 
     def __init__(
-        self, method: str, size: int, num_directions: int, dilation: int = 1, groups: int = 1
+        self, method: str, size: int | Sequence[int], num_directions: int, dilation: int = 1, groups: int = 1
     ) -> None:
         super().__init__()
         self.method = method
-        self.size = int(size)
+        self.size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.num_directions = int(num_directions)
         self.dilation = dilation
         self.groups = groups
-        perms = _cached_permutations(method, self.size, self.size, self.num_directions, dilation, groups)
+        perms = _cached_permutations(method, *self.size, self.num_directions, dilation, groups)
         perms = perms.clone()
         self.register_buffer("perms", perms, persistent=False)
         self.register_buffer("index_flat", perms[0].reshape(1, 1, -1).clone())
@@ -104,7 +105,7 @@ class ScanIndex(nn.Module):
 
     def permutations(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """Direction table ``[K, h*w]`` on ``device`` for an ``h x w`` input."""
-        if h == self.size and w == self.size and self.perms.device == device:
+        if (h, w) == self.size and self.perms.device == device:
             return self.perms
         key = (h, w, str(device))
         if key not in self._other_sizes:
@@ -126,7 +127,9 @@ class ScanIndex(nn.Module):
         extra = (f", dilation={self.dilation}" if self.dilation != 1 else "") + (
             f", groups={self.groups}" if self.groups != 1 else ""
         )
-        return f"method={self.method}, size={self.size}, num_directions={self.num_directions}{extra}"
+        h, w = self.size
+        size = h if h == w else f"{h}x{w}"
+        return f"method={self.method}, size={size}, num_directions={self.num_directions}{extra}"
 
 
 class PatchExpand2D(nn.Module):
@@ -172,7 +175,7 @@ class SS2D(nn.Module):
         dt_max: float = 0.1,
         dt_scale: float = 1.0,
         dt_init_floor: float = 1e-4,
-        size: int = 8,
+        size: int | Sequence[int] = 8,
         scan_method: str = "hilbert",
         num_directions: int = 8,
         scan_backend: str = "auto",
@@ -582,7 +585,7 @@ class MambaDecoder(nn.Module):
         drop_path: float = 0.2,
         scan: ScanOptions | Mapping[str, Any] | None = None,
         lss: LSSOptions | Mapping[str, Any] | None = None,
-        image_size: int = 256,
+        image_size: int | Sequence[int] = 256,
     ) -> None:
         super().__init__()
         scan, lss = options(ScanOptions, scan), options(LSSOptions, lss)
@@ -592,14 +595,9 @@ class MambaDecoder(nn.Module):
         for prev, cur in itertools.pairwise(dims):
             if prev != 2 * cur:
                 raise ValueError(f"each decoder stage must halve the channels, got dims {dims}")
-        if image_size % 32 or image_size < 64:
-            raise ValueError(
-                f"image_size must be a multiple of 32 and at least 64 (the 1/32-scale bottleneck needs "
-                f"2x2 cells for its instance norms), got {image_size}; set data.image_size accordingly"
-            )
+        h, w = input_hw(image_size)
         self.dims, self.depths = dims, depths
         schedule = drop_path_schedule(depths, drop_path, lss.blocks)
-        base = image_size // 32
         self.layers_up = nn.ModuleList(
             LSSLayer(
                 dim,
@@ -607,7 +605,7 @@ class MambaDecoder(nn.Module):
                 drop_paths=schedule[i],
                 upsample=i != 0,
                 d_state=d_state,
-                size=base * 2**i,
+                size=(h // 32 * 2**i, w // 32 * 2**i),
                 scan_method=scan.method,
                 num_directions=scan.directions,
                 scan_backend=scan.backend,

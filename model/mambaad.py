@@ -47,7 +47,7 @@ class MambaAD(nn.Module):
         lss: LSSOptions | Mapping[str, Any] | None = None,
         bottleneck: BottleneckOptions | Mapping[str, Any] | None = None,
         sigma: float = 4.0,
-        image_size: int = 256,
+        image_size: int | Sequence[int] = 256,
         log: Callable[[str], object] = print,
     ) -> None:
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import timm
@@ -18,6 +19,7 @@ from model.mambaad import MambaAD, count_parameters
 from model.scan import direction_permutations
 from model.teacher import build_teacher, calibrate_batchnorm
 from tests.scan_helpers import assert_close_rel, ss2d_bounds
+from util.config import ConfigError, load_config
 
 QUIET = {"log": lambda s: None}
 TINY = {"depths": (2, 2, 2, 2), "scan": {"directions": 2, "method": "sweep"}, "image_size": 64}
@@ -53,6 +55,40 @@ def test_shapes_when_input_differs_from_construction_size() -> None:
     scans = model.net_s.layers_up[3].blocks[0].smm_blocks[0].self_attention.scans
     assert scans.index_flat.shape == (1, 1, 32 * 32)
     assert scans.permutations(16, 16, torch.device("cpu")).shape == (4, 16 * 16)
+
+
+@pytest.mark.parametrize("bottleneck", ["hfpn", "dilated_mamba"])
+def test_a_non_square_input_size_builds_the_model_for_height_and_width(bottleneck: str) -> None:
+    torch.manual_seed(0)
+    extra = {"bottleneck": {"type": bottleneck, "dilations": [1, 2]}} if bottleneck != "hfpn" else {}
+    model = MambaAD(
+        teacher="resnet18", depths=(2, 2, 2, 2), scan={"directions": 2}, image_size=[64, 96], **extra, **QUIET
+    ).eval()
+    scans = model.net_s.layers_up[3].blocks[0].smm_blocks[0].self_attention.scans
+    assert scans.size == (16, 24) and scans.index_flat.shape == (1, 1, 16 * 24)
+    assert scans.perms.shape == (2, 16 * 24) and "size=16x24" in repr(scans)
+    with torch.no_grad():
+        maps, scores = model.predict(torch.randn(2, 3, 64, 96))
+    assert maps.shape == (2, 64, 96) and scores.shape == (2,) and torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("size", [80, 32, [64, 80], [64], [64, 64, 64], "64", True, [64.0, 64]])
+def test_the_input_size_rule_is_one_rule(size: object) -> None:
+    # the config check, the model and the export apply the same rule (model/input_size.py)
+    from deploy.export import ExportError, check_image_size
+    from model.input_size import RULE, input_hw, valid_input_size
+
+    assert not valid_input_size(size)
+    with pytest.raises(ValueError, match=r"data\.image_size must be a multiple of 32 of at least 64"):
+        MambaDecoder(dims=(32, 16, 8, 4), depths=(2, 2, 2, 2), image_size=size)
+    cfg = load_config("configs/mambaad_demo.py")
+    cfg.data.image_size = size  # as a config class may set it
+    with pytest.raises(ConfigError, match=re.escape(RULE)):
+        cfg.validate()
+    if isinstance(size, int) and not isinstance(size, bool):
+        with pytest.raises(ExportError, match="--image-size must be"):
+            check_image_size(size)
+    assert input_hw(64) == (64, 64) and input_hw([64, 96]) == (64, 96) and input_hw((128, 64)) == (128, 64)
 
 
 def test_paper_parameter_counts(paper_model: MambaAD) -> None:
@@ -597,7 +633,6 @@ def test_build_model_passes_lss_and_hybrid_scan_options() -> None:
     from pathlib import Path
 
     from model.build import build_model
-    from util.config import load_config
 
     overrides = [
         "model.depths=[2,2,2,2]",
