@@ -18,8 +18,9 @@ import torch
 from data import as_hw
 from data.default_ad import read_rgb
 from evaluation.report import format_rows, format_table, max_over_evaluations, write_metrics
+from evaluation.scoring import score_test_set
 from trainer.base import TrainerBase
-from util.distributed import all_gather_padded, any_rank, gather_objects, steps_for_all
+from util.distributed import any_rank
 from util.progress import Progress
 from util.signals import TrainingInterruptedError
 
@@ -160,78 +161,33 @@ class ADTrainer(TrainerBase):
     def evaluate(self, epoch: int | None = None) -> dict[str, dict[str, float]] | None:
         """Score the test set; on rank 0 log the per-class table, write metrics files and return them.
 
-        Every rank scores its shard; maps, masks and labels are gathered on rank 0 batch by
-        batch (no padding reaches the evaluator), which checks that each image came exactly once.
+        Every rank scores its shard (:func:`evaluation.scoring.score_test_set`); rank 0 gathers
+        the maps and checks that each image came exactly once.
         """
         self.net.eval()
         self.evaluator.reset()
         size = as_hw(self.cfg.data.image_size)
-        loader = self.test_loader
-        shard = loader.sampler.indices
-        steps = steps_for_all(len(loader.dataset), loader.batch_size, self.dist.world_size)
-        batches = iter(loader)
-        seen: list[int] = []
-        # masks, labels and indices stay on the host unless a collective needs them on the device
-        side = self.device if self.dist.distributed else torch.device("cpu")
-        for step in Progress(range(steps), "test", self.log.info, enabled=self.dist.is_main):
-            batch = next(batches, None)
-            if batch is not None:
-                imgs = batch["img"].to(self.device, non_blocking=True)
-                with self._eval_precision():
-                    maps, scores = self.model.predict(imgs, size)
-                masks = batch["img_mask"].reshape(maps.shape).to(side) > 0.5
-                labels = torch.as_tensor(batch["anomaly"], device=side)
-                start = step * loader.batch_size
-                index = torch.as_tensor(shard[start : start + maps.shape[0]], device=side)
-                info = {k: list(batch[k]) for k in ("cls_name", "img_path", "sample_id") if k in batch}
-            else:
-                maps = torch.zeros((0, *size), device=self.device)
-                scores = torch.zeros(0, device=self.device)
-                masks = torch.zeros((0, *size), dtype=torch.bool, device=side)
-                labels = torch.zeros(0, dtype=torch.long, device=side)
-                index = torch.zeros(0, dtype=torch.long, device=side)
-                info = {}
-            parts = [
-                all_gather_padded(x, loader.batch_size, self.dist)
-                for x in (maps, scores, masks.to(torch.uint8), labels, index)
-            ]
-            infos = gather_objects(info, self.dist)
-            if any_rank([self.stop.signal is not None], self.dist)[0]:
-                raise TrainingInterruptedError(
-                    f"{self.stop.name} received during evaluation; the last checkpoint of {self.run_dir} "
-                    f"re-runs it on resume",
-                    self.stop.signal or 15,
-                )
-            if not self.dist.is_main:
-                continue
-            for r_maps, r_scores, r_masks, r_labels, r_index, r_info in zip(*parts, infos, strict=True):
-                if not len(r_index):
-                    continue
-                seen.extend(r_index.tolist())
-                self.evaluator.update(
-                    r_maps.cpu(),
-                    r_scores.cpu(),
-                    r_masks.cpu().bool(),
-                    r_labels.cpu(),
-                    r_info["cls_name"],
-                    sample_ids=r_info.get("sample_id"),
-                    img_paths=r_info.get("img_path"),
-                )
-        if not self.dist.is_main:
+        scored = score_test_set(
+            lambda imgs: self.model.predict(imgs, size),
+            self.test_loader,
+            self.evaluator,
+            self.dist,
+            size,
+            self.log.info,
+            precision=self._eval_precision,
+            stop_requested=lambda: self.stop.signal is not None,
+            on_stop=self._stop_during_evaluation,
+        )
+        if scored is None:
             return None
-        if sorted(seen) != list(range(len(loader.dataset))):
-            raise RuntimeError(
-                f"evaluation covered {len(set(seen))} distinct of {len(loader.dataset)} test images "
-                f"({len(seen)} in total); this is a bug in the evaluation sharding"
-            )
-        self._log_peak_memory(f"evaluation of {len(seen)} images")
+        self._log_peak_memory(f"evaluation of {scored} images")
         results = self.evaluator.compute(out_dir=self.run_dir, read_image=read_rgb if self.cfg.vis else None)
         label = f"epoch {epoch}" if epoch is not None else "test"
         per_class = {k: v for k, v in results.items() if k != "mean"}
         self.log.info(
             "results (%s, %d images, each scored once by %d process(es); values x100):\n%s",
             label,
-            len(seen),
+            scored,
             self.dist.world_size,
             format_table(per_class, getattr(self.evaluator, "undefined", None)),
         )
@@ -248,9 +204,16 @@ class ADTrainer(TrainerBase):
             for name, value in values.items():
                 tag = f"test/{name}" if cls == "mean" else f"test_{cls}/{name}"
                 self.writer.add_scalar(tag, value * 100.0, step)
-        self.history.append({"epoch": epoch, "step": step, "num_images": len(seen), "results": results})
+        self.history.append({"epoch": epoch, "step": step, "num_images": scored, "results": results})
         write_metrics(self.run_dir, self.history)
         return results
+
+    def _stop_during_evaluation(self) -> None:
+        raise TrainingInterruptedError(
+            f"{self.stop.name} received during evaluation; the last checkpoint of {self.run_dir} "
+            f"re-runs it on resume",
+            self.stop.signal or 15,
+        )
 
     def test(self) -> dict[str, dict[str, float]]:
         """Evaluate the (loaded) model once."""

@@ -21,19 +21,17 @@ from evaluation import EVALUATORS
 from loss import LOSSES
 from model.build import build_model
 from model.ops.selective_scan import prepare_cpu
+from trainer.checkpointing import CheckpointMixin
 from trainer.optim import OPTIMIZERS, SCHEDULERS
 from trainer.rng import (
     enable_determinism,
     enable_fast_cuda,
     full_fp32,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
 from trainer.run_folder import RunLock, check_resume_config, new_run_dir, write_status
-from util.checkpoint import atomic_save, load_file, remove_partial_writes, save_rotating
-from util.config import BaseConfig, ConfigError, config_to_dict, save_config
-from util.distributed import barrier, broadcast_object, gather_objects, init_distributed, wrap_ddp
+from util.config import BaseConfig, ConfigError, save_config
+from util.distributed import broadcast_object, init_distributed, wrap_ddp
 from util.logger import get_logger
 from util.signals import StopRequest, TrainingInterruptedError
 
@@ -51,7 +49,7 @@ class _NullWriter:
 _AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainerBase:
+class TrainerBase(CheckpointMixin):
     """Builds data, model, loss, optimiser and evaluator from a config; saves and restores training state."""
 
     def __init__(self, cfg: BaseConfig, mode: str = "train") -> None:
@@ -237,62 +235,6 @@ class TrainerBase:
         self.writer.add_scalar("memory/peak_gpu_gib", peak, self.global_step)
         torch.cuda.reset_peak_memory_stats(self.device)
 
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, epoch: int, batches_done: int = 0, eval_pending: bool = False) -> None:
-        """Save everything a resume needs; ``epoch`` = last completed epoch (collective call)."""
-        rngs = gather_objects(rng_state(), self.dist)
-        if not self.dist.is_main:
-            return
-        state = {
-            "net": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epoch,
-            "batches_done": batches_done,
-            "eval_pending": eval_pending,
-            "global_step": self.global_step,
-            "history": self.history,
-            "rng": rngs,
-            "world_size": self.dist.world_size,
-            "config": config_to_dict(self.cfg),
-        }
-        tag = f"e{epoch:05d}_b{batches_done:07d}"
-        save_rotating(state, self.run_dir, tag, int(self.cfg.trainer.keep_checkpoints))
-        atomic_save(state["net"], self.run_dir / "net.pth")
-
-    def _resume(self, run_dir: Path) -> None:
-        if self.dist.is_main:
-            for path in remove_partial_writes(run_dir):
-                self.log.info("removed %s, left by an interrupted write", path.name)
-        barrier(self.dist)
-        state = load_file(run_dir / "ckpt.pth")
-        self.model.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if len(rngs) == self.dist.world_size:
-            set_rng_state(rngs[self.dist.rank])
-        else:
-            self.log.warning(
-                "the checkpoint was saved by %d process(es), this run has %d: random streams restart "
-                "from the seed, so the result will not equal an uninterrupted run exactly",
-                len(rngs),
-                self.dist.world_size,
-            )
-        done = int(state.get("batches_done", 0))
-        self.start_epoch = state["epoch"] + 1
-        self.skip_batches = done
-        self.eval_pending = bool(state.get("eval_pending", False))
-        self.global_step = state["global_step"]
-        self.history = state.get("history", [])
-        where = f"epoch {self.start_epoch}" + (f" after {done} batches" if done else "")
-        if self.eval_pending:
-            where = f"the evaluation of epoch {state['epoch']}"
-        self.log.info("resumed %s at %s (step %d)", run_dir, where, self.global_step)
-
     @contextlib.contextmanager
     def _status(self) -> Any:
         """Keep ``status.json`` true: running, then finished, interrupted or failed (with the error)."""
@@ -315,8 +257,3 @@ class TrainerBase:
         finally:
             if self.lock is not None:
                 self.lock.release()
-
-    def _last_good_weights(self) -> str:
-        if (self.run_dir / "ckpt.pth").is_file():
-            return f"; the last good weights are in {self.run_dir / 'ckpt.pth'}."
-        return "; no checkpoint has been written yet (the failure came before the first save)."
