@@ -12,7 +12,7 @@ import torch
 from evaluation.metrics_exact import METRIC_NAMES
 from model.mamba_decoder import LSSModule, split_scan_method
 from tools import collect, sweep
-from util.config import load_config
+from util.config import config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "configs" / "sweeps"
@@ -98,10 +98,16 @@ def test_shipped_grids_expand_to_valid_configs(grid: str, count: int) -> None:
             assert module(torch.randn(1, 4, 4, 8)).shape == (1, 4, 4, 8)
 
 
-def _fake_run(folder: Path, epochs: int, final_epoch: int | None, ckpt: bool = False, **cfg: object) -> Path:
-    """A run folder as the trainer writes it: config.json, optional metrics.json / ckpt.pth."""
+def _fake_run(
+    folder: Path, epochs: int, final_epoch: int | None, ckpt: bool = False, resolved=None, **cfg: object
+) -> Path:
+    """A run folder as the trainer writes it: config.json (the whole ``resolved`` config, or a few
+    keys), optional metrics.json / ckpt.pth."""
     folder.mkdir(parents=True)
     config = {"trainer": {"epochs": epochs}, "model": {"depths": [3, 4, 6, 3]}, "output_dir": str(folder)}
+    if resolved is not None:
+        config = {**config_to_dict(resolved), "output_dir": str(folder)}
+        config["trainer"]["epochs"] = epochs
     for key, value in cfg.items():
         section, leaf = key.split("__")
         config.setdefault(section, {})[leaf] = value
@@ -131,9 +137,13 @@ def test_dry_run_skips_finished_and_resumes_partial(
 ) -> None:
     grid = _write(tmp_path / "g.yaml", "seed: [1, 2, 3]\n")
     out = tmp_path / "sweep"
-    _fake_run(out / "seed-1" / "demo_20261125-101010", epochs=1, final_epoch=1)
-    part = _fake_run(out / "seed-2" / "demo_20261125-101010", epochs=4, final_epoch=2, ckpt=True)
-    args = ["--config", str(REPO / "configs/mambaad_demo.py"), "--grid", str(grid), "--out", str(out)]
+    demo = REPO / "configs/mambaad_demo.py"
+    asked = {seed: load_config(demo, ["trainer.epochs=4", f"seed={seed}"]) for seed in (1, 2)}
+    _fake_run(out / "seed-1" / "demo_20261125-101010", epochs=4, final_epoch=4, resolved=asked[1])
+    part = _fake_run(
+        out / "seed-2" / "demo_20261125-101010", epochs=4, final_epoch=2, ckpt=True, resolved=asked[2]
+    )
+    args = ["--config", str(demo), "--grid", str(grid), "--out", str(out)]
     assert sweep.main([*args, "--dry-run", "trainer.epochs=4"]) == 0
     text = capsys.readouterr().out
     assert "3 combinations, 2 to run" in text
@@ -144,11 +154,43 @@ def test_dry_run_skips_finished_and_resumes_partial(
     assert "trainer.epochs=4" in lines[1] and f"output_dir={out / 'seed-3'}" in lines[1]
     assert not (out / "sweep.json").exists()  # a dry run writes nothing
 
-    assert sweep.main([*args, "--emit", "slurm"]) == 0
+    assert sweep.main([*args, "--emit", "slurm", "trainer.epochs=4"]) == 0
     script = capsys.readouterr().out
     assert "#SBATCH --array=0-1" in script and script.count("run.py -c configs/mambaad_demo.py") == 2
-    assert sweep.main([*args, "--emit", "torchrun", "--nproc", "4"]) == 0
+    assert sweep.main([*args, "--emit", "torchrun", "--nproc", "4", "trainer.epochs=4"]) == 0
     assert capsys.readouterr().out.count("torchrun --nproc_per_node=4 run.py") == 2
+
+
+@pytest.mark.parametrize(
+    ("saved", "asked", "key"),
+    [
+        (["trainer.epochs=1"], ["trainer.epochs=2"], "trainer.epochs: 1 -> 2"),
+        (["data.root=old_data"], ["data.root=new_data"], "data.root: 'old_data' -> 'new_data'"),
+        (["optim.base_lr=0.005"], ["optim.base_lr=0.001"], "optim.base_lr: 0.005 -> 0.001"),
+    ],
+)
+def test_a_finished_run_with_other_settings_is_never_taken_as_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], saved: list[str], asked: list[str], key: str
+) -> None:
+    # the first sweep ran with `saved`; the same grid again into the same --out with `asked`
+    # must neither skip it as finished nor rewrite sweep.json: it stops and names the keys
+    grid = _write(tmp_path / "g.yaml", "seed: [1, 2]\n")
+    out = tmp_path / "sweep"
+    demo = REPO / "configs/mambaad_demo.py"
+    for seed in (1, 2):
+        cfg = load_config(demo, [*saved, f"seed={seed}"])
+        run = _fake_run(out / f"seed-{seed}" / "demo_1", cfg.trainer.epochs, cfg.trainer.epochs, resolved=cfg)
+        assert sweep.run_status(run.parent) == ("done", run)
+    (out / "sweep.json").write_text('{"runs": "as the first sweep wrote it"}')
+    args = ["--config", str(demo), "--grid", str(grid), "--out", str(out), *asked]
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds runs of this grid with other settings" in err and key in err
+    assert "seed-1" in err and "seed-2" in err and "--out" in err and "Traceback" not in err
+    assert (out / "sweep.json").read_text() == '{"runs": "as the first sweep wrote it"}'
+    assert sorted(p.name for p in (out / "seed-1").iterdir()) == ["demo_1"]  # nothing new ran
+    assert sweep.main([*args[: -len(asked)], *saved]) == 0  # the original settings: all finished
+    assert "2 combinations, 0 to run" in capsys.readouterr().out
 
 
 def test_collect_tables(tmp_path: Path) -> None:
@@ -231,9 +273,11 @@ def test_real_tiny_sweep_and_collect(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert sweep.main([*args, "--jobs", "2", *common]) == 0
     for name in ("method-sweep", "method-hilbert"):
         assert sweep.run_status(out / name)[0] == "done", (out / name / "stdout.txt").read_text()[-2000:]
-    assert json.loads((out / "sweep.json").read_text())["runs"]["method-hilbert"] == [
-        "model.scan.method=hilbert"
-    ]
+    recorded = json.loads((out / "sweep.json").read_text())["runs"]
+    assert sorted(recorded) == ["method-hilbert", "method-sweep"]
+    assert recorded["method-hilbert"]["overrides"] == ["model.scan.method=hilbert"]
+    assert recorded["method-hilbert"]["state"] == "finished"
+    assert recorded["method-hilbert"]["run"] == str(sweep.run_status(out / "method-hilbert")[1])
     capsys.readouterr()
     assert sweep.main([*args, *common]) == 0  # everything finished: nothing runs again
     assert "2 combinations, 0 to run" in capsys.readouterr().out

@@ -12,9 +12,12 @@ for every run); rows x grid when both are given. Combination ``NAME`` runs as
     python run.py -c CONFIG [extra overrides] [fixed] [combination] output_dir=OUT/NAME
 
 where ``OUT`` is ``--out`` (default ``runs/sweeps/<config>_<grid>``) and ``NAME`` is the
-row name and/or ``<key>-<value>`` parts, so it is the same every time. A combination whose
-folder holds a finished run (``metrics.json`` whose final epoch is ``trainer.epochs``) is
-skipped; an unfinished one with a ``ckpt.pth`` continues with ``trainer.resume``.
+row name and/or ``<key>-<value>`` parts, so it is the same every time. A combination is known by
+the whole config it resolves to: its folder's finished run (``metrics.json`` whose final epoch
+is ``trainer.epochs``) is skipped and an unfinished one with a ``ckpt.pth`` continues with
+``trainer.resume`` only when the run's ``config.json`` holds the same settings; a run with other
+settings stops the sweep before anything runs, naming the keys. ``OUT/sweep.json`` lists the
+combinations that ran with these settings, each with its state and run folder.
 ``tools/collect.py OUT`` then tabulates the results.
 """
 
@@ -28,6 +31,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +41,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer.run_folder import IGNORED_ON_RESUME
 from util.cli import add_config_args, config_from_args, report_error
-from util.config import ConfigError
+from util.config import BaseConfig, ConfigError, config_to_dict, diff_configs, flat_keys
 from util.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,6 +148,20 @@ def load_grid(path: str | Path) -> list[Combination]:
     return combos
 
 
+# keys that do not change what a run computes, or that name where it is: not compared
+BOOKKEEPING = (*IGNORED_ON_RESUME, "trainer.resume_changes", "name")
+
+
+def differing_keys(saved: dict[str, Any], wanted: BaseConfig) -> list[str]:
+    """``key: saved -> wanted`` for each setting of a run folder's ``config.json`` that the
+    combination's resolved config would set otherwise (a key the combination sets explicitly
+    counts also when the saved config lacks it)."""
+    old, new = flat_keys(saved), flat_keys(config_to_dict(wanted))
+    keys = [k for k in diff_configs(saved, config_to_dict(wanted)) if not k.startswith(BOOKKEEPING)]
+    keys = [k for k in keys if (k in old and k in new) or k in wanted.overridden]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
 def run_status(folder: Path) -> tuple[str, Path | None]:
     """``("done", run)``, ``("partial", run with ckpt.pth)`` or ``("new", None)`` for a combination folder."""
     partial = None
@@ -227,23 +246,42 @@ def main(argv: list[str] | None = None) -> int:
         combos = load_grid(args.grid)
         if not Path(args.config).is_file():
             config_from_args(args)  # raises the ConfigError that names the missing file
+        configs = {}
         for combo in combos:  # every combination must be a valid config before anything runs
             try:
-                config_from_args(args, combo.overrides)
+                configs[combo.name] = config_from_args(args, combo.overrides)
             except ConfigError as err:
                 raise GridError(f"combination {combo.name}: {err}") from err
     except Exception as err:
         return report_error(err, args)
     out = (args.out or REPO / "runs" / "sweeps" / f"{Path(args.config).stem}_{args.grid.stem}").resolve()
     pending: list[tuple[Combination, list[str]]] = []
+    finished: dict[str, Path] = {}
+    changed: list[str] = []
     for combo in combos:
         status, run = run_status(out / combo.name)
+        if run is not None:
+            saved = json.loads((run / "config.json").read_text())
+            diffs = differing_keys(saved, configs[combo.name])
+            if diffs:
+                changed.append(f"{combo.name} ({run}): {'; '.join(diffs)}")
+                continue
         if status == "done":
+            finished[combo.name] = run
             if args.emit is None:
-                print(f"skip {combo.name}: finished in {run}")
+                print(f"skip {combo.name}: finished in {run} with the same settings")
             continue
         cmd = build_command(args.config, combo, args.overrides, out, run if status == "partial" else None)
         pending.append((combo, cmd))
+    if changed:
+        return report_error(
+            UsageError(
+                f"{out} already holds runs of this grid with other settings, which a table would "
+                f"mix with the new ones; nothing was run. {' | '.join(changed)}. Sweep into another "
+                "folder (--out), or delete those run folders to run them again"
+            ),
+            args,
+        )
     if args.emit is not None:
         if pending:
             print(_emit(args.emit, [cmd for _, cmd in pending], args.nproc))
@@ -254,9 +292,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"would run {combo.name}: {shlex.join(cmd)}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {c.name: c.overrides for c in combos}
-    info = {"config": args.config, "grid": str(args.grid), "extra": args.overrides, "runs": manifest}
-    (out / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")
+    overrides = {c.name: c.overrides for c in combos}
+    ran: dict[str, dict[str, Any]] = {
+        name: {"overrides": overrides[name], "state": "finished", "run": str(run)}
+        for name, run in finished.items()
+    }
+    lock = threading.Lock()
+
+    def record(name: str, state: str) -> None:
+        """``sweep.json``: only the combinations that ran (or had run) with these settings."""
+        with lock:
+            _, run = run_status(out / name)
+            ran[name] = {"overrides": overrides[name], "state": state, "run": str(run) if run else None}
+            info = {"config": args.config, "grid": str(args.grid), "extra": args.overrides, "runs": ran}
+            (out / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")
 
     def launch(item: tuple[Combination, list[str]]) -> tuple[str, int]:
         combo, cmd = item
@@ -270,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         code = proc.returncode
         state = "done" if code == 0 else f"FAILED (exit {code})"
+        record(combo.name, "finished" if code == 0 else f"failed (exit {code})")
         print(f"{state} {combo.name}; log: {log_path}", flush=True)
         return combo.name, code
 
