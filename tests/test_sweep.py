@@ -203,20 +203,21 @@ def test_collect_tables(tmp_path: Path) -> None:
     labels = [label for label, _ in collect.find_runs([sweep_dir])]
     assert labels == ["hilbert", "zigzag/demo_20261125-111111", "zigzag/demo_20261126-090000"]
     header, rows = collect.build_table(runs)
-    assert header[:2] == ["run", "model.scan_method"]  # only the differing key (not output_dir)
-    assert header[2:] == [*METRIC_NAMES, "mAD"]
-    assert rows[0][1] == "hilbert" and rows[1][1] == "zigzag"
+    # the state and epochs of each run, then only the differing key (not output_dir)
+    assert header[:4] == ["run", "state", "epochs", "model.scan_method"]
+    assert header[4:] == [*METRIC_NAMES, "mAD"]
+    assert rows[0][1:4] == ["finished", "5/5", "hilbert"] and rows[1][1:4] == ["unfinished", "4/5", "zigzag"]
     expected = [100 * (0.5 + 0.01 * i + 0.005) for i in range(7)]
-    assert rows[0][2:9] == pytest.approx(expected)
-    assert rows[0][9] == pytest.approx(sum(expected) / 7)
+    assert rows[0][4:11] == pytest.approx(expected)
+    assert rows[0][11] == pytest.approx(sum(expected) / 7)
 
     md = collect.render(header, rows, "markdown", digits=1)
-    assert md.splitlines()[1].startswith("|:---|:---|---:")
-    assert "| hilbert | hilbert | 50.5 | 51.5 |" in md
+    assert md.splitlines()[1].startswith("|:---|:---|:---|:---|---:")
+    assert "| hilbert | finished | 5/5 | hilbert | 50.5 | 51.5 |" in md
     csv_text = collect.render(header, rows, "csv", digits=3)
-    assert csv_text.splitlines()[1].startswith("hilbert,hilbert,50.500,51.500")
+    assert csv_text.splitlines()[1].startswith("hilbert,finished,5/5,hilbert,50.500,51.500")
     tex = collect.render(header, rows, "latex")
-    assert "\\begin{tabular}{llrrrrrrrr}" in tex and "model.scan\\_method" in tex
+    assert "\\begin{tabular}{llllrrrrrrrr}" in tex and "model.scan\\_method" in tex
 
 
 def test_collect_over_seeds_gives_mean_and_half_range(tmp_path: Path) -> None:
@@ -233,6 +234,69 @@ def test_collect_over_seeds_gives_mean_and_half_range(tmp_path: Path) -> None:
     assert "| hilbert | hilbert | 2 | 50.40 ± 0.20 |" in collect.render(header, rows, "markdown", digits=2)
     with pytest.raises(ValueError, match="do not differ in 'lr'"):
         collect.average_over(*collect.build_table(collect.find_runs([sweep_dir])), "lr")
+
+
+def test_collect_leaves_out_unfinished_runs_and_unreadable_files_and_names_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    _fake_run(sweep_dir / "done" / "demo_20261125-101010", 5, 5, model__scan_method="hilbert")
+    killed = _fake_run(sweep_dir / "killed" / "demo_20261125-101010", 5, 2, model__scan_method="zigzag")
+    (killed / "status.json").write_text('{"state": "interrupted"}')
+    failed = _fake_run(sweep_dir / "failed" / "demo_20261125-101010", 5, 5, model__scan_method="scan")
+    (failed / "status.json").write_text('{"state": "failed"}')
+    broken = _fake_run(sweep_dir / "broken" / "demo_20261125-101010", 5, 5, model__scan_method="sweep")
+    (broken / "metrics.json").write_text("{not json")
+    assert collect.main([str(sweep_dir), "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line and not line.startswith(("#", "run,"))]
+    assert [r.split(",")[:3] for r in rows] == [["done", "finished", "5/5"]]
+    assert "# left out killed: interrupted, evaluated at epoch 2/5" in out
+    assert "# left out failed: failed, evaluated at epoch 5/5" in out
+    assert f"# left out broken: cannot read {broken}" in out and "JSONDecodeError" in out
+    assert collect.main([str(sweep_dir), "--format", "csv", "--unfinished"]) == 0
+    out = capsys.readouterr().out
+    states = sorted(
+        line.split(",")[1] for line in out.splitlines() if line.startswith(("done", "killed", "f"))
+    )
+    assert states == ["failed", "finished", "interrupted"]
+
+
+def test_collect_paper_compares_the_same_classes_and_a_test_run_says_its_weights_epochs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # an MVTec run with bottle plus a foreign class, scored by -m test on 10-epoch weights
+    run = tmp_path / "mambaad_mvtec_test_1"
+    run.mkdir()
+    config = {"name": "mambaad_mvtec", "trainer": {"epochs": 500}, "evaluator": {"mode": "mambaad"}}
+    (run / "config.json").write_text(json.dumps(config))
+    ours = {m: 0.9 for m in METRIC_NAMES}
+    results = {"bottle": ours, "wood_panel": {m: 0.1 for m in METRIC_NAMES}, "mean": ours}
+    final = {"epoch": None, "results": results, "weights_epoch": 10}
+    (run / "metrics.json").write_text(json.dumps({"final": final, "history": [final]}))
+    (run / "status.json").write_text('{"state": "finished", "mode": "test"}')
+    assert collect.main([str(run), "--paper", "--format", "csv", "--digits", "1"]) == 0
+    out = capsys.readouterr().out
+    paper = collect.load_paper()["datasets"]["mvtec"]["classes"]["bottle"]
+    mean = next(line for line in out.splitlines() if line.startswith("mean,"))
+    assert mean.split(",")[1:3] == ["90.0", f"{paper[0]:.1f}"]  # against bottle's, not MVTec's mean
+    assert "mean over the 1 class(es) both have" in out and "not in this run: cable" in out
+    assert "not in the paper, left out: wood_panel" in out and not any(
+        line.startswith("wood_panel,") for line in out.splitlines()
+    )
+    assert "-m test of weights trained for 10 epochs" in out and "trainer.epochs=500" not in out
+
+
+def test_a_test_run_records_the_epochs_of_the_weights_it_scored(tmp_path: Path) -> None:
+    from util.checkpoint import trained_epochs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"net": {}, "epoch": 7}, run / "ckpt.pth")
+    torch.save({"w": torch.zeros(1)}, run / "net.pth")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "official.pth")
+    assert trained_epochs(run / "ckpt.pth") == 7 and trained_epochs(run / "net.pth") == 7
+    assert trained_epochs(tmp_path / "official.pth") is None and trained_epochs(None) is None
 
 
 def test_collect_mean_without_mean_row_and_errors(tmp_path: Path) -> None:
@@ -283,8 +347,10 @@ def test_real_tiny_sweep_and_collect(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "2 combinations, 0 to run" in capsys.readouterr().out
     assert collect.main([str(out), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("run,model.scan.method,I-AUROC")
-    assert sorted(line.split(",")[1] for line in lines[1:]) == ["hilbert", "sweep"]
+    assert lines[0].startswith("run,state,epochs,model.scan.method,I-AUROC")
+    rows = [line.split(",") for line in lines[1:]]
+    assert sorted(row[3] for row in rows) == ["hilbert", "sweep"]
+    assert [row[1:3] for row in rows] == [["finished", "1/1"]] * 2
 
 
 def test_collect_cost_columns(tmp_path: Path) -> None:
@@ -298,10 +364,18 @@ def test_collect_cost_columns(tmp_path: Path) -> None:
             run / "config.json",
         )
     header, rows = collect.build_table(collect.find_runs([tmp_path]), cost=True)
-    assert header[:5] == ["run", "data.image_size", "model.image_size", "Params(M)", "FLOPs(G)"]
-    by_size = {row[1]: row for row in rows}
-    assert by_size[64][3] == pytest.approx(by_size[128][3], rel=0.01)  # same weights (index buffers aside)
-    assert by_size[128][4] > 3.5 * by_size[64][4]  # ~4x the FLOPs at twice the side
+    assert header[:7] == [
+        "run",
+        "state",
+        "epochs",
+        "data.image_size",
+        "model.image_size",
+        "Params(M)",
+        "FLOPs(G)",
+    ]
+    by_size = {row[3]: row for row in rows}
+    assert by_size[64][5] == pytest.approx(by_size[128][5], rel=0.01)  # same weights (index buffers aside)
+    assert by_size[128][6] > 3.5 * by_size[64][6]  # ~4x the FLOPs at twice the side
 
 
 def test_invalid_combination_stops_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

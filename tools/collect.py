@@ -8,14 +8,20 @@
 
 Each argument is a run folder (holding ``metrics.json``) or a folder searched recursively
 for them (a sweep folder). Rows are labelled by the path below the argument (the sweep's
-combination name); values are x100. Columns: the config keys whose values differ between
-the runs, the seven metrics of the ``mean`` row of the ``final`` entry, and mAD.
+combination name); values are x100. Columns: the run's state and epochs (``E/N``: the final
+evaluation's epoch of ``trainer.epochs``), the config keys whose values differ between the
+runs, the seven metrics of the ``mean`` row of the ``final`` entry, and mAD. Only finished runs
+are tabulated (``--unfinished`` lists the others too); every run left out, and every file that
+cannot be read, is named below the table.
 
 ``--paper`` puts each metric next to the published one (``configs/paper_results.json``) and
 the difference (run - paper): per class and mean for a data-set run (the data set follows from
 the run's config name, or ``--paper DATASET``), the mean for a sweep combination named as a
-row of paper Tables 2-4 (``configs/sweeps/``). It also says which evaluator mode and how many
-epochs the run used, next to the paper's.
+row of paper Tables 2-4 (``configs/sweeps/``). A run with only some of the data set's classes
+(or others besides) is compared over the classes both have, the paper's mean recomputed from its
+per-class values, and the missing and foreign classes are named. It also says which evaluator
+mode and how many epochs the scored weights trained (for a ``-m test`` run, as its metrics
+record them), next to the paper's.
 """
 
 from __future__ import annotations
@@ -101,6 +107,55 @@ def mean_metrics(run: Path) -> dict[str, float]:
     return out
 
 
+def run_state(run: Path) -> tuple[str, str]:
+    """``(state, epochs)`` of a run: ``finished`` / ``interrupted`` / ``failed`` / ``running`` from its
+    ``status.json`` (older folders: finished when the final evaluation is of the last epoch, else
+    ``unfinished``), and ``E/N`` (the final evaluation's epoch of ``trainer.epochs``) or ``test``."""
+    config = _flat_config(run)
+    final = json.loads((run / "metrics.json").read_text()).get("final") or {}
+    status_path = run / "status.json"
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    total, epoch = config.get("trainer.epochs"), final.get("epoch")
+    if status.get("mode") == "test" or (epoch is None and final.get("results")):
+        return status.get("state", "finished"), "test"
+    epochs = f"{epoch}/{total}"
+    if status.get("state"):
+        return status["state"], epochs
+    done = isinstance(epoch, int) and isinstance(total, int) and epoch >= total
+    return ("finished" if done else "unfinished"), epochs
+
+
+def readable_runs(runs: list[tuple[str, Path]]) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The runs whose ``config.json`` and ``metrics.json`` can be read, and a note for each other."""
+    ok, notes = [], []
+    for label, run in runs:
+        try:
+            for name in ("config.json", "metrics.json"):
+                if (run / name).is_file() or name == "metrics.json":
+                    json.loads((run / name).read_text())
+            mean_metrics(run)
+            run_state(run)
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+            notes.append(f"left out {label}: cannot read {run} ({type(err).__name__}: {err})")
+            continue
+        ok.append((label, run))
+    return ok, notes
+
+
+def finished_runs(
+    runs: list[tuple[str, Path]], keep_unfinished: bool = False
+) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The finished runs (all, with ``keep_unfinished``), and a note for each run left out."""
+    kept, notes = [], []
+    for label, run in runs:
+        state, epochs = run_state(run)
+        if state == "finished" or keep_unfinished:
+            kept.append((label, run))
+        else:
+            notes.append(f"left out {label}: {state}, evaluated at epoch {epochs} (--unfinished lists it)")
+    return kept, notes
+
+
 def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
     """Config keys (in first-seen order) whose values are not the same in every run."""
     keys: list[str] = []
@@ -126,10 +181,10 @@ def cost_of(run: Path) -> dict[str, float]:
 
 
 def build_table(runs: list[tuple[str, Path]], cost: bool = False) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows: label, differing config keys, [params, FLOPs,] metrics, mAD."""
+    """Header and rows: label, state, epochs, differing config keys, [params, FLOPs,] metrics, mAD."""
     configs = [_flat_config(run) for _, run in runs]
     keys = differing_keys(configs)
-    header = ["run", *keys]
+    header = ["run", "state", "epochs", *keys]
     costs = []
     if cost:
         header += ["Params(M)", "FLOPs(G)"]
@@ -144,7 +199,7 @@ def build_table(runs: list[tuple[str, Path]], cost: bool = False) -> tuple[list[
     rows = []
     for i, ((label, run), cfg) in enumerate(zip(runs, configs, strict=True)):
         metrics = mean_metrics(run)
-        row: list[Any] = [label, *(cfg.get(k) for k in keys)]
+        row: list[Any] = [label, *run_state(run), *(cfg.get(k) for k in keys)]
         if cost:
             row += [costs[i]["Params(M)"], costs[i]["FLOPs(G)"]]
         rows.append(row + [metrics[m] for m in (*METRIC_NAMES, "mAD")])
@@ -157,6 +212,10 @@ def average_over(header: list[str], rows: list[list[Any]], key: str) -> tuple[li
     of the first run without its ``key`` part (as tools/sweep.py names it: ``seed-0``)."""
     if key not in header:
         raise ValueError(f"--over {key}: the runs do not differ in {key!r}; differing keys: {header[1:]}")
+    if "state" in header:  # merged rows are of finished runs (see finished_runs): no state columns
+        drop = [header.index("state"), header.index("epochs")]
+        header = [h for i, h in enumerate(header) if i not in drop]
+        rows = [[v for i, v in enumerate(row) if i not in drop] for row in rows]
     at = header.index(key)
     first_metric = next(i for i, h in enumerate(header) if h in (*METRIC_NAMES, "Params(M)", "FLOPs(G)"))
     groups: dict[str, list[list[Any]]] = {}
@@ -292,11 +351,24 @@ def _compare_header(first: str) -> list[str]:
     return [first, *(f"{m}{suffix}" for m in (*METRIC_NAMES, "mAD") for suffix in ("", " paper", " diff"))]
 
 
-def run_note(label: str, cfg: dict[str, Any], paper: dict[str, Any]) -> str:
+def run_note(label: str, run: Path, cfg: dict[str, Any], paper: dict[str, Any]) -> str:
     """The evaluator mode and epochs a run used, and whether the mode is the paper's."""
     mode = cfg.get("evaluator.mode", "exact")
     verdict = "as the paper" if mode == paper["evaluation"]["mode"] else "NOT the paper's mode"
-    return f"run {label}: evaluator.mode={mode} ({verdict}), trainer.epochs={cfg.get('trainer.epochs')}"
+    return f"run {label}: evaluator.mode={mode} ({verdict}), {epochs_note(run)}"
+
+
+def epochs_note(run: Path) -> str:
+    """How long the scored weights trained: the run's epochs, or for a ``-m test`` run the epochs
+    its metrics record of the checkpoint it scored (``weights_epoch``)."""
+    state, epochs = run_state(run)
+    if epochs != "test":
+        return f"{state}, epoch {epochs}"
+    final = json.loads((run / "metrics.json").read_text()).get("final") or {}
+    trained = final.get("weights_epoch")
+    return (
+        f"-m test of weights trained for {trained if trained is not None else 'an unknown number of'} epochs"
+    )
 
 
 def paper_note(paper: dict[str, Any]) -> str:
@@ -307,6 +379,29 @@ def paper_note(paper: dict[str, Any]) -> str:
         f"({ev['epochs_note']}); diff = run - paper; a paper mAD the paper does not print is the mean "
         f"of its seven values"
     )
+
+
+def _same_classes(
+    per_class: dict[str, dict[str, float]], entry: dict[str, Any], notes: list[str]
+) -> tuple[dict[str, dict[str, float]], bool]:
+    """A run's classes that the paper reports, with the mean over them alone, and whether they are
+    all of the paper's; notes name the paper's classes the run lacks and the run's the paper lacks."""
+    paper_keys = {_class_key(c): c for c in entry["classes"]}
+    ours = {c: v for c, v in per_class.items() if c != "mean" and _class_key(c) in paper_keys}
+    foreign = [c for c in per_class if c != "mean" and _class_key(c) not in paper_keys]
+    missing = [name for key, name in paper_keys.items() if key not in {_class_key(c) for c in ours}]
+    if not missing and not foreign:
+        return per_class, True
+    if not ours:
+        raise ValueError(f"the run has none of the paper's {entry['name']} classes ({', '.join(foreign)})")
+    mean = {m: sum(v[m] for v in ours.values()) / len(ours) for m in METRIC_NAMES}
+    mean["mAD"] = sum(mean[m] for m in METRIC_NAMES) / len(METRIC_NAMES)
+    notes.append(
+        f"mean over the {len(ours)} class(es) both have, the paper's from its per-class values"
+        + (f"; not in this run: {', '.join(missing)}" if missing else "")
+        + (f"; not in the paper, left out: {', '.join(foreign)}" if foreign else "")
+    )
+    return {**ours, "mean": mean}, False
 
 
 def paper_sections(
@@ -322,19 +417,25 @@ def paper_sections(
         if match is not None:
             table, row = match
             ablation.append([table, *_compare(label, mean_metrics(run), _with_mad(row["metrics"]))])
-            ablation_notes.append(run_note(label, cfg, paper))
+            ablation_notes.append(run_note(label, run, cfg, paper))
             continue
         ds = paper_dataset(cfg, paper, run, chosen)
         entry = paper["datasets"][ds]
         source = entry["source"]
         title = f"{label} vs paper {entry['name']} ({source['mean']}; classes: {source['classes']})"
-        notes = [title, run_note(label, cfg, paper), paper_note(paper)]
+        notes = [title, run_note(label, run, cfg, paper), paper_note(paper)]
         split = re.search(r"meta_20_(\d)", str(cfg.get("data.meta_file", "")))
         paper_classes = {_class_key(c): v for c, v in entry["classes"].items()}
+        per_class = class_metrics(run)
+        if ds != "coco":
+            per_class, same_classes = _same_classes(per_class, entry, notes)
         rows = []
-        for cls, ours in class_metrics(run).items():
+        for cls, ours in per_class.items():
             if cls == "mean":
                 theirs = _with_mad(entry["mean"], entry["mAD"])
+                if ds != "coco" and not same_classes:
+                    shared = [paper_classes[_class_key(c)] for c in per_class if c != "mean"]
+                    theirs = _with_mad([sum(col) / len(col) for col in zip(*shared, strict=True)])
                 if ds == "coco" and split:  # one COCO-AD split per run: the paper's row of that split
                     theirs = _with_mad(entry["classes"][split.group(1)])
                     notes.append(f"COCO-AD split {split.group(1)}: the paper's mean is over all 4")
@@ -386,6 +487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compare with the paper's numbers (configs/paper_results.json): per class and mean; "
         "DATASET (mvtec, visa, ...) when the run's config name does not tell it",
     )
+    parser.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="also list interrupted, failed, running or unfinished runs (their state is shown); by "
+        "default they are left out of the table and its means, and named below it",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     return parser.parse_args(argv)
 
@@ -397,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --paper and --cost cannot be combined; run them separately", file=sys.stderr)
         return 2
     try:
-        runs = find_runs(args.runs)
+        runs, notes = readable_runs(find_runs(args.runs))
+        runs, left_out = finished_runs(runs, args.unfinished)
+        notes += left_out
+        if not runs:
+            raise ValueError("no finished run to tabulate" + (f" ({'; '.join(notes)})" if notes else ""))
         if args.paper is not None:
             text = render_sections(paper_sections(runs, load_paper(), args.paper), args.format, args.digits)
         else:
@@ -408,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if notes:
+        prefix = {"markdown": "- ", "csv": "# ", "latex": "% "}[args.format]
+        text += "\n\n" + "\n".join(prefix + note for note in notes)
     print(text)
     if args.output is not None:
         args.output.write_text(text + "\n")

@@ -20,6 +20,7 @@ from data.default_ad import read_rgb
 from evaluation.report import format_rows, format_table, max_over_evaluations, write_metrics
 from evaluation.scoring import score_test_set
 from trainer.base import TrainerBase
+from util.checkpoint import trained_epochs
 from util.distributed import any_rank
 from util.progress import Progress
 from util.signals import TrainingInterruptedError
@@ -204,7 +205,10 @@ class ADTrainer(TrainerBase):
             for name, value in values.items():
                 tag = f"test/{name}" if cls == "mean" else f"test_{cls}/{name}"
                 self.writer.add_scalar(tag, value * 100.0, step)
-        self.history.append({"epoch": epoch, "step": step, "num_images": scored, "results": results})
+        entry = {"epoch": epoch, "step": step, "num_images": scored, "results": results}
+        if epoch is None:  # -m test: how long the scored weights trained, not the config's epochs
+            entry["weights_epoch"] = trained_epochs(self.cfg.model.checkpoint)
+        self.history.append(entry)
         write_metrics(self.run_dir, self.history)
         return results
 

@@ -173,3 +173,23 @@ def remove_partial_writes(folder: str | Path) -> list[Path]:
     for p in removed:
         p.unlink(missing_ok=True)
     return removed
+
+
+def trained_epochs(path: str | Path | None) -> int | None:
+    """How many epochs the weights in ``path`` trained: a training checkpoint's ``epoch`` (the last
+    completed one), else, for a run folder's ``net.pth``, that of the ``ckpt.pth`` saved with it;
+    None for other files (the authors' official weights) or when it cannot be told."""
+    if not path:
+        return None
+    path = Path(path)
+    candidates = [path] + ([path.with_name("ckpt.pth")] if path.name == "net.pth" else [])
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            state = load_file(candidate)
+        except (OSError, ValueError, RuntimeError, ConfigError):
+            return None
+        if isinstance(state, dict) and isinstance(state.get("epoch"), int):
+            return state["epoch"]
+    return None
