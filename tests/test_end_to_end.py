@@ -95,8 +95,10 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
         f"model.checkpoint={full / 'net.pth'}",
     ]
     assert run.main(args) == 0
-    tested = json.loads((_only_run(test_out) / "metrics.json").read_text())["final"]["results"]
+    tested_final = json.loads((_only_run(test_out) / "metrics.json").read_text())["final"]
+    tested = tested_final["results"]
     assert tested["mean"] == pytest.approx(final["mean"], abs=1e-6)
+    assert tested_final["weights_epoch"] == 3  # how long the scored net.pth trained (its ckpt.pth)
 
     # predict: one .npy (input size) + overlay per image, scores = map maxima
     images = sorted((tiny_data / "weave" / "test").rglob("*.png"))[:3]
