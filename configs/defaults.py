@@ -120,8 +120,10 @@ class MambaADDefaults(BaseConfig):
 
     def validate(self) -> None:
         """Reject values that would fail later (or silently do nothing) before any work starts."""
+        from evaluation.metrics import METRIC_MODES
         from model.input_size import RULE as INPUT_SIZE_RULE
         from model.input_size import input_hw, valid_input_size
+        from model.ops.selective_scan import BACKENDS
         from model.scan import NUM_DIRECTIONS, SCAN_METHODS
 
         size = self.data.image_size
@@ -167,6 +169,27 @@ class MambaADDefaults(BaseConfig):
                 ),
                 "model.drop_path": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "in [0, 1)"),
                 "optim.base_lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+                "optim.lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+                "optim.betas": (
+                    lambda v: (
+                        isinstance(v, list | tuple)
+                        and len(v) == 2
+                        and all(isinstance(b, int | float) and 0 <= b < 1 for b in v)
+                    ),
+                    "two numbers in [0, 1), e.g. [0.9, 0.999]",
+                ),
+                "loss.weight": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+                "scheduler.gamma": (
+                    lambda v: isinstance(v, int | float) and 0 < v <= 1,
+                    "in (0, 1]: the factor the learning rate is multiplied by at each milestone",
+                ),
+                "scheduler.decay_at": (
+                    lambda v: isinstance(v, int | float) and 0 < v <= 1,
+                    "in (0, 1]: the fraction of trainer.epochs after which the learning rate drops",
+                ),
+                "model.scan.backend": one_of(*BACKENDS),
+                "evaluator.mode": one_of(*METRIC_MODES),
+                "evaluator.map_dtype": one_of("float16", "float32"),
                 "optim.weight_decay": number_at_least(0),
                 "optim.no_decay": one_of("ader", "flagged"),
                 "model.sigma": number_at_least(0),

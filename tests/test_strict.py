@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import model.ops.selective_scan
 import run
 from trainer.run_folder import RunLock, read_status
 from util.checkpoint import atomic_save
@@ -54,6 +55,17 @@ def _overrides(data_root: Path, out: Path, epochs: int = 1) -> list[str]:
         ("model.depths=[1,2,2,2]", "model.depths"),
         ("data.image_size=80", "data.image_size"),  # the model would refuse it only when built
         ("data.image_size=32", "data.image_size"),
+        # values that trained to chance without a word (issue 26)
+        ("loss.weight=-5", "loss.weight"),
+        ("loss.weight=0", "loss.weight"),
+        ("scheduler.gamma=-1", "scheduler.gamma"),
+        ("scheduler.gamma=0", "scheduler.gamma"),
+        ("scheduler.decay_at=1.5", "scheduler.decay_at"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.betas=[0.9,1.5]", "optim.betas"),
+        ("model.scan.backend=cuda_fast", "model.scan.backend"),  # failed at the first step before
+        ("evaluator.mode=official", "evaluator.mode"),
+        ("evaluator.map_dtype=float64", "evaluator.map_dtype"),
     ],
 )
 def test_bad_config_values_stop_before_any_work(
@@ -62,6 +74,29 @@ def test_bad_config_values_stop_before_any_work(
     assert run.main(["-c", CONFIG, f"output_dir={tmp_path}", override]) == 2
     err = capsys.readouterr().err
     assert f"{key}=" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir()), "a run folder was created for a config that cannot run"
+
+
+@pytest.mark.parametrize(
+    ("backend", "reason"),
+    [("mamba_ssm", "needs a CUDA device"), ("triton", "needs a CUDA device")],
+)
+def test_a_scan_backend_this_machine_cannot_run_stops_before_any_work(
+    backend: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would run triton on CPUs
+    from model.ops import selective_scan_triton
+
+    monkeypatch.setattr(selective_scan_triton, "INTERPRET", False)
+    model.ops.selective_scan._triton_available.cache_clear()
+    try:
+        args = ["-c", CONFIG, f"output_dir={tmp_path}", "device=cpu", f"model.scan.backend={backend}"]
+        assert run.main(args) == 2
+    finally:
+        model.ops.selective_scan._triton_available.cache_clear()
+    err = capsys.readouterr().err
+    assert f"model.scan.backend={backend} cannot run here: it {reason}" in err and "Traceback" not in err
+    assert "model.scan.backend=auto" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir()), "a run folder was created for a config that cannot run"
 
 

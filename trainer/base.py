@@ -20,7 +20,7 @@ from data.loaders import build_loaders
 from evaluation import EVALUATORS
 from loss import LOSSES
 from model.build import build_model
-from model.ops.selective_scan import prepare_cpu
+from model.ops.selective_scan import available_backends, backend_problem, prepare_cpu
 from trainer.checkpointing import CheckpointMixin
 from trainer.optim import OPTIMIZERS, SCHEDULERS
 from trainer.rng import (
@@ -94,6 +94,13 @@ class TrainerBase(CheckpointMixin):
             self.device,
             f" x {self.dist.world_size} processes (torchrun)" if self.dist.distributed else "",
         )
+        backend = cfg.model.scan.backend
+        problem = backend_problem(backend, self.device)
+        if problem:
+            raise ConfigError(
+                f"model.scan.backend={backend} cannot run here: {problem}. Use model.scan.backend=auto "
+                f"(the fastest this machine has: {', '.join(available_backends())})"
+            )
         self.micro_batch = self._micro_batch()
         seed_everything(cfg.seed)  # identical model initialisation on every rank
         self.train_loader, self.test_loader = build_loaders(

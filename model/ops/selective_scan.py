@@ -84,6 +84,30 @@ def _triton_available() -> bool:
     return TRITON_AVAILABLE and (INTERPRET or torch.cuda.is_available())
 
 
+BACKENDS = ("auto", "mamba_ssm", "triton", "cpu", "chunked", "ref", "export")
+
+
+def backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` on this machine, or None when it can."""
+    if backend not in BACKENDS:
+        return f"no such backend; use one of {', '.join(BACKENDS)}"
+    if backend == "auto" or backend in _PURE_BACKENDS:
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the Numba kernels take CPU tensors, not {device}"
+        return None if _numba_available() else "it needs numba (pip install numba)"
+    if device.type != "cuda":
+        interpreted = backend == "triton" and _triton_available()
+        return None if interpreted else f"it needs a CUDA device, and this run computes on {device}"
+    if backend == "triton":
+        return None if _triton_available() else "it needs the triton package"
+    if _mamba_ssm_kernel() is None:
+        why = f" ({_MAMBA_SSM_IMPORT_ERROR[0]})" if _MAMBA_SSM_IMPORT_ERROR else ""
+        return f"it needs the mamba-ssm package built for this machine's CUDA and PyTorch{why}"
+    return None
+
+
 def available_backends() -> list[str]:
     """Backends usable on this machine (``mamba_ssm`` only with CUDA and the package,
     ``triton`` only with triton and CUDA or its interpreter, ``cpu`` only with numba)."""
