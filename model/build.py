@@ -38,7 +38,14 @@ def build_model(
     m = cfg.model
     full = bool(m.checkpoint)
     kwargs = model_kwargs(cfg)
-    if full or teacher_pretrained is False:  # the checkpoint holds the teacher / a random one is asked for
+    if full:  # the checkpoint holds the teacher: neither downloaded nor read from its own file
+        kwargs["teacher"] = {
+            **kwargs["teacher"],
+            "pretrained": False,
+            "checkpoint": None,
+            "from_model_checkpoint": True,
+        }
+    elif teacher_pretrained is False:  # a random teacher is asked for
         kwargs["teacher"] = {**kwargs["teacher"], "pretrained": False, "checkpoint": None}
     elif teacher_pretrained:
         kwargs["teacher"] = {**kwargs["teacher"], "pretrained": True}

@@ -54,7 +54,9 @@ class MambaAD(nn.Module):
         self.sigma = float(sigma)
         self.teacher = options(TeacherOptions, {"name": teacher} if isinstance(teacher, str) else teacher)
         t = self.teacher
-        self.net_t = build_teacher(t.name, pretrained=t.pretrained, checkpoint=t.checkpoint, log=log)
+        self.net_t = build_teacher(
+            t.name, t.pretrained, t.checkpoint, log=log, from_model_checkpoint=t.from_model_checkpoint
+        )
         channels = list(self.net_t.feature_info.channels())
         if len(channels) != 3:
             raise ValueError(f"teacher must yield 3 feature maps, got channels {channels}")

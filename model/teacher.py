@@ -156,6 +156,9 @@ class TeacherOptions:
     pretrained: bool = False
     checkpoint: str | None = None
     calibrate_batches: int = 8
+    # set by model.build.build_model, not a config key: a full model checkpoint (model.checkpoint)
+    # brings the teacher's weights after the model is built
+    from_model_checkpoint: bool = False
 
 
 def build_teacher(
@@ -164,6 +167,7 @@ def build_teacher(
     checkpoint: str | Path | None = None,
     out_indices: Sequence[int] = (1, 2, 3),
     log: Callable[[str], object] = print,
+    from_model_checkpoint: bool = False,
 ) -> nn.Module:
     """Build the frozen timm feature extractor ``name`` returning ``len(out_indices)`` maps.
 
@@ -171,7 +175,8 @@ def build_teacher(
     (``resnet34.bt_in1k``, the authors' file; see :data:`AUTHORS_TEACHER_TAGS`). Weights:
     ``checkpoint`` (local file) wins over ``pretrained`` (timm hub download, which fails offline
     with an explanatory error; the resolved tag and file are logged); with neither, weights stay
-    random and a WARNING is logged. The returned module exposes ``feature_info.channels()``.
+    random and a WARNING is logged, unless ``from_model_checkpoint`` says that a full model
+    checkpoint loads them after building. The returned module exposes ``feature_info.channels()``.
     """
     out_indices = tuple(int(i) for i in out_indices)
     if checkpoint is not None:
@@ -196,7 +201,10 @@ def build_teacher(
         teacher = timm.create_model(
             name, features_only=True, out_indices=out_indices, pretrained=False, zero_init_last=False
         )
-        teacher.is_random = True
+        teacher.is_random = not from_model_checkpoint
+        if from_model_checkpoint:
+            log(f"teacher '{name}': weights from the model checkpoint (model.checkpoint)")
+            return freeze(teacher)
         log(
             f"teacher '{name}' has RANDOM weights (no checkpoint, pretrained=False). "
             "Training and evaluation will run, but anomaly scores will be much worse than the "

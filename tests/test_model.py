@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -668,3 +669,24 @@ def test_hybrid_scan_shares_directions() -> None:
         SS2D(d_model=8, size=4, scan_method="scan+zorder+zigzag+hilbert", num_directions=4)
     with pytest.raises(ValueError, match="scan_method"):
         SS2D(d_model=8, size=4, scan_method="hilbert+hilbert", num_directions=8)
+
+
+def test_no_random_teacher_warning_when_the_model_checkpoint_brings_the_teacher(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from model.build import build_model
+
+    small = ["model.depths=[2,2,2,2]", "model.teacher.name=resnet18", "data.image_size=64"]
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs/mambaad_demo.py", small)
+    log = logging.getLogger("test_teacher_warning")
+    with caplog.at_level(logging.INFO, logger="test_teacher_warning"):
+        torch.save(build_model(cfg, log).state_dict(), tmp_path / "net.pth")
+    assert "RANDOM weights" in caplog.text  # the demo's teacher is random: the warning is due
+    caplog.clear()
+    cfg.model.checkpoint = str(tmp_path / "net.pth")
+    with caplog.at_level(logging.INFO, logger="test_teacher_warning"):
+        model = build_model(cfg, log)
+    assert "RANDOM" not in caplog.text and "weights from the model checkpoint" in caplog.text
+    assert not model.net_t.is_random
