@@ -19,7 +19,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,12 +264,49 @@ def _check_meta(meta: Any, path: Path, root: Path, allow_absolute_paths: bool = 
                             f"{where}[{i}]: mask file {root / mask} of {item['img_path']} does not "
                             f"exist; restore it or fix 'mask_path'"
                         )
-    for cls_name in sorted(set().union(*(meta[s] for s in (*SPLITS, *_extra_train_splits(meta, path))))):
+    problems = content_problems(meta, _extra_train_splits(meta, path))
+    if problems:
+        more = (
+            f" ({len(problems) - 1} more: tools/prepare_data.py --check lists them)"
+            if len(problems) > 1
+            else ""
+        )
+        raise DataError(f"{path}: {problems[0]}{more}")
+
+
+def content_problems(meta: Meta, extra_train_splits: Sequence[str] = ()) -> list[str]:
+    """What a structurally sound meta dict says wrongly, each naming the item and the fix: an item
+    listed under another class than its ``cls_name`` (it would be scored as that one), an
+    anomalous training image, a class without training or without test images. Training and
+    ``tools/prepare_data.py --check`` refuse the same things."""
+    problems = []
+    for split in ("train", "test", *extra_train_splits):
+        for cls_name, items in meta[split].items():
+            for i, item in enumerate(items):
+                where = f"[{split!r}][{cls_name!r}][{i}] ({item['img_path']})"
+                if item["cls_name"] != cls_name:
+                    problems.append(
+                        f"{where} has cls_name {item['cls_name']!r} but is listed under class "
+                        f"{cls_name!r}, so it would be scored as {item['cls_name']!r}; move it under its "
+                        f"class or correct its cls_name"
+                    )
+                if item["anomaly"] == 1 and split == "train":
+                    problems.append(
+                        f"{where} is anomalous, but training images must be normal (the model learns "
+                        f"what normal looks like); move it to 'test' or mark it normal"
+                    )
+    for cls_name in sorted(set().union(*(meta[s] for s in ("train", "test", *extra_train_splits)))):
         if not meta["train"].get(cls_name):
-            raise DataError(
-                f"{path}: class {cls_name!r} has no training images; add them under 'train' or drop "
-                f"the class (data.cls_names)"
+            problems.append(
+                f"class {cls_name!r} has no training images; add normal images under 'train' (its "
+                f"training folder) or drop the class (data.cls_names)"
             )
+        if not meta["test"].get(cls_name):
+            problems.append(
+                f"class {cls_name!r} has no test images, so no result would be reported for it; add "
+                f"them under 'test' or drop the class (data.cls_names)"
+            )
+    return problems
 
 
 def _extra_train_splits(meta: dict[str, Any], path: Path) -> list[str]:

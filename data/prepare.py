@@ -25,6 +25,7 @@ from data.meta import (
     TRAIN_EXTRA_SPLITS,
     DataError,
     Meta,
+    content_problems,
     image_files,
     make_item,
     mvtec_classes,
@@ -335,12 +336,7 @@ def validate_meta(root: Path, meta: Meta, progress: bool = True, workers: int | 
     problems = structure_problems(meta)
     if problems:
         return problems
-    for cls_name in sorted(set(meta["train"]) | set(meta["test"])):
-        if not meta["train"].get(cls_name):
-            problems.append(
-                f"class {cls_name!r} has no training images; add normal images to its training folder "
-                f"or remove the class"
-            )
+    problems += content_problems(meta, [s for s in _splits(meta) if s not in ("train", "test")])
     items = [(split, it) for split in _splits(meta) for c in sorted(meta[split]) for it in meta[split][c]]
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         checked = pool.map(lambda job: _item_problems(root, *job), items)

@@ -204,7 +204,21 @@ def _meta_with(root: Path, mutate) -> None:
     [
         (lambda m: m["test"]["bottle"][0].pop("specie_name"), r"\['test'\]\['bottle'\]\[0\] lacks key"),
         (lambda m: m["train"].update(bottle=[]), "class 'bottle' has no training images"),
-        (lambda m: m["test"].update(cable=m["test"]["bottle"]), "class 'cable' has no training images"),
+        (
+            lambda m: m["test"].update(cable=[{**it, "cls_name": "cable"} for it in m["test"]["bottle"]]),
+            "class 'cable' has no training images",
+        ),
+        # meta.json faults that trained or scored silently before (issue 26)
+        (
+            lambda m: m["test"].update(cable=m["test"]["bottle"]),
+            r"has cls_name 'bottle' but is listed under class 'cable'",
+        ),
+        (
+            lambda m: m["train"]["bottle"].append(m["test"]["bottle"][0]),
+            r"\['train'\]\['bottle'\]\[\d+\] \(bottle/test/.*\) is anomalous, but training images must",
+        ),
+        (lambda m: m["test"].update(bottle=[]), "class 'bottle' has no test images"),
+        (lambda m: m.update(test={}), "class 'bottle' has no test images"),
         (lambda m: m["test"]["bottle"][0].update(mask_path=""), "anomalous but has an empty 'mask_path'"),
         (lambda m: m["test"]["bottle"][0].update(mask_path="gone.png"), r"mask file .*gone\.png .*not exist"),
         (lambda m: m.pop("test"), "top level must be an object"),

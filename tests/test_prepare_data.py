@@ -185,7 +185,8 @@ def test_bad_inputs_are_all_reported(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "001.png has no mask; add it to the ground-truth folder" in err
     assert "002_mask.png is 8x8 but image" in err and "resize or replace the mask" in err
     assert "class 'empty' has no training images" in err
-    assert "6 problem(s) found" in err
+    assert "class 'empty' has no test images" in err  # no result could be reported for it
+    assert "7 problem(s) found" in err
 
 
 def _btad(root: Path) -> Path:
@@ -389,3 +390,26 @@ def test_coco_bad_annotations(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     train_path.write_text(json.dumps({**train, "categories": train["categories"][:79]}))
     assert main(["--dataset", "coco", "--root", str(root), "--split", "0", "--no-progress"]) == 1
     assert "needs the 80 COCO categories, found 79" in capsys.readouterr().err
+
+
+def test_check_refuses_what_training_refuses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # --check and training read the same rules (data.meta.content_problems): a misfiled item, an
+    # anomalous training image and a class without test images, each named with its fix
+    from data.meta import DataError, load_meta
+
+    root = tmp_path / "data"
+    _mvtec(root, "a")
+    _mvtec(root, "b")
+    rc, meta = _run(tmp_path, "--dataset", "mvtec", "--root", str(root))
+    assert rc == 0
+    meta["test"]["b"].append(meta["test"]["a"][0])  # cls_name 'a' under class 'b'
+    meta["train"]["a"].append(next(it for it in meta["test"]["a"] if it["anomaly"]))
+    for path in (tmp_path / "meta_out.json", root / "meta.json"):  # what --check and training read
+        path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert _run(tmp_path, "--dataset", "mvtec", "--root", str(root), "--check")[0] == 1
+    err = capsys.readouterr().err
+    assert "has cls_name 'a' but is listed under class 'b'" in err
+    assert "is anomalous, but training images must be normal" in err and "2 problem(s) found" in err
+    with pytest.raises(DataError, match=r"training images must be normal.*\(1 more: tools/prepare_data"):
+        load_meta(root)
