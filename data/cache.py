@@ -29,7 +29,7 @@ import numpy as np
 from data.meta import DataError
 
 CACHE_MODES = ("memory", "npy")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images and masks turned upright by their EXIF orientation
 Decoded = tuple[np.ndarray, np.ndarray | None]  # RGB uint8 [H, W, 3], bool mask [H, W] or None
 
 

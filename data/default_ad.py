@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from data import as_hw
 from data.cache import CACHE_MODES, ImageCache, cache_key
 from data.meta import DataError, load_meta, select_classes, with_extra_train_splits
+from data.orientation import upright, upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +29,8 @@ _RESAMPLE = Image.Resampling.BILINEAR
 
 
 def _open(path: str, what: str) -> Image.Image:
-    """Open and fully decode ``path``; any failure becomes a DataError naming the file."""
+    """Open and fully decode ``path``, turned upright (EXIF orientation, :mod:`data.orientation`);
+    any failure becomes a DataError naming the file."""
     try:
         im = Image.open(path)
         try:
@@ -46,8 +48,8 @@ def _open(path: str, what: str) -> Image.Image:
     if getattr(im, "fp", None) is not None:  # multi-frame formats keep their file open after load()
         frame = im.copy()
         im.close()
-        return frame
-    return im
+        im = frame
+    return upright(im)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -112,9 +114,10 @@ def _rgb_to_tensor(rgb: np.ndarray, normalize: bool) -> torch.Tensor:
 def image_to_tensor(
     im: Image.Image, image_size: int | tuple[int, int], normalize: bool = True
 ) -> torch.Tensor:
-    """A decoded PIL image (any mode) as float32 [3, H, W], exactly as :func:`load_image` prepares files."""
+    """A decoded PIL image (any mode) as float32 [3, H, W], exactly as :func:`load_image` prepares files
+    (turned upright by its EXIF orientation)."""
     h, w = as_hw(image_size)
-    im = _to_rgb(im)
+    im = _to_rgb(upright(im))
     if im.size != (w, h):
         im = im.resize((w, h), _RESAMPLE)
     return _rgb_to_tensor(np.asarray(im), normalize)
@@ -304,7 +307,7 @@ def _check_mask_sizes(items: list[tuple[str, str, str, str, int]], meta_path: Pa
             continue
         try:
             with Image.open(img_path) as im, Image.open(mask_path) as mim:
-                size, msize = im.size, mim.size
+                size, msize = upright_size(im), upright_size(mim)
         except (OSError, SyntaxError, ValueError):
             continue
         if size != msize:

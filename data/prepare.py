@@ -32,6 +32,7 @@ from data.meta import (
     read_json,
     walk_mvtec_class,
 )
+from data.orientation import upright_size
 
 PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 Parsed = tuple[Meta, list[str]]
@@ -272,7 +273,7 @@ def _size(path: Path) -> tuple[tuple[int, int] | None, str]:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.size, ""
+            return upright_size(im), ""
     except Exception as err:  # Pillow raises many types for corrupt files
         return None, f"cannot be decoded ({type(err).__name__}: {err})"
 

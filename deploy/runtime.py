@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from data.orientation import upright
+
 ImageInput = str | Path | Image.Image | np.ndarray
 METADATA_FILE = "model.json"
 MODEL_FILES = ("model.onnx", "model.xml")
@@ -65,7 +67,7 @@ def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return upright(im.copy())
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image {path} does not exist") from err
     except Exception as err:  # Pillow reports damaged files with many exception types
@@ -89,7 +91,7 @@ def read_image(image: ImageInput, size: tuple[int, int] | None) -> np.ndarray:
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"cannot predict on {type(image).__name__}; pass paths, PIL images or uint8 arrays")
-    image = to_rgb(image)
+    image = to_rgb(upright(image))
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)

@@ -355,3 +355,43 @@ def test_load_image_matches_the_dataset_pipeline(tmp_path: Path) -> None:
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     assert torch.allclose((raw - mean) / std, item["img"], atol=1e-5)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_turns_camera_photos_upright_everywhere(tmp_path: Path, orientation: int) -> None:
+    # a 16x24 photo as the viewer shows it: a bright top-left corner, the mask drawn on it there;
+    # the file stores the pixels turned (as cameras do) with the EXIF tag that turns them back
+    from PIL import ImageOps
+
+    from data.default_ad import load_image
+    from data.orientation import upright, upright_size
+    from deploy.runtime import read_image
+    from mambaad import prepare_image
+
+    shown = np.zeros((16, 24, 3), np.uint8)
+    shown[:6, :8] = 250
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:6, :8] = 255
+    inverse = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    stored = Image.fromarray(shown).transpose(inverse[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    root = write_single(tmp_path / "d", rgb(), mask)
+    photo = root / "c" / "test" / "x" / "000.png"
+    stored.save(photo, exif=exif)
+    with Image.open(photo) as im:
+        assert im.size != (24, 16) or orientation == 3  # stored turned
+        assert upright_size(im) == (24, 16)
+        assert np.array_equal(np.asarray(upright(im)), np.asarray(ImageOps.exif_transpose(im)))
+        assert np.array_equal(np.asarray(upright(im)), shown)
+
+    item = read_test_item(root, size=8)  # mask and image line up: the check of their sizes passes
+    expected = torch.zeros(8, 8)
+    expected[:3, :3] = 1  # rows 0-5 of 16 and columns 0-7 of 24, at 8x8
+    assert torch.equal(item["img_mask"][0], expected)
+    bright = item["img"].mean(0)
+    assert bright[:2, :2].min() > bright[5:, 5:].max()  # the bright corner is top-left, as shown
+    assert torch.equal(item["img"], load_image(photo, 8))
+    with Image.open(photo) as im:  # a PIL image from the user: turned as well, scores the same
+        assert torch.equal(prepare_image(im, (8, 8)), load_image(photo, 8))
+    assert np.array_equal(read_image(photo, None), shown)  # the runtime without PyTorch
