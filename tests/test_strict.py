@@ -16,7 +16,7 @@ import torch
 
 import model.ops.selective_scan
 import run
-from trainer.run_folder import RunLock, read_status
+from trainer.run_folder import RunLock, read_status, write_status
 from util.checkpoint import atomic_save
 from util.errors import DiskFullError, UserError, is_disk_full, report
 from util.progress import Progress
@@ -171,7 +171,23 @@ def test_resume_with_other_values_is_refused_listing_the_keys(
     assert run.main(["-c", CONFIG, *resume, "model.depths=[3,2,2,2]", "trainer.resume_changes=True"]) == 2
     assert "model.depths" in capsys.readouterr().err
     assert not (run_dir / "resume_changes.json").exists()
-    assert read_status(run_dir)["state"] == "failed"  # the refused resumes are recorded
+    # a refused resume changes nothing: the finished run stays finished (it was marked failed)
+    assert read_status(run_dir)["state"] == "finished"
+    assert "resume refused or failed before training, run unchanged" in (run_dir / "log.txt").read_text()
+
+
+def test_a_refused_resume_of_a_folder_that_is_no_run_leaves_it_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert run.main(["-c", CONFIG, f"output_dir={out}", f"trainer.resume={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert f"trainer.resume={folder} holds no ckpt.pth" in err and "Traceback" not in err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]  # no .lock left behind (it was)
+    assert not out.exists()
 
 
 def test_resume_with_more_epochs_records_the_change(
@@ -273,3 +289,20 @@ def test_progress_writes_lines_not_bars_when_not_a_terminal() -> None:
     quiet: list[str] = []
     list(Progress(range(5), "test", lambda fmt, *a: quiet.append(fmt % a), terminal=False))
     assert len(quiet) == 1  # only the closing line within a minute
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_marked_failed_on_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # as SIGKILL leaves it during the first epoch: config.json, status "running", no ckpt.pth
+    run_dir = tmp_path / "runs" / "demo_20261207-010101"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    write_status(run_dir, "running", mode="train")
+    args = ["-c", CONFIG, f"output_dir={tmp_path / 'runs'}", f"trainer.resume={run_dir}"]
+    assert run.main(args) == 2
+    err = capsys.readouterr().err
+    assert "it stopped before its first checkpoint, so there is nothing to resume" in err
+    assert "start the run again without trainer.resume" in err and "Traceback" not in err
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and "start the run again" in status["error"]

@@ -29,7 +29,7 @@ from trainer.rng import (
     full_fp32,
     seed_everything,
 )
-from trainer.run_folder import RunLock, check_resume_config, new_run_dir, write_status
+from trainer.run_folder import RunLock, check_resumable, check_resume_config, new_run_dir, write_status
 from util.config import BaseConfig, ConfigError, save_config
 from util.distributed import broadcast_object, init_distributed, wrap_ddp
 from util.logger import get_logger
@@ -66,6 +66,8 @@ class TrainerBase(CheckpointMixin):
         elif t.fast_cuda and self.device.type == "cuda":
             enable_fast_cuda()
         self.resuming = mode == "train" and bool(t.resume)
+        if self.resuming:
+            check_resumable(Path(t.resume))  # before the lock: a refused folder is left as it was
         self.lock = RunLock(t.resume) if self.resuming and self.dist.is_main else None
         if self.lock is not None:
             self.lock.acquire()  # before anything is read: another process may be writing there
@@ -136,11 +138,12 @@ class TrainerBase(CheckpointMixin):
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
 
     def _set_up_failed(self, err: BaseException) -> None:
-        """A new run whose set-up failed leaves no folder; a resumed one is marked as failed."""
+        """A new run whose set-up failed leaves no folder; a resume that did not start leaves the
+        run's ``status.json`` as it was (a finished run stays finished) and logs why."""
         if not self.dist.is_main:
             return
         if self.resuming:
-            write_status(self.run_dir, "failed", error=f"{type(err).__name__}: {err}")
+            self.log.error("resume refused or failed before training, run unchanged: %s", err)
             self.lock.release()
             return
         for handler in list(self.log.handlers):
@@ -164,12 +167,7 @@ class TrainerBase(CheckpointMixin):
 
     def _make_run_dir(self) -> Path:
         if self.resuming:
-            run_dir = Path(self.cfg.trainer.resume)
-            if not (run_dir / "ckpt.pth").is_file():
-                raise ConfigError(
-                    f"trainer.resume={run_dir}: no ckpt.pth there; pass the run folder of an earlier training"
-                )
-            return run_dir
+            return Path(self.cfg.trainer.resume)
         suffix = "" if self.mode == "train" else f"_{self.mode}"
         return new_run_dir(self.cfg.output_dir, f"{self.cfg.name}{suffix}")
 

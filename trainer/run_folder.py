@@ -129,6 +129,32 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_resumable(run_dir: Path) -> None:
+    """Refuse ``trainer.resume=run_dir`` unless it is the folder of an earlier training (``ckpt.pth``).
+
+    A run folder without a checkpoint belongs to a run that died before its first one (killed, out
+    of memory): nothing can be resumed. If its ``status.json`` still says ``running`` and no
+    process holds its lock, it is marked ``failed`` with that reason.
+    """
+    if not (run_dir / "ckpt.pth").is_file() and (run_dir / "config.json").is_file():
+        reason = "it stopped before its first checkpoint, so there is nothing to resume"
+        if (read_status(run_dir) or {}).get("state") == "running":
+            try:
+                lock = RunLock(run_dir).acquire()
+            except RunFolderBusyError:
+                reason = "it is still running and has not written its first checkpoint yet"
+            else:
+                write_status(run_dir, "failed", error=f"{reason}; start the run again")
+                lock.release()
+        raise ConfigError(f"trainer.resume={run_dir}: {reason}; start the run again without trainer.resume")
+    if not (run_dir / "ckpt.pth").is_file():
+        what = "does not exist" if not run_dir.exists() else "holds no ckpt.pth"
+        raise ConfigError(
+            f"trainer.resume={run_dir} {what}; pass the run folder of an earlier training "
+            f"(runs/<config>_<timestamp>, the folder that holds ckpt.pth)"
+        )
+
+
 def check_resume_config(cfg: BaseConfig, run_dir: Path, log: logging.Logger, write: bool = True) -> None:
     """Refuse a resume whose effective config differs from the saved run's.
 
