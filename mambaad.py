@@ -18,7 +18,7 @@ when a PyTorch model is loaded, so that path runs where torch is not installed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,6 +133,8 @@ def prepare_image(image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"cannot predict on {type(image).__name__}; pass paths, PIL images or uint8 arrays")
+    if 0 in image.size:
+        raise ValueError(f"cannot predict on an empty image ({image.size[0]}x{image.size[1]} pixels)")
     return image_to_tensor(image, size)
 
 
@@ -157,6 +159,13 @@ def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_si
     """
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
+    if not isinstance(images, Sequence | Iterable) or isinstance(images, bytes):
+        raise TypeError(
+            f"predict takes an image or a list of images (paths, PIL images, uint8 arrays), "
+            f"got {type(images).__name__}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive whole number of images, got {batch_size!r}")
     images = list(images)
     if not images:
         raise ValueError("predict needs at least one image")

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from data import as_hw
 from data.cache import CACHE_MODES, ImageCache, cache_key
 from data.meta import DataError, load_meta, select_classes, with_extra_train_splits
-from data.orientation import upright, upright_size
+from data.pil_image import to_rgb, upright, upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +29,7 @@ _RESAMPLE = Image.Resampling.BILINEAR
 
 
 def _open(path: str, what: str) -> Image.Image:
-    """Open and fully decode ``path``, turned upright (EXIF orientation, :mod:`data.orientation`);
+    """Open and fully decode ``path``, turned upright (EXIF orientation, :mod:`data.pil_image`);
     any failure becomes a DataError naming the file."""
     try:
         im = Image.open(path)
@@ -50,23 +50,6 @@ def _open(path: str, what: str) -> Image.Image:
         im.close()
         im = frame
     return upright(im)
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; 16/32-bit integer and float images are rescaled, not clipped."""
-    if im.mode == "RGB":
-        return im
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im).astype(np.float32)
-        scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or arr.max() <= 65535 else 255.0 / arr.max()
-        gray = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        scale = 255.0 if arr.max() <= 1.0 else 1.0
-        gray = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    return im.convert("RGB")
 
 
 def _binarise_mask(im: Image.Image) -> np.ndarray:
@@ -93,7 +76,7 @@ def _binarise_mask(im: Image.Image) -> np.ndarray:
 
 def _read_rgb(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB uint8 array [H, W, 3] resized to ``size`` (H, W), and the file's own (width, height)."""
-    im = _to_rgb(_open(path, "image"))
+    im = to_rgb(_open(path, "image"))
     src_size = im.size
     if im.size != (size[1], size[0]):
         im = im.resize((size[1], size[0]), _RESAMPLE)
@@ -117,7 +100,7 @@ def image_to_tensor(
     """A decoded PIL image (any mode) as float32 [3, H, W], exactly as :func:`load_image` prepares files
     (turned upright by its EXIF orientation)."""
     h, w = as_hw(image_size)
-    im = _to_rgb(upright(im))
+    im = to_rgb(upright(im))
     if im.size != (w, h):
         im = im.resize((w, h), _RESAMPLE)
     return _rgb_to_tensor(np.asarray(im), normalize)

@@ -32,7 +32,7 @@ from data.meta import (
     read_json,
     walk_mvtec_class,
 )
-from data.orientation import upright_size
+from data.pil_image import upright_size
 
 PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 Parsed = tuple[Meta, list[str]]

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from data.orientation import upright
+from data.pil_image import to_rgb, upright
 
 ImageInput = str | Path | Image.Image | np.ndarray
 METADATA_FILE = "model.json"
@@ -44,23 +44,6 @@ class Prediction(NamedTuple):
 
     maps: np.ndarray
     scores: np.ndarray
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode as 8-bit RGB; 16/32-bit and float images are rescaled (as the training data loader)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im).astype(np.float32)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
-        gray = np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        factor = 255.0 if arr.max() <= 1.0 else 1.0
-        gray = np.clip(arr * factor + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    return im.convert("RGB")
 
 
 def _open(path: Path) -> Image.Image:

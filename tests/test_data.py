@@ -364,7 +364,7 @@ def test_exif_orientation_turns_camera_photos_upright_everywhere(tmp_path: Path,
     from PIL import ImageOps
 
     from data.default_ad import load_image
-    from data.orientation import upright, upright_size
+    from data.pil_image import upright, upright_size
     from deploy.runtime import read_image
     from mambaad import prepare_image
 

@@ -95,3 +95,54 @@ def test_output_that_is_a_file_or_would_overwrite_inputs_is_refused(
     (inputs / "broken.png").write_bytes(before[:40])  # truncated: a clean error naming the file
     assert predict.main([*args, str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot read image file {inputs}")
+
+
+def test_an_output_folder_inside_the_input_folder_is_no_input(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = tmp_path / "photos"
+    _image(inputs / "a.png", 0)
+    _image(inputs / "b.png", 1)
+    args = ["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(inputs / "pred")]
+    assert predict.main(args) == 0
+    assert predict.main(args) == 0  # again: its own overlays pred/a.png, pred/b.png are not scored
+    rows = list(csv.DictReader((inputs / "pred" / "scores.csv").read_text().splitlines()))
+    assert sorted(r["image"] for r in rows) == ["a.png", "b.png"]
+    assert not (inputs / "pred" / "pred").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--vmin", "2", "--vmax", "1"], "--vmin 2 must be below --vmax 1"),
+        (["--vmin", "1", "--vmax", "1"], "--vmin 1 must be below --vmax 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ],
+)
+def test_bad_options_are_one_paragraph(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    _image(tmp_path / "in" / "a.png", 0)
+    args = ["--checkpoint", str(run_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    assert predict.main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_api_refuses_what_it_cannot_score_and_keeps_8_bit_values(run_dir: Path) -> None:
+    from mambaad import load_model, prepare_image
+    from mambaad import predict as api_predict
+
+    model = load_model(run_dir)
+    with pytest.raises(ValueError, match="batch_size must be a positive whole number"):
+        api_predict(model, [np.zeros((8, 8, 3), np.uint8)], batch_size=0)
+    with pytest.raises(TypeError, match="takes an image or a list of images"):
+        api_predict(model, 5)
+    with pytest.raises(ValueError, match=r"empty image \(0x0 pixels\)"):
+        api_predict(model, np.zeros((0, 0, 3), np.uint8))
+    gray = np.arange(64, dtype=np.int32).reshape(8, 8) * 4  # 8-bit values held in 32-bit mode "I"
+    as_i = Image.fromarray(gray)
+    assert as_i.mode == "I"
+    as_l = Image.fromarray(gray.astype(np.uint8))
+    assert torch.equal(prepare_image(as_i, (8, 8)), prepare_image(as_l, (8, 8)))  # was 257x darker

@@ -53,6 +53,22 @@ def list_images(path: Path) -> list[Path]:
     return files
 
 
+def without_outputs(files: list[Path], root: Path, output: Path, log: logging.Logger) -> list[Path]:
+    """``files`` (found below ``root``) without those below an ``output`` folder inside ``root``:
+    they are the overlays of an earlier run, not inputs. (``output`` equal to ``root`` is refused
+    later, by :func:`check_output`, since overlays would overwrite inputs.)"""
+    out = output.resolve()
+    if out == root.resolve():
+        return files
+    kept = [p for p in files if not p.resolve().is_relative_to(out)]
+    if len(kept) < len(files):
+        skipped = len(files) - len(kept)
+        log.info("--output %s lies inside --input: its %d image(s) are not inputs", output, skipped)
+    if not kept:
+        raise FileNotFoundError(f"--input holds no images outside --output {output}")
+    return kept
+
+
 def relative_inputs(files: list[Path], root: Path) -> list[Path]:
     """Each input's path below ``root`` (for a single file ``root``, its name)."""
     return [Path(p.name) if root.is_file() else p.relative_to(root) for p in files]
@@ -151,7 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
     try:
-        files = list_images(args.input)
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
+            raise UsageError(
+                f"--vmin {args.vmin:g} must be below --vmax {args.vmax:g} (the colour scale runs from "
+                f"--vmin, blue, to --vmax, red)"
+            )
+        files = without_outputs(list_images(args.input), args.input, args.output, log)
         relative = relative_inputs(files, args.input)
         bases = output_names(relative)
         npys = [with_extension(b, ".npy") for b in bases]
