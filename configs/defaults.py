@@ -108,9 +108,13 @@ class MambaADDefaults(BaseConfig):
             device="auto",  # exact metrics on cpu (numpy), cuda[:N] (torch) or auto (cuda when available)
         )
 
+    LIST_OR_NUMBER = ("data.image_size",)  # one side, or [height, width]
+
     def derive(self) -> None:
         """Recompute values that depend on others (called after command-line overrides)."""
         super().derive()
+        if isinstance(self.data.cls_names, str):  # data.cls_names=wood or =wood,weave on the command line
+            self.data.cls_names = [c.strip() for c in self.data.cls_names.split(",") if c.strip()]
         self.set_derived("data.batch_size_test", self.data.batch_size)
         self.set_derived("data.num_workers", min(4, os.cpu_count() or 1))
         self.set_derived("model.image_size", self.data.image_size)
@@ -201,7 +205,7 @@ class MambaADDefaults(BaseConfig):
                     lambda v: (
                         isinstance(v, list | tuple)
                         and len(v) > 0
-                        and all(isinstance(r, int) and r >= 1 and (r == 1 or r < side) for r in v)
+                        and all(isinstance(r, int) and r >= 1 and (r == 1 or r < side or not side) for r in v)
                     ),
                     f"a non-empty list of integer rates, each 1 or smaller than the "
                     f"{side}-pixel side of the 1/16-scale map (data.image_size / 16)",

@@ -132,3 +132,19 @@ def test_config_class_can_fix_a_derived_key(tmp_path: Path) -> None:
     assert cfg.data.num_workers == 0 and cfg.trainer.test_every == 7
     assert cfg.scheduler.milestones == [80]
     assert load_config(child, ["data.num_workers=3"]).data.num_workers == 3
+
+
+def test_command_line_forms_that_were_misread() -> None:
+    # data.cls_names=wood was read letter by letter; data.image_size=[64,96] was refused although
+    # the check's own message offers [height, width]
+    demo = "configs/mambaad_demo.py"
+    assert load_config(demo, ["data.cls_names=wood"]).data.cls_names == ["wood"]
+    assert load_config(demo, ["data.cls_names=wood,weave"]).data.cls_names == ["wood", "weave"]
+    assert load_config(demo, ["data.cls_names=['wood']"]).data.cls_names == ["wood"]
+    cfg = load_config(demo, ["data.image_size=[64,96]"])
+    assert cfg.data.image_size == [64, 96] and cfg.model.image_size == [64, 96]
+    with pytest.raises(ConfigError, match=r"data\.image_size=\[64, 80\] must be a multiple of 32") as err:
+        load_config(demo, ["data.image_size=[64,80]"])
+    assert "dilations" not in str(err.value)  # one fault, one complaint
+    with pytest.raises(ConfigError, match="expects a number"):
+        load_config(demo, ["trainer.epochs=[1,2]"])  # other number keys still take numbers only

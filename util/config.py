@@ -59,6 +59,10 @@ class BaseConfig(Section):
     def validate(self) -> None:
         """Check values (after ``derive``); raise :class:`ConfigError` naming every bad key and its fix."""
 
+    # dotted keys whose number may also be given as a list (e.g. an image size as [height, width]);
+    # ``validate`` checks the list
+    LIST_OR_NUMBER: tuple[str, ...] = ()
+
     def set_derived(self, key: str, value: Any) -> None:
         """Fill the derived value at dotted ``key`` unless it was already set.
 
@@ -198,7 +202,8 @@ def apply_overrides(cfg: BaseConfig, overrides: Sequence[str]) -> None:
         if isinstance(current, Section):
             raise ConfigError(f"{key!r} is a section; override one of its keys, e.g. {key}.<name>=...")
         parent, name = _resolve_parent(cfg, key)
-        setattr(parent, name, parse_value(text, current, key))
+        either = key in cfg.LIST_OR_NUMBER and text.strip().startswith(("[", "("))
+        setattr(parent, name, parse_value(text, None if either else current, key))
         cfg._overridden.add(key)
 
 
