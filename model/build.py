@@ -9,6 +9,7 @@ import torch
 
 from model import MODELS
 from model.official import load_weights
+from util.checkpoint import find_checkpoint
 from util.config import BaseConfig, Section
 
 
@@ -52,6 +53,6 @@ def build_model(
     model = MODELS.build(
         m.type, log=log.info if full or teacher_pretrained is False else log.warning, **kwargs
     )
-    if full:
-        load_weights(model, m.checkpoint, log=log.info)
+    if full:  # a run folder stands for its weights file
+        load_weights(model, find_checkpoint(m.checkpoint), log=log.info)
     return model

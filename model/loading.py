@@ -11,22 +11,10 @@ import torch
 
 from model.build import build_model
 from model.ops.selective_scan import prepare_cpu
+from util.checkpoint import find_checkpoint
 from util.config import BaseConfig, load_config
 from util.distributed import resolve_device
 from util.run_config import DEFAULT_CONFIG, load_run_config
-
-
-def find_checkpoint(source: str | Path) -> Path:
-    """The weights file of a run folder (its ``net.pth``, else ``ckpt.pth``) or the file itself."""
-    source = Path(source)
-    if source.is_dir():
-        checkpoint = next((p for p in (source / "net.pth", source / "ckpt.pth") if p.is_file()), None)
-        if checkpoint is None:
-            raise FileNotFoundError(f"run folder {source} holds neither net.pth nor ckpt.pth")
-        return checkpoint
-    if source.is_file():
-        return source
-    raise FileNotFoundError(f"{source} does not exist; pass a run folder or a .pth checkpoint")
 
 
 def load_network(

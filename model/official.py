@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from util.checkpoint import extract_state_dict, load_file
+from util.errors import UserError
 
 RENAMES = ((".conv1b7.", ".conv1b3."), (".conv1a7.", ".conv1a3."))
 INDEX_SUFFIXES = (".scans.index_flat", ".scans.index_flat_inv")
@@ -126,22 +127,28 @@ def _checked_index(key: str, stored: torch.Tensor, ours: torch.Tensor) -> torch.
     return stored.reshape(ours.shape).to(ours.dtype)
 
 
+class CheckpointMismatchError(UserError, RuntimeError):
+    """A weights file that does not fit the configured model; the message names the keys to check."""
+
+
 def load_weights(
     model: nn.Module, path: str | Path, log: Callable[[str], object] | None = None
 ) -> ConversionReport:
     """Load a checkpoint file (official or ours, any layout) into ``model`` strictly.
 
-    Raises ``RuntimeError`` naming the file, the offending keys and the config keys to check
-    when the file does not fit the model.
+    Raises :class:`CheckpointMismatchError` (a ``RuntimeError``) naming the file, the offending
+    keys and the config keys to check when the file does not fit the model.
     """
     state = extract_state_dict(load_file(path), path)
     try:
         converted, report = convert_state_dict(state, model.state_dict())
     except ValueError as err:
-        raise RuntimeError(f"model.checkpoint={path} does not match the configured model: {err}") from err
+        raise CheckpointMismatchError(
+            f"model.checkpoint={path} does not match the configured model: {err}"
+        ) from err
     if not report.ok:
         missing, unexpected = report.missing, report.unexpected
-        raise RuntimeError(
+        raise CheckpointMismatchError(
             f"model.checkpoint={path} does not match the configured model: "
             f"{len(missing)} missing keys (e.g. {', '.join(missing[:3]) or '-'}), "
             f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3]) or '-'}). {HINT}"
@@ -150,7 +157,7 @@ def load_weights(
         model.load_state_dict(converted, strict=True)
     except RuntimeError as err:  # shape mismatches
         details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
-        raise RuntimeError(
+        raise CheckpointMismatchError(
             f"model.checkpoint={path} does not match the configured model: {details}. {HINT}"
         ) from err
     if log is not None:

@@ -7,6 +7,7 @@ ImageNet weights matter a great deal. This machine is offline, hence the explici
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from util.checkpoint import load_file
+from util.errors import UserError
 
 OFFLINE_HINT = (
     "pass a local ImageNet checkpoint instead, e.g. "
@@ -37,6 +39,10 @@ AUTHORS_TEACHER_TAGS: dict[str, str] = {
 }
 
 
+class TeacherError(UserError, RuntimeError):
+    """The teacher cannot be built as configured (unknown name, weights not available)."""
+
+
 def resolve_weights(name: str) -> tuple[str, str]:
     """``(architecture.tag, weights file)`` that timm's ``pretrained=True`` loads for teacher ``name``.
 
@@ -45,7 +51,7 @@ def resolve_weights(name: str) -> tuple[str, str]:
     """
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
-        raise ValueError(f"timm has no pretrained weights for teacher {name!r}; check model.teacher.name")
+        raise TeacherError(f"timm has no pretrained weights for teacher {name!r}; check model.teacher.name")
     file = cfg.url.rsplit("/", 1)[-1] if cfg.url else (cfg.file or cfg.hf_hub_filename or cfg.hf_hub_id)
     return f"{cfg.architecture}.{cfg.tag}", str(file)
 
@@ -189,7 +195,7 @@ def build_teacher(
         try:
             teacher = timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=True)
         except Exception as exc:
-            raise RuntimeError(
+            raise TeacherError(
                 f"could not download pretrained weights for teacher '{name}' ({resolved}, {file}) from "
                 f"the timm hub ({type(exc).__name__}: {exc}). This machine is probably offline; "
                 + OFFLINE_HINT
@@ -198,6 +204,12 @@ def build_teacher(
     else:
         # Residual branches must not start as zero: timm zero-inits their last BN, which with
         # random weights would leave only strided 1x1 shortcuts (subsampling, blind between pixels).
+        if not timm.is_model(name.split(".")[0]):
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
+            raise TeacherError(
+                f"model.teacher.name={name!r} is no timm model"
+                + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()")
+            )
         teacher = timm.create_model(
             name, features_only=True, out_indices=out_indices, pretrained=False, zero_init_last=False
         )

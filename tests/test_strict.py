@@ -306,3 +306,29 @@ def test_a_run_that_died_before_its_first_checkpoint_is_marked_failed_on_resume(
     assert "start the run again without trainer.resume" in err and "Traceback" not in err
     status = read_status(run_dir)
     assert status["state"] == "failed" and "start the run again" in status["error"]
+
+
+def test_model_and_device_errors_are_one_paragraph(
+    finished_run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, args = finished_run
+    # -m test on a run folder: its weights file is taken (it said the folder did not exist)
+    test = ["-c", CONFIG, "-m", "test", *args, f"output_dir={tmp_path / 't'}", f"model.checkpoint={run_dir}"]
+    assert run.main(test) == 0
+    (tested,) = (tmp_path / "t").iterdir()
+    trained = json.loads((run_dir / "metrics.json").read_text())["final"]["epoch"]  # 1, or 2 once resumed
+    assert json.loads((tested / "metrics.json").read_text())["final"]["weights_epoch"] == trained
+    capsys.readouterr()
+    cases = [
+        (["model.depths=[3,4,6,3]"], "does not match the configured model"),  # another architecture
+        (["model.teacher.name=resnet18x"], "model.teacher.name='resnet18x' is no timm model; did you mean"),
+        (["device=cuda"] if not torch.cuda.is_available() else [], "CUDA is not available here"),
+    ]
+    for extra, message in cases:
+        if not extra:
+            continue
+        out = tmp_path / "o"
+        assert run.main([*test[:-2], *extra, f"output_dir={out}", f"model.checkpoint={run_dir}"]) in (1, 2)
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() or not any(out.iterdir())

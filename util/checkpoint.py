@@ -26,11 +26,28 @@ import numpy as np
 import torch
 
 from util.config import ConfigError
-from util.errors import DiskFullError, is_disk_full
+from util.errors import DiskFullError, UserError, is_disk_full
 
 
 class CheckpointError(ConfigError):
     """A checkpoint file cannot be read or holds objects outside the allow-list; the message says why."""
+
+
+class MissingCheckpointError(UserError, FileNotFoundError):
+    """A checkpoint path that names no file; the message names the path."""
+
+
+def find_checkpoint(source: str | Path) -> Path:
+    """The weights file of a run folder (its ``net.pth``, else ``ckpt.pth``) or the file itself."""
+    source = Path(source)
+    if source.is_dir():
+        checkpoint = next((p for p in (source / "net.pth", source / "ckpt.pth") if p.is_file()), None)
+        if checkpoint is None:
+            raise MissingCheckpointError(f"run folder {source} holds neither net.pth nor ckpt.pth")
+        return checkpoint
+    if source.is_file():
+        return source
+    raise MissingCheckpointError(f"{source} does not exist; pass a run folder or a .pth checkpoint")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -93,13 +110,14 @@ def _outside_names(path: Path, reason: str) -> list[str]:
 def load_file(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` on CPU, allowing exactly what our checkpoints hold.
 
-    A missing file raises ``FileNotFoundError``; a file that needs any other object (a pickle that
-    would run code, a custom class) or that is damaged raises :class:`CheckpointError` naming the
-    file. Nothing is ever loaded with ``weights_only=False``.
+    A missing file raises :class:`MissingCheckpointError` (a ``FileNotFoundError``); a file that
+    needs any other object (a pickle that would run code, a custom class) or that is damaged raises
+    :class:`CheckpointError` naming the file. Nothing is ever loaded with ``weights_only=False``.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path given in the config")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise MissingCheckpointError(f"checkpoint {path} {what}; check the path given in the config")
     allowed = _numpy_globals()
     try:
         with torch.serialization.safe_globals(allowed):
@@ -181,7 +199,10 @@ def trained_epochs(path: str | Path | None) -> int | None:
     None for other files (the authors' official weights) or when it cannot be told."""
     if not path:
         return None
-    path = Path(path)
+    try:
+        path = find_checkpoint(path)
+    except MissingCheckpointError:
+        return None
     candidates = [path] + ([path.with_name("ckpt.pth")] if path.name == "net.pth" else [])
     for candidate in candidates:
         if not candidate.is_file():

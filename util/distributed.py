@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from util.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -37,6 +39,10 @@ class DistContext:
     def distributed(self) -> bool:
         """True when more than one process takes part."""
         return self.world_size > 1
+
+
+class DeviceError(UsageError, RuntimeError):
+    """The configured device is not on this machine."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -63,7 +69,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 3600.0) -> DistCon
     dev = resolve_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise DeviceError(
                 f"device={device} but CUDA is not available here; use device=cpu or device=auto"
             )
         if world > 1 or dev.index is None:
