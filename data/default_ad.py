@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from data import as_hw
 from data.cache import CACHE_MODES, ImageCache, cache_key
-from data.meta import DataError, load_meta, select_classes, with_extra_train_splits
+from data.meta import DataError, load_meta, with_extra_train_splits
 from data.pil_image import to_rgb, upright, upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +100,7 @@ def image_to_tensor(
     """A decoded PIL image (any mode) as float32 [3, H, W], exactly as :func:`load_image` prepares files
     (turned upright by its EXIF orientation)."""
     h, w = as_hw(image_size)
-    im = to_rgb(upright(im))
+    im = to_rgb(upright(im), small_ints_are_8bit=True)
     if im.size != (w, h):
         im = im.resize((w, h), _RESAMPLE)
     return _rgb_to_tensor(np.asarray(im), normalize)
@@ -176,8 +176,9 @@ class DefaultAD(Dataset):
         self.root = str(root)
         self.split = split
         self.image_size = as_hw(image_size)
-        meta = load_meta(root, meta_file, log=log, allow_absolute_paths=bool(allow_absolute_paths))
-        meta = select_classes(meta, cls_names)
+        meta = load_meta(
+            root, meta_file, log=log, allow_absolute_paths=bool(allow_absolute_paths), cls_names=cls_names
+        )
         if split == "train":  # a 'validation' split (MVTec 3D-AD) trains too, as in the authors' loader
             meta = with_extra_train_splits(meta, Path(root) / meta_file, log)
         self.cls_names: list[str] = sorted(meta["train"])

@@ -264,14 +264,15 @@ def _check_meta(meta: Any, path: Path, root: Path, allow_absolute_paths: bool = 
                             f"{where}[{i}]: mask file {root / mask} of {item['img_path']} does not "
                             f"exist; restore it or fix 'mask_path'"
                         )
+
+
+def _check_content(meta: Meta, path: Path) -> None:
+    """Raise :class:`DataError` with the first of :func:`content_problems` and how many follow."""
     problems = content_problems(meta, _extra_train_splits(meta, path))
     if problems:
-        more = (
-            f" ({len(problems) - 1} more: tools/prepare_data.py --check lists them)"
-            if len(problems) > 1
-            else ""
-        )
-        raise DataError(f"{path}: {problems[0]}{more}")
+        more = len(problems) - 1
+        listed = f" ({more} more: tools/prepare_data.py --check lists them)" if more else ""
+        raise DataError(f"{path}: {problems[0]}{listed}")
 
 
 def content_problems(meta: Meta, extra_train_splits: Sequence[str] = ()) -> list[str]:
@@ -363,12 +364,14 @@ def load_meta(
     generate: bool = True,
     log: Callable[[str], Any] = print,
     allow_absolute_paths: bool = False,
+    cls_names: list[str] | None = None,
 ) -> Meta:
     """Read and check ``root/meta_file``; build and write it first when missing but ``root`` is MVTec-style.
 
     Raises :class:`DataError` for a missing root, a root with neither file nor layout, malformed JSON,
     items lacking keys, paths leaving the root (absolute ones unless ``allow_absolute_paths``),
-    classes without training images and anomalous items whose mask is missing.
+    anomalous items whose mask is missing, and any of :func:`content_problems` in the classes
+    ``cls_names`` selects (all when None), which the returned meta is restricted to.
     """
     root = Path(root)
     if not root.is_dir():
@@ -392,9 +395,11 @@ def load_meta(
             f"{meta_file} not found in {root}; generated it from the MVTec-style layout "
             f"({len(classes)} classes)"
         )
-        return meta
-    meta = read_json(path, "fix or delete it (a deleted meta.json is rebuilt from an MVTec-style layout)")
-    _check_meta(meta, path, root, allow_absolute_paths)
+    else:
+        meta = read_json(path, "fix or delete it (a deleted meta.json is rebuilt from an MVTec-style layout)")
+        _check_meta(meta, path, root, allow_absolute_paths)
+    meta = select_classes(meta, cls_names)
+    _check_content(meta, path)  # of the selected classes: data.cls_names can leave a faulty one out
     return meta
 
 

@@ -31,16 +31,20 @@ def upright(im: Image.Image) -> Image.Image:
 
 
 def upright_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) of ``im`` once upright, from its header alone."""
+    """(width, height) of ``im`` once upright, from its header alone (Pillow turns TIFF files
+    itself: their opened size is already upright)."""
     w, h = im.size
+    if im.format == "TIFF":
+        return w, h
     return (h, w) if orientation(im) in _SIDES_SWAPPED else (w, h)
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode as 8-bit RGB. 16-bit images (``I;16``) are rescaled from 0..65535; 32-bit
-    integer ones (``I``) keep values up to 255 as they are (8-bit data in a wider type), else are
-    rescaled from 0..65535, or from their maximum above that; float ones (``F``) from 0..1, or
-    kept when larger. Nothing is clipped that a rescale can keep."""
+def to_rgb(im: Image.Image, small_ints_are_8bit: bool = False) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB. 16-bit images (``I;16``) and 32-bit integer ones (``I``) are
+    rescaled from 0..65535 (``I``: from their maximum above that); with ``small_ints_are_8bit``
+    (an array handed over in memory, not a file) an ``I`` image whose values all lie in 0..255
+    is 8-bit data in a wider type and kept as it is. Float images (``F``) are rescaled from 0..1,
+    or kept when larger. Nothing is clipped that a rescale can keep."""
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I;16") or im.mode == "I":
@@ -48,8 +52,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
         peak = float(arr.max()) if arr.size else 0.0
         if im.mode.startswith("I;16"):
             top = 65535.0
+        elif small_ints_are_8bit and peak <= 255:
+            top = 255.0
         else:
-            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+            top = 65535.0 if peak <= 65535 else peak
         gray = np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if im.mode == "F":

@@ -472,7 +472,13 @@ def export(
         net, cfg, _ = load_network(checkpoint, config=config, overrides=overrides, log=log)
     except RuntimeError as err:  # load_weights: the checkpoint's keys or shapes do not fit the config
         raise ExportError(str(err)) from err
-    size = check_image_size(image_size or as_hw(cfg.data.image_size)[0])
+    h, w = as_hw(cfg.data.image_size)
+    if h != w and not image_size:
+        raise ExportError(
+            f"the model was configured for {h}x{w} inputs, and the export builds square graphs only; "
+            f"pass --image-size N for an N x N graph, or export a model trained at a square size"
+        )
+    size = check_image_size(image_size or h)
     graph = build_graph(net, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

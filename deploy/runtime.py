@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
-
-from data.pil_image import to_rgb, upright
+from PIL import Image, ImageOps
 
 ImageInput = str | Path | Image.Image | np.ndarray
 METADATA_FILE = "model.json"
@@ -46,6 +44,40 @@ class Prediction(NamedTuple):
     scores: np.ndarray
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation says, as the training data loader turns it
+    (``data.pil_image.upright``; this module keeps its own copy to stay standalone)."""
+    try:
+        turned = im.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:  # a damaged EXIF block: the pixels as stored
+        return im
+    return ImageOps.exif_transpose(im) if turned else im
+
+
+def to_rgb(im: Image.Image, small_ints_are_8bit: bool = False) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB, rescaled as the training data loader does
+    (``data.pil_image.to_rgb``, of which this is the standalone copy)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float32)
+        peak = float(arr.max()) if arr.size else 0.0
+        if im.mode.startswith("I;16"):
+            top = 65535.0
+        elif small_ints_are_8bit and peak <= 255:
+            top = 255.0
+        else:
+            top = 65535.0 if peak <= 65535 else peak
+        gray = np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        factor = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        gray = np.clip(arr * factor + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
 def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
@@ -62,6 +94,7 @@ def read_image(image: ImageInput, size: tuple[int, int] | None) -> np.ndarray:
 
     Accepts a file path, a PIL image (any mode) or a uint8 array (``HxW``, ``HxWx3`` RGB or ``HxWx4``).
     """
+    in_memory = not isinstance(image, (str, Path))
     if isinstance(image, (str, Path)):
         image = _open(Path(image))
     elif isinstance(image, np.ndarray):
@@ -74,7 +107,7 @@ def read_image(image: ImageInput, size: tuple[int, int] | None) -> np.ndarray:
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"cannot predict on {type(image).__name__}; pass paths, PIL images or uint8 arrays")
-    image = to_rgb(upright(image))
+    image = to_rgb(upright(image), small_ints_are_8bit=in_memory)
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)

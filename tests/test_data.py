@@ -395,3 +395,47 @@ def test_exif_orientation_turns_camera_photos_upright_everywhere(tmp_path: Path,
     with Image.open(photo) as im:  # a PIL image from the user: turned as well, scores the same
         assert torch.equal(prepare_image(im, (8, 8)), load_image(photo, 8))
     assert np.array_equal(read_image(photo, None), shown)  # the runtime without PyTorch
+
+
+def test_the_runtime_copy_of_the_image_helpers_agrees_with_the_data_pipeline() -> None:
+    # deploy/runtime.py stays standalone (it can be copied next to an exported model), so it keeps
+    # its own to_rgb and upright; they must turn every mode into the same pixels
+    from data import pil_image
+    from deploy import runtime
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (5, 7), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 65536, (5, 7), dtype=np.uint16)),
+        Image.fromarray(rng.integers(0, 256, (5, 7), dtype=np.int32)),  # 8-bit values in mode I
+        Image.fromarray(rng.integers(0, 70000, (5, 7), dtype=np.int32)),
+        Image.fromarray(rng.random((5, 7), dtype=np.float32)),
+        Image.fromarray(rng.random((5, 7), dtype=np.float32) * 300),
+        Image.fromarray(rng.integers(0, 256, (5, 7), dtype=np.uint8)).convert("P"),
+    ]
+    for im in images:
+        for in_memory in (False, True):
+            ours = pil_image.to_rgb(im, small_ints_are_8bit=in_memory)
+            theirs = runtime.to_rgb(im, small_ints_are_8bit=in_memory)
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (im.mode, in_memory)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = images[0].copy()
+    turned.info["exif"] = exif.tobytes()
+    turned.getexif()[0x0112] = 6
+    assert np.array_equal(np.asarray(pil_image.upright(turned)), np.asarray(runtime.upright(turned)))
+    assert pil_image.upright(turned).size == (5, 7)
+
+
+def test_a_faulty_class_that_is_not_selected_does_not_block_the_others(tmp_path: Path) -> None:
+    # the message's fix, "drop the class (data.cls_names)", must work
+    root = make_mvtec(tmp_path / "d", classes=("bottle", "cable"))
+    meta = build_mvtec_meta(root)
+    meta["test"]["cable"] = []
+    write_meta(root, meta)
+    with pytest.raises(DataError, match="class 'cable' has no test images"):
+        load_meta(root)
+    assert list(load_meta(root, cls_names=["bottle"])["test"]) == ["bottle"]
+    assert DefaultAD(root, "test", image_size=8, cls_names=["bottle"], log=quiet).cls_names == ["bottle"]

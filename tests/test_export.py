@@ -536,3 +536,15 @@ def test_predict_tool_and_api_take_the_exported_model(
     assert rows["--model"].keys() == rows["--checkpoint"].keys()
     for name, score in rows["--model"].items():
         assert score == pytest.approx(rows["--checkpoint"][name], abs=tol)
+
+
+def test_a_non_square_model_is_refused_with_the_way_out(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(CONFIG, [*SMALL[:2], "data.image_size=[64,96]"])
+    save_config(cfg, run / "config.json")
+    torch.save(build_model(cfg, logging.getLogger("test_export")).state_dict(), run / "net.pth")
+    assert export_cli.main(["--checkpoint", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "configured for 64x96 inputs" in err and "--image-size N" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "model.onnx").exists()

@@ -173,7 +173,7 @@ def test_resume_with_other_values_is_refused_listing_the_keys(
     assert not (run_dir / "resume_changes.json").exists()
     # a refused resume changes nothing: the finished run stays finished (it was marked failed)
     assert read_status(run_dir)["state"] == "finished"
-    assert "resume refused or failed before training, run unchanged" in (run_dir / "log.txt").read_text()
+    assert "resume refused or failed before training started" in (run_dir / "log.txt").read_text()
 
 
 def test_a_refused_resume_of_a_folder_that_is_no_run_leaves_it_untouched(

@@ -393,3 +393,18 @@ def test_invalid_combination_stops_before_running(tmp_path: Path, capsys: pytest
     assert "method-sweep" in err or "methd-sweep" in err
     assert "model.scan.method" in err  # the suggestion
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_whose_config_cannot_be_read_stops_the_sweep_and_over_refuses_unfinished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = _write(tmp_path / "g.yaml", "seed: [1]\n")
+    out = tmp_path / "sweep"
+    part = _fake_run(out / "seed-1" / "demo_20261125-101010", epochs=4, final_epoch=2, ckpt=True)
+    (part / "config.json").write_text("{broken")
+    args = ["--config", str(REPO / "configs/mambaad_demo.py"), "--grid", str(grid), "--out", str(out)]
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert "its config.json cannot be read" in err and "Traceback" not in err
+    assert collect.main([str(out), "--over", "seed", "--unfinished"]) == 2
+    assert "--over averages finished runs only" in capsys.readouterr().err

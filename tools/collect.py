@@ -503,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.paper is not None and args.cost:
         print("error: --paper and --cost cannot be combined; run them separately", file=sys.stderr)
         return 2
+    if args.over and args.unfinished:
+        print(
+            "error: --over averages finished runs only; drop --unfinished (or list them without --over)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         runs, notes = readable_runs(find_runs(args.runs))
         runs, left_out = finished_runs(runs, args.unfinished)

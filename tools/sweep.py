@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     for combo in combos:
         status, run = run_status(out / combo.name)
         if run is not None:
-            saved = json.loads((run / "config.json").read_text())
+            try:
+                saved = json.loads((run / "config.json").read_text())
+            except (OSError, ValueError) as err:
+                changed.append(f"{combo.name} ({run}): its config.json cannot be read ({err})")
+                continue
             diffs = differing_keys(saved, configs[combo.name])
             if diffs:
                 changed.append(f"{combo.name} ({run}): {'; '.join(diffs)}")

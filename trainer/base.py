@@ -67,7 +67,8 @@ class TrainerBase(CheckpointMixin):
             enable_fast_cuda()
         self.resuming = mode == "train" and bool(t.resume)
         if self.resuming:
-            check_resumable(Path(t.resume))  # before the lock: a refused folder is left as it was
+            # before the lock: a refused folder is left as it was
+            check_resumable(Path(t.resume), main=self.dist.is_main)
         self.lock = RunLock(t.resume) if self.resuming and self.dist.is_main else None
         if self.lock is not None:
             self.lock.acquire()  # before anything is read: another process may be writing there
@@ -143,7 +144,7 @@ class TrainerBase(CheckpointMixin):
         if not self.dist.is_main:
             return
         if self.resuming:
-            self.log.error("resume refused or failed before training, run unchanged: %s", err)
+            self.log.error("resume refused or failed before training started: %s", err)
             self.lock.release()
             return
         for handler in list(self.log.handlers):

@@ -129,16 +129,16 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_resumable(run_dir: Path) -> None:
+def check_resumable(run_dir: Path, main: bool = True) -> None:
     """Refuse ``trainer.resume=run_dir`` unless it is the folder of an earlier training (``ckpt.pth``).
 
     A run folder without a checkpoint belongs to a run that died before its first one (killed, out
     of memory): nothing can be resumed. If its ``status.json`` still says ``running`` and no
-    process holds its lock, it is marked ``failed`` with that reason.
+    process holds its lock, it is marked ``failed`` with that reason (by the ``main`` rank only).
     """
     if not (run_dir / "ckpt.pth").is_file() and (run_dir / "config.json").is_file():
         reason = "it stopped before its first checkpoint, so there is nothing to resume"
-        if (read_status(run_dir) or {}).get("state") == "running":
+        if main and (read_status(run_dir) or {}).get("state") == "running":
             try:
                 lock = RunLock(run_dir).acquire()
             except RunFolderBusyError:
