@@ -439,3 +439,17 @@ def test_a_faulty_class_that_is_not_selected_does_not_block_the_others(tmp_path:
         load_meta(root)
     assert list(load_meta(root, cls_names=["bottle"])["test"]) == ["bottle"]
     assert DefaultAD(root, "test", image_size=8, cls_names=["bottle"], log=quiet).cls_names == ["bottle"]
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff", "jpeg"])
+def test_upright_size_from_the_header_equals_the_size_once_read(tmp_path: Path, fmt: str) -> None:
+    # Pillow turns TIFF files itself on opening (their header size is already upright), not PNG/JPEG
+    from data.default_ad import _open
+    from data.pil_image import upright_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo.{fmt}"
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(path, exif=exif)
+    with Image.open(path) as im:
+        assert upright_size(im) == _open(str(path), "image").size == (16, 24)
