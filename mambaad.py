@@ -159,7 +159,7 @@ def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_si
     """
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
-    if not isinstance(images, Sequence | Iterable) or isinstance(images, bytes):
+    if not isinstance(images, Iterable) or isinstance(images, bytes):
         raise TypeError(
             f"predict takes an image or a list of images (paths, PIL images, uint8 arrays), "
             f"got {type(images).__name__}"

@@ -129,12 +129,9 @@ def readable_runs(runs: list[tuple[str, Path]]) -> tuple[list[tuple[str, Path]],
     """The runs whose ``config.json`` and ``metrics.json`` can be read, and a note for each other."""
     ok, notes = [], []
     for label, run in runs:
-        try:
-            for name in ("config.json", "metrics.json"):
-                if (run / name).is_file() or name == "metrics.json":
-                    json.loads((run / name).read_text())
-            mean_metrics(run)
+        try:  # run_state reads config.json (when there) and metrics.json, mean_metrics the results
             run_state(run)
+            mean_metrics(run)
         except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
             notes.append(f"left out {label}: cannot read {run} ({type(err).__name__}: {err})")
             continue
