@@ -127,8 +127,8 @@ class MambaADDefaults(BaseConfig):
         from evaluation.metrics import METRIC_MODES
         from model.input_size import RULE as INPUT_SIZE_RULE
         from model.input_size import input_hw, valid_input_size
+        from model.mambaad.scan_orders import NUM_DIRECTIONS, SCAN_METHODS
         from model.ops.selective_scan import BACKENDS
-        from model.scan import NUM_DIRECTIONS, SCAN_METHODS
 
         size = self.data.image_size
         side = min(input_hw(size)) // 16 if valid_input_size(size) else 0  # of the 1/16-scale map

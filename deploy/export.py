@@ -13,7 +13,6 @@ input, the normalisation, the training data and where the model came from.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -21,7 +20,7 @@ import logging
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,9 @@ from torch import nn
 
 from data import as_hw
 from data.default_ad import IMAGENET_MEAN, IMAGENET_STD
-from model import mamba_decoder, scan
 from model.input_size import input_hw
 from model.loading import load_network
-from model.mamba_decoder import SS2D
+from model.ops.selective_scan import forced_backend
 from model.ops.selective_scan_export import (
     CHUNK,
     ONNX_DOMAIN,
@@ -87,16 +85,6 @@ class InferenceGraph(nn.Module):
         return self.net.predict(x, self.image_size)
 
 
-def set_scan_backend(net: nn.Module, backend: str) -> int:
-    """Switch every SS2D of ``net`` to the selective-scan ``backend``; returns how many were changed."""
-    count = 0
-    for module in net.modules():
-        if isinstance(module, SS2D):
-            module.scan_backend = backend
-            count += 1
-    return count
-
-
 def check_image_size(size: int) -> int:
     """The exported input side, checked against the model's rule (:mod:`model.input_size`)."""
     try:
@@ -106,8 +94,8 @@ def check_image_size(size: int) -> int:
 
 
 def build_graph(net: nn.Module, image_size: int) -> InferenceGraph:
-    """The inference graph around ``net`` (switched to the ``export`` scan backend), in eval mode."""
-    set_scan_backend(net, EXPORT_BACKEND)
+    """The inference graph around ``net``, in eval mode; it is traced with the ``export`` scan
+    backend (:func:`model.ops.selective_scan.forced_backend`)."""
     return InferenceGraph(net.cpu().eval(), (image_size, image_size)).eval()
 
 
@@ -171,61 +159,6 @@ def einsums_to_matmul(model: Any) -> int:
     return count
 
 
-def gather_scan_encode(x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """:func:`model.scan.scan_encode` (``[B, C, H, W] -> [B, K, C, L]``) as one Gather of whole
-    channel vectors (channels-last): the same values; in onnxruntime about 2x faster than
-    GatherElements on a K-fold expanded copy, which is how ``torch.gather`` exports."""
-    b, c = x.shape[:2]
-    k, length = perms.shape
-    rows = x.reshape(b, c, length).transpose(1, 2)  # [B, L, C]
-    return rows[:, perms.reshape(-1)].reshape(b, k, length, c).transpose(2, 3)
-
-
-def gather_scan_decode(y: torch.Tensor, perms: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """:func:`model.scan.scan_decode` (``[B, K, C, L] -> [B, C, H*W]``, un-permute and sum over
-    directions) as one Gather of channel vectors, like :func:`gather_scan_encode`."""
-    b, k, c, length = y.shape
-    if perms.shape != (k, length) or h * w != length:
-        raise ValueError(f"perms {tuple(perms.shape)} / grid {h}x{w} do not match sequences {tuple(y.shape)}")
-    inv = scan.inverse_permutations(perms.to(y.device))
-    flat = (inv + torch.arange(k, device=y.device)[:, None] * length).reshape(-1)  # index into K*L rows
-    rows = y.transpose(2, 3).reshape(b, k * length, c)
-    return rows[:, flat].reshape(b, k, length, c).sum(1).transpose(1, 2)
-
-
-@contextlib.contextmanager
-def gather_scan_orders() -> Iterator[bool]:
-    """While active, SS2D reads and writes its scan orders with :func:`gather_scan_encode` /
-    :func:`gather_scan_decode`; yields whether it did.
-
-    Only when ``model.mamba_decoder`` still uses :mod:`model.scan`'s functions and these agree with
-    the replacements on a probe input (so a changed scan_encode is traced as it is, never replaced
-    by something else). Used while tracing for ONNX.
-    """
-    names = ("scan_encode", "scan_decode")
-    originals = {name: getattr(mamba_decoder, name, None) for name in names}
-    usable = all(originals[name] is getattr(scan, name) for name in names)
-    if usable:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, 4, 5, generator=g)
-        perms = torch.stack([torch.randperm(20, generator=g) for _ in range(4)])
-        ys = torch.randn(2, 4, 3, 20, generator=g)
-        usable = torch.equal(gather_scan_encode(x, perms), scan.scan_encode(x, perms)) and torch.allclose(
-            gather_scan_decode(ys, perms, 4, 5), scan.scan_decode(ys, perms, 4, 5), rtol=1e-6, atol=1e-6
-        )
-    if not usable:
-        yield False
-        return
-    mamba_decoder.scan_encode, mamba_decoder.scan_decode = gather_scan_encode, gather_scan_decode
-    try:
-        yield True
-    finally:
-        mamba_decoder.scan_encode, mamba_decoder.scan_decode = (
-            originals["scan_encode"],
-            originals["scan_decode"],
-        )
-
-
 def export_onnx_module(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -234,13 +167,18 @@ def export_onnx_module(
     output_names: Sequence[str],
     dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
-    """Trace ``module`` to ONNX (opset 17) with every ``export``-backend selective scan as one
-    standard ``Scan`` operator (:func:`model.ops.selective_scan_export.scan_onnx_nodes`), the scan
-    orders as channel-vector Gathers (:func:`gather_scan_orders`) and batched-matmul Einsums as
-    MatMul; the file holds standard operators only."""
+    """Trace ``module`` to ONNX (opset 17) with the ``export`` scan backend: every selective scan as
+    one standard ``Scan`` operator (:func:`model.ops.selective_scan_export.scan_onnx_nodes`), the
+    scan orders as channel-vector Gathers (:func:`model.ops.selective_scan_export.gather_scan_encode`)
+    and batched-matmul Einsums as MatMul; the file holds standard operators only."""
     import onnx
 
-    with onnx_placeholders(), gather_scan_orders(), warnings.catch_warnings(), torch.no_grad():
+    with (
+        forced_backend(EXPORT_BACKEND),
+        onnx_placeholders(),
+        warnings.catch_warnings(),
+        torch.no_grad(),
+    ):
         # shape checks in Python are fixed by tracing, as intended (the input size is fixed)
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -276,7 +214,7 @@ def export_onnx(graph: InferenceGraph, path: Path, batch: int | None, exporter: 
         raise ExportError(f"unknown ONNX exporter {exporter!r}; use torchscript or dynamo")
     common = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": OPSET}
     dims = {0: torch.export.Dim("batch", min=1)} if batch is None else None
-    with warnings.catch_warnings(), torch.no_grad():
+    with forced_backend(EXPORT_BACKEND), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph, (example,), str(path), dynamo=True, dynamic_shapes={"images": dims}, **common
@@ -329,7 +267,7 @@ def export_openvino(graph: InferenceGraph, path: Path, batch: int | None, fp16: 
 def export_torchscript(graph: InferenceGraph, path: Path, batch: int | None = None) -> Path:
     """Write a traced TorchScript module (input and outputs as in the ONNX export; any batch size)."""
     example = _example(graph.image_size[0], batch)
-    with warnings.catch_warnings(), torch.no_grad():
+    with forced_backend(EXPORT_BACKEND), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, (example,), check_trace=False)
     # PyTorch's archive writer aborts the process when the disk fills up while it writes a
@@ -518,9 +456,5 @@ __all__ = [
     "export_onnx_module",
     "export_openvino",
     "export_torchscript",
-    "gather_scan_decode",
-    "gather_scan_encode",
-    "gather_scan_orders",
     "normalisation_constants",
-    "set_scan_backend",
 ]

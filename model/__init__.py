@@ -3,4 +3,4 @@
 from util.registry import Registry
 
 MODELS = Registry("model")
-MODELS.register_lazy("mambaad", "model.mambaad:MambaAD")
+MODELS.register_lazy("mambaad", "model.mambaad.network:MambaAD")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from model import MODELS
-from model.official import load_weights
+from model.mambaad.official import load_weights
 from util.checkpoint import find_checkpoint
 from util.config import BaseConfig, Section
 
@@ -33,7 +33,7 @@ def build_model(
 
     A full checkpoint holds the teacher too, so the teacher is then neither downloaded nor
     read from ``model.teacher.checkpoint``. Official MambaAD/ADer files load as well (see
-    :mod:`model.official`); the log line lists renamed, unused and kept-from-init keys.
+    :mod:`model.mambaad.official`); the log line lists renamed, unused and kept-from-init keys.
     ``teacher_pretrained=False`` forces a random teacher (e.g. for counting FLOPs offline).
     """
     m = cfg.model

@@ -11,8 +11,11 @@ its rounding error is measured in the test itself against a float64 copy of the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
+
+from model.mambaad.scan_orders import ScanOptions
 
 U32 = 2.0**-24  # float32 unit roundoff
 # |a - b| <= |a - exact| + |b - exact|: each float32 evaluation lies a few units of roundoff from
@@ -33,8 +36,8 @@ def float64_twin(net: torch.nn.Module) -> torch.nn.Module:
     """A float64 copy of ``net`` whose scans run on the ``chunked`` backend (any dtype, fast)."""
     twin = copy.deepcopy(net).double()
     for module in twin.modules():
-        if hasattr(module, "scan_backend"):
-            module.scan_backend = "chunked"
+        if isinstance(getattr(module, "scan", None), ScanOptions):
+            module.scan = dataclasses.replace(module.scan, backend="chunked")
     return twin
 
 

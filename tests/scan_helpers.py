@@ -10,13 +10,13 @@ first-order bound for the number of float32 roundings that a value passes throug
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
 from model.ops import selective_scan_cpu
-from model.ops.scan_reference import check_cross_scan_args
+from model.ops.scan_reference import check_cross_scan_args, inverse_permutations, scan_decode, scan_encode
 from model.ops.selective_scan import selective_scan_fn
-from model.scan import inverse_permutations, scan_decode, scan_encode
 from tests.rounding import gamma32
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -63,7 +63,7 @@ def run_ss2d(
     ``ref`` runs a float64 copy of ``m`` (the reference, see :func:`run_backend`)."""
     if backend == "ref":
         m, x, weight = copy.deepcopy(m).double(), x.double(), weight.double()
-    m.scan_backend = backend
+    m.scan = dataclasses.replace(m.scan, backend=backend)
     m.zero_grad(set_to_none=True)
     leaf = x.clone().requires_grad_(True)
     y = m(leaf)

@@ -24,17 +24,20 @@ from deploy.export import (
     export_onnx_module,
     export_openvino,
     export_torchscript,
-    gather_scan_decode,
-    gather_scan_encode,
-    gather_scan_orders,
 )
 from deploy.runtime import load_exported, load_onnx, load_openvino, read_image
 from mambaad import Detector, load_model, predict, prepare_image
-from model import mamba_decoder
 from model.build import build_model
-from model.ops.selective_scan import available_backends, selective_scan_fn
-from model.ops.selective_scan_export import ONNX_DOMAIN, blocked_scan, steps_per_iteration
-from model.scan import NUM_DIRECTIONS, SCAN_METHODS, direction_permutations, scan_decode, scan_encode
+from model.mambaad.scan_orders import NUM_DIRECTIONS, SCAN_METHODS, direction_permutations
+from model.ops.scan_reference import scan_decode, scan_encode
+from model.ops.selective_scan import available_backends, cross_scan_route, forced_backend, selective_scan_fn
+from model.ops.selective_scan_export import (
+    ONNX_DOMAIN,
+    blocked_scan,
+    gather_scan_decode,
+    gather_scan_encode,
+    steps_per_iteration,
+)
 from tests.rounding import maps_tolerance
 from tests.scan_helpers import NAMES, assert_close_rel, run_backend, scan_bounds
 from tools import export as export_cli
@@ -244,9 +247,15 @@ def test_channel_gathers_equal_the_scan_orders() -> None:
     xs = scan_encode(x, perms)
     assert torch.equal(gather_scan_encode(x, perms), xs)
     torch.testing.assert_close(gather_scan_decode(xs, perms, 6, 8), scan_decode(xs, perms, 6, 8))
-    with gather_scan_orders() as used:
-        assert used and mamba_decoder.scan_encode is gather_scan_encode  # the export uses them
-    assert mamba_decoder.scan_encode is scan_encode and mamba_decoder.scan_decode is scan_decode
+    cpu = torch.device("cpu")
+    route = cross_scan_route("export", cpu)  # the export backend reads the orders with them
+    assert route.encode is gather_scan_encode and route.decode is gather_scan_decode
+    with forced_backend("export"):  # as the export runs every scan, whatever the model says
+        assert cross_scan_route("ref", cpu).encode is gather_scan_encode
+    assert (
+        cross_scan_route("ref", cpu).encode is scan_encode
+        and cross_scan_route("ref", cpu).decode is scan_decode
+    )
 
 
 def test_batched_matmul_einsums_become_matmul(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.mamba_decoder import SS2D, MambaDecoder
-from model.mambaad import MambaAD
+from model.mambaad.decoder import MambaDecoder
+from model.mambaad.network import MambaAD
+from model.mambaad.ss2d import SS2D
 from tools.flops import _count, main, measure, model_flops, selective_scan_flops
 from util.config import load_config
 
@@ -105,7 +106,7 @@ def test_flops_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_model_flops_scale_with_input_size() -> None:
-    from model.mambaad import MambaAD
+    from model.mambaad.network import MambaAD
 
     torch.manual_seed(0)
     model = MambaAD(

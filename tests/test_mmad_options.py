@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from configs.defaults import MambaADDefaults
-from model.fuser import DilatedMambaFuser
-from model.mamba_decoder import SS2D, group_order
-from model.mambaad import MambaAD
+from model.mambaad import ss2d
+from model.mambaad.fuser import DilatedMambaFuser
+from model.mambaad.network import MambaAD
+from model.mambaad.scan_orders import ScanOptions, dilated_order, direction_permutations, group_order
+from model.mambaad.ss2d import SS2D
+from model.ops.scan_reference import inverse_permutations
 from model.ops.selective_scan import available_backends, selective_scan_fn
-from model.scan import dilated_order, direction_permutations, inverse_permutations
 from tests.scan_helpers import assert_close_rel, run_ss2d, ss2d_bounds
 from util.config import ConfigError
 
@@ -49,10 +51,12 @@ def test_every_combination_has_the_decoder_shapes_and_gradients(grouped, bottlen
 
 def test_grouped_scan_with_one_group_equals_the_plain_scan():
     torch.manual_seed(0)
-    m = SS2D(d_model=8, d_state=4, size=6, scan_method="zigzag+hilbert", num_directions=8, scan_backend="ref")
+    m = SS2D(
+        d_model=8, d_state=4, size=6, scan=ScanOptions(method="zigzag+hilbert", directions=8, backend="ref")
+    )
     x = torch.randn(2, 16, 6, 6)
     plain = m.forward_core(x)
-    grouped = m._forward_core_grouped(x.reshape(2, 16, 36), m.scans.permutations(6, 6, x.device))
+    grouped = m._forward_core_grouped("ref", x.reshape(2, 16, 36), m.scans.permutations(6, 6, x.device))
     torch.testing.assert_close(grouped, plain, rtol=0, atol=0)
 
 
@@ -62,9 +66,8 @@ def test_grouped_scan_with_one_group_equals_the_plain_scan():
 )
 def test_grouped_scan_scans_group_k_in_direction_k_only(k, method):
     torch.manual_seed(1)
-    m = SS2D(
-        d_model=8, d_state=4, size=5, scan_method=method, num_directions=k, scan_backend="ref", scan_groups=k
-    )
+    scan = ScanOptions(method=method, directions=k, backend="ref", grouped=True)
+    m = SS2D(d_model=8, d_state=4, size=5, scan=scan)
     with torch.no_grad():
         m.x_proj_weight.normal_(0, 0.5)
     b, d, h, w = 2, 16, 5, 5
@@ -95,24 +98,22 @@ def test_grouped_scan_scans_group_k_in_direction_k_only(k, method):
 
 
 def test_grouped_scan_costs_k_times_less_scan_work():
-    full = SS2D(d_model=16, num_directions=8, scan_backend="ref")
-    grouped = SS2D(d_model=16, num_directions=8, scan_backend="ref", scan_groups=8)
+    full = SS2D(d_model=16, scan=ScanOptions(directions=8, backend="ref"))
+    grouped = SS2D(d_model=16, scan=ScanOptions(directions=8, backend="ref", grouped=True))
     seen = []
 
     def spy(u, *args, **kwargs):
         seen.append(u.shape[1] * u.shape[2])
         return selective_scan_fn(u, *args, **kwargs)
 
-    import model.mamba_decoder as md
-
-    original = md.selective_scan_fn
-    md.selective_scan_fn = spy
+    original = ss2d.selective_scan_fn
+    ss2d.selective_scan_fn = spy
     try:
         x = torch.randn(1, 8, 8, 16)
         full(x)
         grouped(x)
     finally:
-        md.selective_scan_fn = original
+        ss2d.selective_scan_fn = original
     assert seen[0] == 8 * seen[1]  # channels x length scanned
     assert grouped.x_proj_weight.shape[-1] == full.x_proj_weight.shape[-1] // 8
 
@@ -124,10 +125,7 @@ def test_grouped_scan_on_every_cpu_backend(backend):
         d_model=8,
         d_state=4,
         size=4,
-        scan_method="hilbert",
-        num_directions=4,
-        scan_groups=4,
-        scan_backend="ref",
+        scan=ScanOptions(method="hilbert", directions=4, backend="ref", grouped=True),
     )
     x = torch.randn(2, 4, 4, 8)
     weight = torch.randn(2, 4, 4, 8)
@@ -186,7 +184,7 @@ def test_bad_values_name_their_key():
     with pytest.raises(ValueError, match=r"model\.bottleneck\.dilations"):
         DilatedMambaFuser((64, 128, 256), dilations=(2, 4), image_size=64)  # the map is 4x4
     with pytest.raises(ValueError, match=r"model\.scan\.grouped: 6 channels cannot be split into 4"):
-        SS2D(d_model=3, num_directions=4, scan_groups=4)
+        SS2D(d_model=3, scan=ScanOptions(directions=4, grouped=True))
     with pytest.raises(ValueError, match="dilation rate 8"):
         direction_permutations("sweep", 8, 8, 2, dilation=8)
     cfg = MambaADDefaults()

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs.defaults import MambaADDefaults
-from model.hfpn import HalfFPN
-from model.mamba_decoder import SS2D, LSSModule, MambaDecoder, drop_path_schedule, lss_layout
-from model.mambaad import MambaAD, count_parameters
-from model.scan import direction_permutations
+from model.mambaad.decoder import LSSModule, MambaDecoder, drop_path_schedule, lss_layout
+from model.mambaad.hfpn import HalfFPN
+from model.mambaad.network import MambaAD, count_parameters
+from model.mambaad.scan_orders import ScanOptions, direction_permutations
+from model.mambaad.ss2d import SS2D
 from model.teacher import build_teacher, calibrate_batchnorm
 from tests.scan_helpers import assert_close_rel, ss2d_bounds
 from util.config import ConfigError, load_config
@@ -413,7 +414,7 @@ def _naive_forward_core(m: SS2D, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("method, k", [("hilbert", 8), ("zigzag", 4), ("scan", 2)])
 def test_ss2d_core_matches_naive_reference(method: str, k: int) -> None:
     torch.manual_seed(0)
-    m = SS2D(d_model=8, d_state=4, size=4, scan_method=method, num_directions=k)
+    m = SS2D(d_model=8, d_state=4, size=4, scan=ScanOptions(method=method, directions=k))
     with torch.no_grad():
         m.x_proj_weight.normal_(0, 0.5)
         m.A_logs.add_(torch.randn_like(m.A_logs) * 0.1)
@@ -427,7 +428,7 @@ def test_ss2d_core_matches_naive_reference(method: str, k: int) -> None:
 
 def test_ss2d_init_as_official() -> None:
     torch.manual_seed(0)
-    m = SS2D(d_model=64, d_state=16, size=4, scan_method="sweep", num_directions=8)
+    m = SS2D(d_model=64, d_state=16, size=4, scan=ScanOptions(method="sweep", directions=8))
     assert torch.allclose(torch.exp(m.A_logs), torch.arange(1, 17.0).expand(8 * 128, 16))
     assert torch.all(m.Ds == 1)
     assert m.A_logs._no_weight_decay and m.Ds._no_weight_decay
@@ -441,7 +442,7 @@ def test_ss2d_init_as_official() -> None:
 
 
 def test_scan_index_buffers_are_curve_and_inverse() -> None:
-    m = SS2D(d_model=8, size=4, scan_method="scan", num_directions=4)
+    m = SS2D(d_model=8, size=4, scan=ScanOptions(method="scan", directions=4))
     expected = torch.tensor([0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12])
     assert torch.equal(m.scans.index_flat.flatten(), expected)
     inv = m.scans.index_flat_inv.flatten()
@@ -471,7 +472,7 @@ def test_decoder_init_as_official() -> None:
 
 def test_conv33_unused_in_forward() -> None:
     torch.manual_seed(0)
-    lss = LSSModule(8, depth=2, size=4, scan_method="sweep", num_directions=2).eval()
+    lss = LSSModule(8, depth=2, size=4, scan=ScanOptions(method="sweep", directions=2)).eval()
     x = torch.randn(1, 4, 4, 8)
     with torch.no_grad():
         before = lss(x)
@@ -513,10 +514,10 @@ def test_drop_path_indexing_as_official(paper_model: MambaAD) -> None:
 def test_invalid_dims_and_scan_args() -> None:
     with pytest.raises(ValueError, match="halve"):
         MambaDecoder(dims=(32, 16, 16, 4), depths=(2, 2, 2, 2), image_size=64)
-    with pytest.raises(ValueError, match="scan_method"):
-        SS2D(d_model=8, size=4, scan_method="spiral")
-    with pytest.raises(ValueError, match="num_directions"):
-        SS2D(d_model=8, size=4, num_directions=3)
+    with pytest.raises(ValueError, match=r"model\.scan\.method"):
+        SS2D(d_model=8, size=4, scan=ScanOptions(method="spiral"))
+    with pytest.raises(ValueError, match=r"model\.scan\.directions"):
+        SS2D(d_model=8, size=4, scan=ScanOptions(directions=3))
 
 
 def test_random_teacher_gets_calibrated_batchnorm_and_stays_frozen() -> None:
@@ -557,7 +558,7 @@ def test_calibration_is_a_no_op_for_loaded_teachers(tmp_path) -> None:
 # LSS designs of the paper's Table 4 (model.lss.*) and hybrid scans of Table 3.
 def _lss(**kwargs: object) -> LSSModule:
     torch.manual_seed(0)
-    return LSSModule(8, depth=1, size=4, scan_method="sweep", num_directions=2, **kwargs).eval()
+    return LSSModule(8, depth=1, size=4, scan=ScanOptions(method="sweep", directions=2), **kwargs).eval()
 
 
 @pytest.mark.parametrize("kernels", [(1, 3), (3, 5), (5, 7), (1, 3, 5), (3, 5, 7), (1, 3, 5, 7)])
@@ -658,17 +659,17 @@ def test_build_model_passes_lss_and_hybrid_scan_options() -> None:
 
 
 def test_hybrid_scan_shares_directions() -> None:
-    m = SS2D(d_model=8, size=4, scan_method="zigzag+hilbert", num_directions=8)
+    m = SS2D(d_model=8, size=4, scan=ScanOptions(method="zigzag+hilbert", directions=8))
     perms = m.scans.perms
     assert torch.equal(perms[:4], direction_permutations("zigzag", 4, 4, 4))
     assert torch.equal(perms[4:], direction_permutations("hilbert", 4, 4, 4))
     assert m.scans.matches_index()
-    four = SS2D(d_model=8, size=4, scan_method="scan+zorder+zigzag+hilbert", num_directions=8)
+    four = SS2D(d_model=8, size=4, scan=ScanOptions(method="scan+zorder+zigzag+hilbert", directions=8))
     assert torch.equal(four.scans.perms[6:], direction_permutations("hilbert", 4, 4, 2))
     with pytest.raises(ValueError, match="equal shares"):
-        SS2D(d_model=8, size=4, scan_method="scan+zorder+zigzag+hilbert", num_directions=4)
-    with pytest.raises(ValueError, match="scan_method"):
-        SS2D(d_model=8, size=4, scan_method="hilbert+hilbert", num_directions=8)
+        SS2D(d_model=8, size=4, scan=ScanOptions(method="scan+zorder+zigzag+hilbert", directions=4))
+    with pytest.raises(ValueError, match=r"model\.scan\.method"):
+        SS2D(d_model=8, size=4, scan=ScanOptions(method="hilbert+hilbert", directions=8))
 
 
 def test_no_random_teacher_warning_when_the_model_checkpoint_brings_the_teacher(

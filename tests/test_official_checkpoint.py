@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from model.build import build_model
-from model.mambaad import MambaAD
-from model.official import convert_state_dict, load_weights
-from model.scan import direction_permutations
+from model.mambaad.network import MambaAD
+from model.mambaad.official import convert_state_dict, load_weights
+from model.mambaad.scan_orders import direction_permutations
 from tests.test_model import _expected_lss_convs, _expected_ss2d
 from util.config import load_config
 

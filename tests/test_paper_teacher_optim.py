@@ -9,7 +9,7 @@ import timm
 import torch
 import yaml
 
-from model.mambaad import MambaAD
+from model.mambaad.network import MambaAD
 from model.teacher import AUTHORS_TEACHER_TAGS, build_teacher, resolve_weights
 from trainer.optim import OPTIMIZERS
 from util.config import load_config

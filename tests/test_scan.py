@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.scan import (
-    SCAN_METHODS,
-    curve_order,
-    direction_permutations,
-    inverse_permutations,
-    scan_decode,
-    scan_encode,
-)
+from model.mambaad.scan_orders import SCAN_METHODS, curve_order, direction_permutations
+from model.ops.scan_reference import inverse_permutations, scan_decode, scan_encode
 
 # Orders produced by the official code's packages (numpy-hilbert-curve 1.0.1 `hilbert.decode`,
 # flat = loc[0] + loc[1]*size; pyzorder 0.0.2 `ZOrderIndexer.rc`, flat = c*size + r).

@@ -158,7 +158,7 @@ def test_authors_checkpoint_layout_loads_weights_only(
     tiny_state: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ADer's ckpt.pth layout (what the authors' trainer saves) loads under the allow-list."""
-    from model.official import load_weights
+    from model.mambaad.official import load_weights
 
     net = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.005)

@@ -356,7 +356,8 @@ def test_cross_scan_names_a_wrong_argument():
     ("method", "k", "groups"), [("hilbert", 8, 1), ("zigzag", 4, 1), ("zigzag+hilbert", 4, 4)]
 )
 def test_ss2d_takes_the_fused_channels_last_path(monkeypatch, method, k, groups):
-    from model.mamba_decoder import SS2D
+    from model.mambaad.scan_orders import ScanOptions
+    from model.mambaad.ss2d import SS2D
 
     calls = []
     fused = ss_cpu.cross_scan_cpu_channels_last
@@ -364,7 +365,7 @@ def test_ss2d_takes_the_fused_channels_last_path(monkeypatch, method, k, groups)
         ss_cpu, "cross_scan_cpu_channels_last", lambda *a, **kw: calls.append(1) or fused(*a, **kw)
     )
     torch.manual_seed(0)
-    m = SS2D(d_model=36, d_state=4, size=5, scan_method=method, num_directions=k, scan_groups=groups)
+    m = SS2D(d_model=36, d_state=4, size=5, scan=ScanOptions(method=method, directions=k, grouped=groups > 1))
     with torch.no_grad():
         m.x_proj_weight.normal_(0, 0.5)
         m.A_logs.add_(torch.randn_like(m.A_logs) * 0.1)

@@ -244,11 +244,12 @@ def _check_ss2d(
     """SS2D with ``scan_backend="triton"`` (the fused path) against the same module on the
     unfused reference: output and the gradients of every parameter and of the input, within
     :func:`_tolerances`."""
-    from model.mamba_decoder import SS2D
+    from model.mambaad.scan_orders import ScanOptions
+    from model.mambaad.ss2d import SS2D
     from model.ops import selective_scan_triton as sst
 
     torch.manual_seed(0)
-    m = SS2D(d_model=4, d_state=4, size=4, scan_method=method, num_directions=k, scan_groups=groups)
+    m = SS2D(d_model=4, d_state=4, size=4, scan=ScanOptions(method=method, directions=k, grouped=groups > 1))
     m = m.to(device)
     with torch.no_grad():
         m.x_proj_weight.normal_(0, 0.5)

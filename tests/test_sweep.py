@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from evaluation.metrics_exact import METRIC_NAMES
-from model.mamba_decoder import LSSModule, split_scan_method
+from model.mambaad.decoder import LSSModule
+from model.mambaad.scan_orders import ScanOptions, split_scan_method
 from tools import collect, sweep
 from util.config import config_to_dict, load_config
 
@@ -88,11 +89,10 @@ def test_shipped_grids_expand_to_valid_configs(grid: str, count: int) -> None:
             8,
             depth=lss.blocks or 2,
             size=4,
-            scan_method="sweep",
-            num_directions=2,
             kernels=lss.kernels,
             pointwise=lss.pointwise,
             residual=lss.residual,
+            scan=ScanOptions(method="sweep", directions=2),
         ).eval()
         with torch.no_grad():
             assert module(torch.randn(1, 4, 4, 8)).shape == (1, 4, 4, 8)

@@ -39,8 +39,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.mambaad import MambaAD
-from model.ops.selective_scan import available_backends, prepare_cpu, resolve_backend, selective_scan_fn
+from model.mambaad.network import MambaAD
+from model.ops.selective_scan import (
+    available_backends,
+    forced_backend,
+    prepare_cpu,
+    resolve_backend,
+    selective_scan_fn,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -350,16 +356,15 @@ def export_child(image_size: int, out_dir: str) -> dict:
 
 def torch_infer_child(engine: str, image_size: int, repeats: int) -> dict:
     """Run in a fresh process: the whole inference path in PyTorch, batch 1, and the peak RSS."""
-    from deploy.export import InferenceGraph, set_scan_backend
+    from deploy.export import InferenceGraph
 
     torch.manual_seed(0)
     graph = InferenceGraph(build_model(image_size, "cpu", torch.device("cpu")).eval(), (image_size,) * 2)
-    if engine == "pytorch-export":
-        set_scan_backend(graph, "export")
+    backend = "export" if engine == "pytorch-export" else "auto"
     images = torch.randint(0, 256, (1, image_size, image_size, 3), dtype=torch.uint8)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), forced_backend(backend):
             graph(images)
 
     seconds = time_call(run, repeats, torch.device("cpu"))

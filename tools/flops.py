@@ -34,10 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import model.mamba_decoder as mamba_decoder
+import model.mambaad.ss2d as ss2d
 from data import as_hw
 from model.build import build_model
-from model.mambaad import MambaAD, count_parameters
+from model.mambaad.network import MambaAD, count_parameters
+from model.ops.selective_scan import forced_backend
 from util.cli import add_config_args, config_from_args, print_config, report_error
 
 PARTS = ("teacher", "bottleneck", "decoder")
@@ -78,10 +79,7 @@ def _counting(root: nn.Module, tally: dict[str, int]) -> Iterator[None]:
     try:
         # the unfused scan path, whose projections are the model's own arithmetic (the fused
         # CPU path's block-diagonal products would count zeros) and whose scans are counted here
-        with (
-            mock.patch.object(mamba_decoder, "selective_scan_fn", fake_scan),
-            mock.patch.object(mamba_decoder, "resolve_backend", lambda backend, device: "ref"),
-        ):
+        with mock.patch.object(ss2d, "selective_scan_fn", fake_scan), forced_backend("ref"):
             yield
     finally:
         for h in handles:

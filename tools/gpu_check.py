@@ -181,21 +181,23 @@ def check_scan(args: argparse.Namespace) -> dict[str, Any]:
 
 def _ss2d_rows(image_size: int, device: torch.device) -> list[dict[str, Any]]:
     """One SS2D module per stage (dims as in the decoder), Triton against ``chunked`` at batch 4."""
-    from model.mamba_decoder import SS2D
+    from model.mambaad.scan_orders import ScanOptions
+    from model.mambaad.ss2d import SS2D
+    from model.ops.selective_scan import forced_backend
     from tools.benchmark import STAGE_DIMS
 
     rows = []
     for stage, dim in enumerate(STAGE_DIMS):
         side = image_size // 32 * 2**stage
         torch.manual_seed(stage)
-        module = SS2D(d_model=dim, size=side, scan_method="hilbert", num_directions=8).to(device)
+        module = SS2D(d_model=dim, size=side, scan=ScanOptions(method="hilbert", directions=8)).to(device)
         x = torch.randn(4, side, side, dim, device=device)
         results = []
         for backend in ("chunked", "triton"):
-            module.scan_backend = backend
             module.zero_grad(set_to_none=True)
             xi = x.clone().requires_grad_(True)
-            y = module(xi)
+            with forced_backend(backend):
+                y = module(xi)
             y.square().mean().backward()
             grads = {n: p.grad.clone() for n, p in module.named_parameters()}
             results.append((y.detach(), xi.grad, grads))
@@ -213,7 +215,7 @@ def ddp_child() -> dict[str, Any]:
     """One rank under ``torchrun``: NCCL group, SyncBatchNorm, DDP, two bf16 training steps."""
     import torch.distributed as dist
 
-    from model.mambaad import MambaAD
+    from model.mambaad.network import MambaAD
     from util.distributed import init_distributed, shutdown
 
     local = int(os.environ["LOCAL_RANK"])

@@ -17,9 +17,10 @@ import importlib.util
 import inspect
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from util.errors import UsageError
 
@@ -274,3 +275,19 @@ def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif json.dumps(va, default=str) != json.dumps(vb, default=str):
             out.append(f"{prefix}{key}")
     return out
+
+
+T = TypeVar("T")
+
+
+def options(kind: type[T], value: T | Mapping[str, Any] | None) -> T:
+    """``value`` as the options dataclass ``kind``: a config section's dict, an instance, or None."""
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    names = {f.name for f in fields(kind)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} key(s) {unknown}; valid: {', '.join(sorted(names))}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})

@@ -5,7 +5,9 @@
 (an exact pure-PyTorch parallel scan, CPU or GPU) compute the scan written in
 :mod:`model.ops.selective_scan`; ``check_scan_args`` and ``check_cross_scan_args`` are the one
 shape check of the plain and the fused cross-scan. Float32 and float64 inputs keep their
-precision, 16-bit ones are computed in float32.
+precision, 16-bit ones are computed in float32. ``scan_encode`` / ``scan_decode`` define the
+cross-scan around it: read a map along K direction permutations, and undo them and sum; a
+fused cross-scan kernel computes ``scan_decode(scan(scan_encode(x)))`` without the gathers.
 """
 
 from __future__ import annotations
@@ -211,3 +213,30 @@ def check_cross_scan_args(
     in_range = perms.device.type != "cpu" or not length  # on a GPU the check would synchronise
     if not in_range and (int(perms.min()) < 0 or int(perms.max()) >= length):
         raise ValueError(f"cross scan: perms must index the {length} pixels (0..{length - 1})")
+
+
+def inverse_permutations(perms: torch.Tensor) -> torch.Tensor:
+    """Row-wise inverse: ``inv[k, perms[k, j]] = j``."""
+    inv = torch.empty_like(perms)
+    positions = torch.arange(perms.shape[-1], device=perms.device, dtype=perms.dtype)
+    inv.scatter_(-1, perms, positions.expand_as(perms).contiguous())
+    return inv
+
+
+def scan_encode(x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """Read a feature map along every direction: [B, C, H, W] -> [B, K, C, L] (one gather)."""
+    b, c = x.shape[:2]
+    k, length = perms.shape
+    flat = x.reshape(b, 1, c, length).expand(b, k, c, length)
+    index = perms.to(x.device).view(1, k, 1, length).expand(b, k, c, length)
+    return torch.gather(flat, 3, index)
+
+
+def scan_decode(y: torch.Tensor, perms: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Undo each direction and sum over them: [B, K, C, L] -> [B, C, H*W]."""
+    b, k, c, length = y.shape
+    if perms.shape != (k, length) or h * w != length:
+        raise ValueError(f"perms {tuple(perms.shape)} / grid {h}x{w} do not match sequences {tuple(y.shape)}")
+    inv = inverse_permutations(perms.to(y.device))
+    index = inv.view(1, k, 1, length).expand(b, k, c, length)
+    return torch.gather(y, 3, index).sum(dim=1)

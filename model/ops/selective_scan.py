@@ -16,19 +16,28 @@ no per-step states, CPU tensors only, needs numba; see ``selective_scan_cpu``), 
 ``TRITON_INTERPRET=1``; see ``selective_scan_triton``) and ``mamba_ssm`` (the CUDA kernel,
 CUDA tensors only), and ``export`` (a blocked scan in plain tensor ops that exports to
 standard ONNX operators; see ``selective_scan_export``).
+
+This module is the one place that chooses a backend: :func:`resolve_backend` for a plain scan,
+:func:`cross_scan_route` for a K-direction cross-scan (which also says whether the backend fuses
+the directions into its kernels), and :func:`forced_backend` to run a block of code (an export,
+a benchmark) with one backend whatever the model's settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from model.ops.scan_reference import (
     check_scan_args,
     flush_denormals_on_cpu,
+    scan_decode,
+    scan_encode,
     selective_scan_chunked,
     selective_scan_ref,
 )
@@ -187,8 +196,26 @@ def backend_works(name: str, device: torch.device) -> bool:
     return _checked[key]
 
 
+_forced: list[str] = []
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str) -> Iterator[None]:
+    """Within the block every scan of this process runs with ``backend``, whatever its module's
+    ``model.scan.backend`` says (the supported way to export a model with the ``export`` backend or
+    to benchmark one backend; blocks nest, the innermost wins)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend ``auto`` stands for on ``device``; other names are returned unchanged.
+    """The backend that runs a scan asked for with ``backend`` on ``device``: the one of an enclosing
+    :func:`forced_backend` block if any, else what ``auto`` stands for, else ``backend`` unchanged.
 
     CUDA: ``mamba_ssm`` when it imports, is not ruled out by deterministic mode (its backward
     accumulates with atomics, ``torch.use_deterministic_algorithms(True)``, which
@@ -197,6 +224,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     whose step loop over cache-sized tensors beats the parallel scan's passes over whole
     sequences (see docs/scan_backends.md).
     """
+    if _forced:
+        backend = _forced[-1]
     if backend != "auto":
         return backend
     if device.type == "cuda":
@@ -207,6 +236,52 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "triton"
         return "chunked"
     return "cpu" if _numba_available() else "ref"
+
+
+CrossScanFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CrossScanRoute:
+    """How a K-direction cross-scan runs with the resolved ``backend``.
+
+    ``fused``: a kernel that reads each direction's order through the permutation table itself,
+    ``(x, delta, A, B, C, D, delta_bias, perms, *, delta_softplus, grouped)``, channels-first
+    (``x [B, D, L]``, ``delta [B, K, d, L]``) or, with ``channels_last``, rows ``x [B, L, D]``
+    and ``delta [K, B, L, d]``; None when the backend scans sequences already in scan order,
+    read with ``encode`` (``[B, C, H, W] -> [B, K, C, L]``) and written back with ``decode``
+    (``[B, K, C, L] -> [B, C, H*W]``), which equal :func:`~model.ops.scan_reference.scan_encode`
+    / :func:`~model.ops.scan_reference.scan_decode`.
+    """
+
+    backend: str
+    fused: CrossScanFn | None = None
+    channels_last: bool = False
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = scan_encode
+    decode: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] = scan_decode
+
+
+def cross_scan_route(backend: str, device: torch.device) -> CrossScanRoute:
+    """The route of a cross-scan asked for with ``backend`` on ``device`` (see :func:`resolve_backend`).
+
+    ``triton`` and ``cpu`` fuse the directions into their kernels; ``export`` reads and writes the
+    scan orders as Gathers of whole channel vectors (what onnxruntime runs fastest); the others
+    gather, scan with :func:`selective_scan_fn` and scatter back.
+    """
+    name = resolve_backend(backend, device)
+    if name == "triton":
+        from model.ops.selective_scan_triton import cross_scan_triton
+
+        return CrossScanRoute(name, fused=cross_scan_triton)
+    if name == "cpu":
+        from model.ops.selective_scan_cpu import cross_scan_cpu_channels_last
+
+        return CrossScanRoute(name, fused=cross_scan_cpu_channels_last, channels_last=True)
+    if name == "export":
+        from model.ops.selective_scan_export import gather_scan_decode, gather_scan_encode
+
+        return CrossScanRoute(name, encode=gather_scan_encode, decode=gather_scan_decode)
+    return CrossScanRoute(name)
 
 
 def selective_scan_fn(

@@ -4,7 +4,7 @@ Our design after the one-line description in MMAD's README ("Dilated Mamba Fuser
 identical-shortcut-resistant reconstruction); MMAD publishes no code or details. The three
 teacher scales are fused at 1/16 scale as in the Half-FPN, then passed through one HSS block
 per dilation rate ``r``, whose K scan directions read the map along ``r x r`` interleaved
-sub-grids (:func:`model.scan.dilated_order`): within a sequence, neighbouring tokens lie ``r``
+sub-grids (:func:`model.mambaad.scan_orders.dilated_order`): within a sequence, neighbouring tokens lie ``r``
 pixels apart, so the state carried to a token summarises context rather than the pixels right
 next to it. A stride-2 convolution gives the decoder its ``[B, 2*c2, H/32, W/32]`` input, the
 shape the Half-FPN produces, so the decoder is unchanged.
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from model.input_size import input_hw
-from model.mamba_decoder import HSSBlock
+from model.mambaad.scan_orders import ScanOptions
+from model.mambaad.ss2d import HSSBlock
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
@@ -33,20 +34,18 @@ class DilatedMambaFuser(nn.Module):
     """Fuse teacher maps ``(c0, c1, c2)`` at strides 4, 8, 16 and mix them with dilated-scan HSS blocks.
 
     ``dilations``: one HSS block per rate, applied in order at the 1/16-scale map (each rate
-    must be smaller than that map's side, e.g. 16 at 256x256 input). ``method`` and
-    ``directions``: the scan curve and K of those blocks. ``image_size`` sizes their stored
-    scan tables; other input sizes work too.
+    must be smaller than that map's side, e.g. 16 at 256x256 input). ``scan``: the scan curve,
+    K and backend of those blocks (``model.bottleneck.method`` / ``directions``). ``image_size``
+    sizes their stored scan tables; other input sizes work too.
     """
 
     def __init__(
         self,
         in_channels: Sequence[int] = (64, 128, 256),
         dilations: Sequence[int] = (2, 4),
-        method: str = "sweep",
-        directions: int = 4,
+        scan: ScanOptions | None = None,
         d_state: int = 16,
         image_size: int | Sequence[int] = 256,
-        scan_backend: str = "auto",
     ) -> None:
         super().__init__()
         c0, c1, c2 = (int(c) for c in in_channels)
@@ -72,9 +71,7 @@ class DilatedMambaFuser(nn.Module):
                 c2,
                 d_state=d_state,
                 size=(h // 16, w // 16),
-                scan_method=method,
-                num_directions=directions,
-                scan_backend=scan_backend,
+                scan=scan or ScanOptions(method="sweep", directions=4),
                 dilation=rate,
             )
             for rate in rates

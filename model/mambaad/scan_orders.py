@@ -1,4 +1,4 @@
-"""Hybrid-scan curves and the K scan directions used by the MambaAD decoder (spec section 1).
+"""MambaAD's scan settings, hybrid-scan curves and K scan directions (spec section 1).
 
 A *curve order* lists the row-major flat indices of an ``h x w`` grid in visiting order.
 A *direction permutation* applies a curve to one of four views of the grid (identity,
@@ -12,10 +12,13 @@ generalisations that the official code does not support.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+from torch import nn
 
 SCAN_METHODS = ("sweep", "scan", "zigzag", "zorder", "hilbert")
 NUM_DIRECTIONS = (2, 4, 8)
@@ -248,28 +251,120 @@ def direction_permutations(
     return torch.from_numpy(table.copy())
 
 
-def inverse_permutations(perms: torch.Tensor) -> torch.Tensor:
-    """Row-wise inverse: ``inv[k, perms[k, j]] = j``."""
-    inv = torch.empty_like(perms)
-    positions = torch.arange(perms.shape[-1], device=perms.device, dtype=perms.dtype)
-    inv.scatter_(-1, perms, positions.expand_as(perms).contiguous())
-    return inv
+@dataclass(frozen=True)
+class ScanOptions:
+    """The ``model.scan`` config section, which travels whole to every :class:`SS2D`: scan curve(s),
+    number of directions, selective-scan backend (resolved by :mod:`model.ops.selective_scan`),
+    and ``grouped`` (each of K channel groups scanned in one direction only; see SS2D)."""
+
+    method: str = "hilbert"
+    directions: int = 8
+    backend: str = "auto"
+    grouped: bool = False
+
+    @property
+    def groups(self) -> int:
+        """Channel groups G of a scan: K when ``grouped``, else 1."""
+        return self.directions if self.grouped else 1
 
 
-def scan_encode(x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """Read a feature map along every direction: [B, C, H, W] -> [B, K, C, L] (one gather)."""
-    b, c = x.shape[:2]
-    k, length = perms.shape
-    flat = x.reshape(b, 1, c, length).expand(b, k, c, length)
-    index = perms.to(x.device).view(1, k, 1, length).expand(b, k, c, length)
-    return torch.gather(flat, 3, index)
+def split_scan_method(method: str, num_directions: int) -> list[tuple[str, int]]:
+    """``[(curve, directions), ...]`` of a scan method, single (``"hilbert"``) or hybrid.
+
+    A hybrid such as ``"zigzag+hilbert"`` (paper Table 3, rows 8-12) shares the K directions
+    equally among its curves: ``"zigzag+hilbert"`` with K = 8 is 4 zigzag + 4 Hilbert
+    directions, ``"scan+zorder+zigzag+hilbert"`` 2 of each.
+    """
+    parts = [p.strip() for p in str(method).split("+")]
+    bad = [p for p in parts if p not in SCAN_METHODS]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"model.scan.method must be one of {SCAN_METHODS} or distinct ones joined by '+' "
+            f"(e.g. 'zigzag+hilbert'), got {method!r}"
+        )
+    if num_directions not in NUM_DIRECTIONS:
+        raise ValueError(f"model.scan.directions must be one of {NUM_DIRECTIONS}, got {num_directions}")
+    per = num_directions // len(parts)
+    if per * len(parts) != num_directions or per not in NUM_DIRECTIONS:
+        raise ValueError(
+            f"model.scan.method={method!r} splits model.scan.directions={num_directions} into "
+            f"{len(parts)} equal shares of 2, 4 or 8; use e.g. 8 directions for up to 4 curves"
+        )
+    return [(p, per) for p in parts]
 
 
-def scan_decode(y: torch.Tensor, perms: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Undo each direction and sum over them: [B, K, C, L] -> [B, C, H*W]."""
-    b, k, c, length = y.shape
-    if perms.shape != (k, length) or h * w != length:
-        raise ValueError(f"perms {tuple(perms.shape)} / grid {h}x{w} do not match sequences {tuple(y.shape)}")
-    inv = inverse_permutations(perms.to(y.device))
-    index = inv.view(1, k, 1, length).expand(b, k, c, length)
-    return torch.gather(y, 3, index).sum(dim=1)
+def group_order(num_directions: int, groups: int) -> list[int]:
+    """Direction order that makes each channel group's directions contiguous.
+
+    Group ``g`` of ``groups`` takes directions ``g, g + groups, g + 2*groups, ...``, so every
+    group mixes base and reversed directions (and, for hybrids, the curves); the identity for
+    ``groups`` 1 or K.
+    """
+    if groups < 1 or num_directions % groups:
+        raise ValueError(f"{groups} channel groups do not divide {num_directions} scan directions")
+    return [k for g in range(groups) for k in range(g, num_directions, groups)]
+
+
+@lru_cache(maxsize=64)
+def _cached_permutations(
+    method: str, h: int, w: int, num_directions: int, dilation: int = 1, groups: int = 1
+) -> torch.Tensor:
+    """CPU permutation table ``[K, L]``, computed once per (method, size, K, dilation, groups) for
+    all SS2D modules; rows in :func:`group_order`."""
+    parts = split_scan_method(method, num_directions)
+    tables = [direction_permutations(m, h, w, k, dilation) for m, k in parts]
+    return torch.cat(tables).to(torch.long)[group_order(num_directions, groups)]
+
+
+class ScanIndex(nn.Module):
+    """Scan order of one SS2D.
+
+    ``index_flat`` / ``index_flat_inv`` ([1, 1, L], persistent) are the base curve order at
+    the construction size and its inverse, exactly as the official checkpoints store them;
+    forward uses the ``[K, L]`` direction table ``perms`` (non-persistent), rebuilt and
+    cached for any other input size.
+    """
+
+    def __init__(
+        self, method: str, size: int | Sequence[int], num_directions: int, dilation: int = 1, groups: int = 1
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.num_directions = int(num_directions)
+        self.dilation = dilation
+        self.groups = groups
+        perms = _cached_permutations(method, *self.size, self.num_directions, dilation, groups)
+        perms = perms.clone()
+        self.register_buffer("perms", perms, persistent=False)
+        self.register_buffer("index_flat", perms[0].reshape(1, 1, -1).clone())
+        self.register_buffer("index_flat_inv", torch.argsort(perms[0]).reshape(1, 1, -1))
+        self._other_sizes: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def permutations(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Direction table ``[K, h*w]`` on ``device`` for an ``h x w`` input."""
+        if (h, w) == self.size and self.perms.device == device:
+            return self.perms
+        key = (h, w, str(device))
+        if key not in self._other_sizes:
+            table = _cached_permutations(self.method, h, w, self.num_directions, self.dilation, self.groups)
+            self._other_sizes[key] = table.to(device)
+        return self._other_sizes[key]
+
+    def matches_index(self) -> bool:
+        """Whether the stored ``index_flat``/``index_flat_inv`` (e.g. from a checkpoint) match ``perms``."""
+        base = self.perms[0].to(self.index_flat.device)
+        inv = torch.argsort(base)
+        return bool(
+            self.index_flat.numel() == base.numel()
+            and torch.equal(self.index_flat.reshape(-1), base)
+            and torch.equal(self.index_flat_inv.reshape(-1), inv)
+        )
+
+    def extra_repr(self) -> str:
+        extra = (f", dilation={self.dilation}" if self.dilation != 1 else "") + (
+            f", groups={self.groups}" if self.groups != 1 else ""
+        )
+        h, w = self.size
+        size = h if h == w else f"{h}x{w}"
+        return f"method={self.method}, size={size}, num_directions={self.num_directions}{extra}"

@@ -12,21 +12,18 @@ import torch
 from torch import nn
 
 from model.anomaly_map import anomaly_maps_and_scores
-from model.bottleneck import BottleneckOptions, build_bottleneck
-from model.mamba_decoder import LSSOptions, MambaDecoder, ScanOptions, options
+from model.base import AnomalyModel
+from model.mambaad.bottleneck import BottleneckOptions, build_bottleneck
+from model.mambaad.decoder import LSSOptions, MambaDecoder
+from model.mambaad.scan_orders import ScanOptions
 from model.teacher import TeacherOptions, build_teacher, calibrate_batchnorm
+from util.config import options
 from util.precision import at_least_float32
 
 INDEX_BUFFER_NAMES = ("index_flat", "index_flat_inv")
-_NORM_TYPES = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.LayerNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-)
 
 
-class MambaAD(nn.Module):
+class MambaAD(AnomalyModel):
     """Teacher features ``net_t(x)`` vs. student reconstruction ``net_s(mff_oce(net_t(x)))``.
 
     The arguments are the ``model.*`` config keys, sections as dicts (or their options classes):
@@ -35,7 +32,11 @@ class MambaAD(nn.Module):
     paper's Half-FPN or our dilated Mamba fuser). The defaults are the paper's model, whose state
     dict matches the authors' ADer checkpoints key for key.
     :meth:`predict` turns the two into anomaly maps (blurred with ``sigma``) and image scores.
+    The trainer uses the defaults of :class:`model.base.AnomalyModel` for everything else (the
+    config's ``loss`` on ``forward``'s outputs, one AdamW optimiser, one stage).
     """
+
+    frozen_layers = ("net_t",)
 
     def __init__(
         self,
@@ -61,8 +62,8 @@ class MambaAD(nn.Module):
         if len(channels) != 3:
             raise ValueError(f"teacher must yield 3 feature maps, got channels {channels}")
         self.bottleneck = options(BottleneckOptions, bottleneck)
-        scan_backend = options(ScanOptions, scan).backend
-        self.mff_oce = build_bottleneck(self.bottleneck, channels, image_size, d_state, scan_backend)
+        scan = options(ScanOptions, scan)
+        self.mff_oce = build_bottleneck(self.bottleneck, channels, image_size, d_state, scan.backend)
         dims = [self.mff_oce.out_channels, *channels[::-1]]
         self.net_s = MambaDecoder(
             dims=dims,
@@ -73,20 +74,7 @@ class MambaAD(nn.Module):
             lss=lss,
             image_size=image_size,
         )
-        self.frozen_layers = ("net_t",)
         self.train(True)
-
-    def train(self, mode: bool = True) -> MambaAD:
-        """Set train/eval mode for the student parts; the teacher always stays frozen in eval."""
-        self.training = mode
-        for name, module in self.named_children():
-            if name in self.frozen_layers:
-                module.eval()
-                for p in module.parameters():
-                    p.requires_grad_(False)
-            else:
-                module.train(mode)
-        return self
 
     @property
     def teacher_is_random(self) -> bool:
@@ -134,51 +122,6 @@ class MambaAD(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that receive gradients (bottleneck + decoder)."""
         return [p for p in self.parameters() if p.requires_grad]
-
-    def parameter_groups(self, weight_decay: float, no_decay: str = "ader") -> list[dict]:
-        """Two AdamW groups: ``[{decay}, {no decay}]`` over the trainable parameters.
-
-        ``no_decay`` names the rule in :data:`NO_DECAY_RULES` that picks the undecayed ones:
-        ``ader`` (the authors' optimiser, ADer ``optim.add_weight_decay``: 1-D tensors and names
-        ending in ``.bias``, so ``A_logs`` and ``dt_projs_bias`` are decayed) or ``flagged``
-        (also ``A_logs``, ``Ds``, ``dt_projs_bias``, every norm layer and anything flagged
-        ``_no_weight_decay``, as the SSM code intends but the authors' optimiser ignores).
-        """
-        if no_decay not in NO_DECAY_RULES:
-            choices = ", ".join(NO_DECAY_RULES)
-            raise ValueError(f"optim.no_decay={no_decay!r} is not supported; use one of {choices}")
-        rule = NO_DECAY_RULES[no_decay]
-        norm_params = {id(p) for m in self.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters()}
-        decay, undecayed = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (undecayed if rule(name, p, norm_params) else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": undecayed, "weight_decay": 0.0},
-        ]
-
-
-def _ader_no_decay(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias")
-
-
-def _flagged_no_decay(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return (
-        id(p) in norm_params
-        or leaf == "bias"
-        or leaf.endswith("_bias")
-        or leaf in ("A_logs", "Ds")
-        or getattr(p, "_no_weight_decay", False)
-    )
-
-
-# optim.no_decay -> whether a trainable parameter (name, tensor, ids of norm-layer params) is undecayed
-NO_DECAY_RULES: dict[str, Callable[[str, nn.Parameter, set[int]], bool]] = {
-    "ader": _ader_no_decay,
-    "flagged": _flagged_no_decay,
-}
 
 
 def _index_buffer_count(module: nn.Module) -> int:

@@ -1,0 +1,149 @@
+"""The contract between a method (a folder under ``model/``) and the one trainer.
+
+A method's model subclasses :class:`AnomalyModel` and overrides what differs from the defaults;
+``trainer/ad_trainer.py`` calls nothing else. The hooks cover the methods of the paper's Table 1:
+feature reconstruction with one optimiser (MambaAD, RD4AD, UniAD), a discriminator trained by a
+second optimiser of another type (SimpleNet), and training stages that switch the trained part
+by epoch (DeSTSeg). See docs/architecture.md ("The method contract") for an example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimizerSpec:
+    """One optimiser of a method: its name (the key in checkpoints and logs), its parameter groups
+    (torch ``param_groups``, which may carry their own ``lr`` or ``weight_decay``), the
+    ``OPTIMIZERS`` entry that builds it (None: the config's ``optim.type``) and values that
+    replace the ``optim`` section's for this optimiser (e.g. ``{"betas": (0.5, 0.999)}``)."""
+
+    name: str
+    groups: list[dict[str, Any]]
+    type: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+)
+
+
+def _ader_no_decay(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def _flagged_no_decay(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        id(p) in norm_params
+        or leaf == "bias"
+        or leaf.endswith("_bias")
+        or leaf in ("A_logs", "Ds")
+        or getattr(p, "_no_weight_decay", False)
+    )
+
+
+# optim.no_decay -> whether a trainable parameter (name, tensor, ids of norm-layer params) is undecayed
+NO_DECAY_RULES: dict[str, Callable[[str, nn.Parameter, set[int]], bool]] = {
+    "ader": _ader_no_decay,
+    "flagged": _flagged_no_decay,
+}
+
+
+class AnomalyModel(nn.Module):
+    """Base class of every method's model; the defaults are a one-stage, one-optimiser method.
+
+    Training, per batch: ``outputs = model(*model.train_inputs(batch))`` (through DDP), then
+    ``model.loss_terms(outputs, batch, criterion)`` gives named loss tensors; their sum is
+    back-propagated and every optimiser of :meth:`optimizers` steps (each clipped on its own
+    parameters). Per epoch: :meth:`stage` names the training stage, and :meth:`enter_stage` runs
+    when it changes. Testing: :meth:`predict` returns the maps and image scores the evaluator
+    scores. Children named in ``frozen_layers`` stay in eval mode without gradients.
+    """
+
+    frozen_layers: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> AnomalyModel:
+        """Set train/eval mode; the children in ``frozen_layers`` always stay frozen in eval."""
+        self.training = mode
+        for name, module in self.named_children():
+            if name in self.frozen_layers:
+                module.eval()
+                for p in module.parameters():
+                    p.requires_grad_(False)
+            else:
+                module.train(mode)
+        return self
+
+    def train_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """What ``forward`` takes during training, from a data batch (default: the images)."""
+        return (batch["img"],)
+
+    def loss_terms(
+        self, outputs: Any, batch: Mapping[str, Any], criterion: Callable[..., torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Named loss tensors of one batch; the trainer back-propagates their sum and logs each.
+
+        ``criterion`` is the config's ``loss`` (a ``LOSSES`` entry); the default applies it to
+        ``forward``'s outputs.
+        """
+        return {"loss": criterion(*outputs)}
+
+    def stage(self, epoch: int, epochs: int) -> str:
+        """The training stage of ``epoch`` (1-based) of ``epochs``; one stage by default."""
+        return "train"
+
+    def enter_stage(self, stage: str) -> None:
+        """Called when training enters ``stage`` (also on resume); e.g. freeze the finished part."""
+
+    def parameter_groups(self, weight_decay: float, no_decay: str = "ader") -> list[dict]:
+        """Two groups: ``[{decay}, {no decay}]`` over the trainable parameters.
+
+        ``no_decay`` names the rule in :data:`NO_DECAY_RULES` that picks the undecayed ones:
+        ``ader`` (the authors' optimiser, ADer ``optim.add_weight_decay``: 1-D tensors and names
+        ending in ``.bias``, so ``A_logs`` and ``dt_projs_bias`` are decayed) or ``flagged``
+        (also ``A_logs``, ``Ds``, ``dt_projs_bias``, every norm layer and anything flagged
+        ``_no_weight_decay``, as the SSM code intends but the authors' optimiser ignores).
+        """
+        if no_decay not in NO_DECAY_RULES:
+            choices = ", ".join(NO_DECAY_RULES)
+            raise ValueError(f"optim.no_decay={no_decay!r} is not supported; use one of {choices}")
+        rule = NO_DECAY_RULES[no_decay]
+        norm_params = {id(p) for m in self.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters()}
+        decay, undecayed = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (undecayed if rule(name, p, norm_params) else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": undecayed, "weight_decay": 0.0},
+        ]
+
+    def optimizers(self, weight_decay: float, no_decay: str = "ader") -> list[OptimizerSpec]:
+        """The optimisers to build, from the ``optim`` section's decay settings (default: one,
+        ``main``, over :meth:`parameter_groups`)."""
+        return [OptimizerSpec("main", self.parameter_groups(weight_decay, no_decay=no_decay))]
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters forward never uses (kept for checkpoint compatibility); DDP must not wait for them."""
+        return []
+
+    def calibrate_teacher(self, images: Iterable[torch.Tensor]) -> int:
+        """Prepare a randomly initialised teacher on training images; returns batches used (default 0)."""
+        return 0
+
+    def predict(
+        self, imgs: torch.Tensor, out_size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps ``[B, H, W]`` (at ``out_size``, default the input's) and image scores ``[B]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict")
