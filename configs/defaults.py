@@ -7,6 +7,7 @@ anything can be overridden on the command line as ``section.key=value``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from util.config import BaseConfig, Section, check_values, int_at_least, number_at_least, one_of
 
@@ -124,8 +125,59 @@ class MambaADDefaults(BaseConfig):
 
     def validate(self) -> None:
         """Reject values that would fail later (or silently do nothing) before any work starts."""
+        check_values(self, {**self.common_rules(), **self.model_rules()})
+
+    def common_rules(self) -> dict[str, tuple[Any, str]]:
+        """Rules for the sections every method shares (seed, trainer, data, optim, loss, ...)."""
         from evaluation.metrics import METRIC_MODES
         from model.input_size import RULE as INPUT_SIZE_RULE
+        from model.input_size import valid_input_size
+
+        return {
+            "seed": int_at_least(0),
+            "trainer.epochs": int_at_least(1),
+            "trainer.test_every": int_at_least(1),
+            "trainer.save_every": int_at_least(1),
+            "trainer.save_every_steps": int_at_least(0),
+            "trainer.keep_checkpoints": int_at_least(1),
+            "trainer.log_every": int_at_least(1),
+            "trainer.accumulate": int_at_least(1),
+            "trainer.grad_clip": number_at_least(0, allow_none=True),
+            "trainer.amp": one_of("none", "bf16", "fp16"),
+            "trainer.fast_cuda": one_of(True, False),
+            "trainer.amp_eval": one_of(True, False),
+            "trainer.dist_timeout": number_at_least(1),
+            "data.batch_size": int_at_least(1),
+            "data.batch_size_test": int_at_least(1),
+            "data.num_workers": int_at_least(0),
+            "data.image_size": (valid_input_size, INPUT_SIZE_RULE),
+            "optim.base_lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+            "optim.lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+            "optim.betas": (
+                lambda v: (
+                    isinstance(v, list | tuple)
+                    and len(v) == 2
+                    and all(isinstance(b, int | float) and 0 <= b < 1 for b in v)
+                ),
+                "two numbers in [0, 1), e.g. [0.9, 0.999]",
+            ),
+            "loss.weight": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+            "scheduler.gamma": (
+                lambda v: isinstance(v, int | float) and 0 < v <= 1,
+                "in (0, 1]: the factor the learning rate is multiplied by at each milestone",
+            ),
+            "scheduler.decay_at": (
+                lambda v: isinstance(v, int | float) and 0 < v <= 1,
+                "in (0, 1]: the fraction of trainer.epochs after which the learning rate drops",
+            ),
+            "evaluator.mode": one_of(*METRIC_MODES),
+            "evaluator.map_dtype": one_of("float16", "float32"),
+            "optim.weight_decay": number_at_least(0),
+            "optim.no_decay": one_of("ader", "flagged"),
+        }
+
+    def model_rules(self) -> dict[str, tuple[Any, str]]:
+        """Rules for the ``model`` section: MambaAD's here; another method's config overrides this."""
         from model.input_size import input_hw, valid_input_size
         from model.mambaad.scan_orders import NUM_DIRECTIONS, SCAN_METHODS
         from model.ops.selective_scan import BACKENDS
@@ -140,75 +192,32 @@ class MambaADDefaults(BaseConfig):
                 return False
             return depth % blocks == 0 if blocks else depth % 2 == 0 or depth % 3 == 0
 
-        check_values(
-            self,
-            {
-                "seed": int_at_least(0),
-                "trainer.epochs": int_at_least(1),
-                "trainer.test_every": int_at_least(1),
-                "trainer.save_every": int_at_least(1),
-                "trainer.save_every_steps": int_at_least(0),
-                "trainer.keep_checkpoints": int_at_least(1),
-                "trainer.log_every": int_at_least(1),
-                "trainer.accumulate": int_at_least(1),
-                "trainer.grad_clip": number_at_least(0, allow_none=True),
-                "trainer.amp": one_of("none", "bf16", "fp16"),
-                "trainer.fast_cuda": one_of(True, False),
-                "trainer.amp_eval": one_of(True, False),
-                "trainer.dist_timeout": number_at_least(1),
-                "data.batch_size": int_at_least(1),
-                "data.batch_size_test": int_at_least(1),
-                "data.num_workers": int_at_least(0),
-                "data.image_size": (valid_input_size, INPUT_SIZE_RULE),
-                "model.depths": (
-                    lambda v: isinstance(v, list | tuple) and len(v) == 4 and all(map(stage_ok, v)),
-                    f"four multiples of model.lss.blocks={blocks}"
-                    if blocks
-                    else "four multiples of 2 or 3 (HSS blocks per LSS module), e.g. [3,4,6,3]",
+        return {
+            "model.depths": (
+                lambda v: isinstance(v, list | tuple) and len(v) == 4 and all(map(stage_ok, v)),
+                f"four multiples of model.lss.blocks={blocks}"
+                if blocks
+                else "four multiples of 2 or 3 (HSS blocks per LSS module), e.g. [3,4,6,3]",
+            ),
+            "model.scan.directions": one_of(*NUM_DIRECTIONS),
+            "model.scan.method": (
+                lambda v: all(m in SCAN_METHODS for m in methods),
+                f"one of {', '.join(SCAN_METHODS)} or two joined by '+' (e.g. zigzag+hilbert)",
+            ),
+            "model.drop_path": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "in [0, 1)"),
+            "model.scan.backend": one_of(*BACKENDS),
+            "model.sigma": number_at_least(0),
+            "model.scan.grouped": one_of(True, False),
+            "model.bottleneck.type": one_of("hfpn", "dilated_mamba"),
+            "model.bottleneck.directions": one_of(*NUM_DIRECTIONS),
+            "model.bottleneck.method": one_of(*SCAN_METHODS),
+            "model.bottleneck.dilations": (
+                lambda v: (
+                    isinstance(v, list | tuple)
+                    and len(v) > 0
+                    and all(isinstance(r, int) and r >= 1 and (r == 1 or r < side or not side) for r in v)
                 ),
-                "model.scan.directions": one_of(*NUM_DIRECTIONS),
-                "model.scan.method": (
-                    lambda v: all(m in SCAN_METHODS for m in methods),
-                    f"one of {', '.join(SCAN_METHODS)} or two joined by '+' (e.g. zigzag+hilbert)",
-                ),
-                "model.drop_path": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "in [0, 1)"),
-                "optim.base_lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
-                "optim.lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
-                "optim.betas": (
-                    lambda v: (
-                        isinstance(v, list | tuple)
-                        and len(v) == 2
-                        and all(isinstance(b, int | float) and 0 <= b < 1 for b in v)
-                    ),
-                    "two numbers in [0, 1), e.g. [0.9, 0.999]",
-                ),
-                "loss.weight": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
-                "scheduler.gamma": (
-                    lambda v: isinstance(v, int | float) and 0 < v <= 1,
-                    "in (0, 1]: the factor the learning rate is multiplied by at each milestone",
-                ),
-                "scheduler.decay_at": (
-                    lambda v: isinstance(v, int | float) and 0 < v <= 1,
-                    "in (0, 1]: the fraction of trainer.epochs after which the learning rate drops",
-                ),
-                "model.scan.backend": one_of(*BACKENDS),
-                "evaluator.mode": one_of(*METRIC_MODES),
-                "evaluator.map_dtype": one_of("float16", "float32"),
-                "optim.weight_decay": number_at_least(0),
-                "optim.no_decay": one_of("ader", "flagged"),
-                "model.sigma": number_at_least(0),
-                "model.scan.grouped": one_of(True, False),
-                "model.bottleneck.type": one_of("hfpn", "dilated_mamba"),
-                "model.bottleneck.directions": one_of(*NUM_DIRECTIONS),
-                "model.bottleneck.method": one_of(*SCAN_METHODS),
-                "model.bottleneck.dilations": (
-                    lambda v: (
-                        isinstance(v, list | tuple)
-                        and len(v) > 0
-                        and all(isinstance(r, int) and r >= 1 and (r == 1 or r < side or not side) for r in v)
-                    ),
-                    f"a non-empty list of integer rates, each 1 or smaller than the "
-                    f"{side}-pixel side of the 1/16-scale map (data.image_size / 16)",
-                ),
-            },
-        )
+                f"a non-empty list of integer rates, each 1 or smaller than the "
+                f"{side}-pixel side of the 1/16-scale map (data.image_size / 16)",
+            ),
+        }

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from util.checkpoint import extract_state_dict, load_file
+from util.errors import UserError
+
+
+class CheckpointMismatchError(UserError, RuntimeError):
+    """A weights file that does not fit the configured model; the message names the keys to check."""
 
 
 @dataclass
@@ -133,6 +141,21 @@ class AnomalyModel(nn.Module):
         """The optimisers to build, from the ``optim`` section's decay settings (default: one,
         ``main``, over :meth:`parameter_groups`)."""
         return [OptimizerSpec("main", self.parameter_groups(weight_decay, no_decay=no_decay))]
+
+    def load_weights(self, path: str | Path, log: Callable[[str], object] | None = None) -> None:
+        """Load a weights file (ours, bare or inside ``{"net": ...}``) strictly; methods with
+        official checkpoints of another naming override this."""
+        state = extract_state_dict(load_file(path), path)
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
+            raise CheckpointMismatchError(
+                f"model.checkpoint={path} does not match the configured model: {details}. Check the "
+                "model.* keys and data.image_size against the run that saved it."
+            ) from err
+        if log is not None:
+            log(f"loaded model weights from {path}")
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters forward never uses (kept for checkpoint compatibility); DDP must not wait for them."""

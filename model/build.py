@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from model import MODELS
-from model.mambaad.official import load_weights
 from util.checkpoint import find_checkpoint
 from util.config import BaseConfig, Section
 
@@ -32,8 +31,8 @@ def build_model(
     """The configured model, with ``model.checkpoint`` weights loaded strictly when given.
 
     A full checkpoint holds the teacher too, so the teacher is then neither downloaded nor
-    read from ``model.teacher.checkpoint``. Official MambaAD/ADer files load as well (see
-    :mod:`model.mambaad.official`); the log line lists renamed, unused and kept-from-init keys.
+    read from ``model.teacher.checkpoint``. The model's ``load_weights`` reads the file (MambaAD's
+    also reads the authors' files, see :mod:`model.mambaad.official`) and logs what it did.
     ``teacher_pretrained=False`` forces a random teacher (e.g. for counting FLOPs offline).
     """
     m = cfg.model
@@ -54,5 +53,5 @@ def build_model(
         m.type, log=log.info if full or teacher_pretrained is False else log.warning, **kwargs
     )
     if full:  # a run folder stands for its weights file
-        load_weights(model, find_checkpoint(m.checkpoint), log=log.info)
+        model.load_weights(find_checkpoint(m.checkpoint), log=log.info)
     return model

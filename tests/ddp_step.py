@@ -46,10 +46,10 @@ def main(argv: list[str]) -> None:
     trainer.train_loader.sampler.set_epoch(1, 0)
     batch = next(iter(trainer.train_loader))
     batch["img"] = batch["img"].double()
-    loss = trainer._micro_step(batch, epoch=1, sync=True, scale=1.0)
+    loss, _ = trainer._micro_step(batch, epoch=1, sync=True, scale=1.0)
     loss = sum(gather_objects(loss, trainer.dist)) / trainer.dist.world_size  # the whole batch's
     grads = _gradients(trainer.model)
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizers["main"].zero_grad(set_to_none=True)
     trainer._micro_step(batch, epoch=1, sync=False, scale=1.0)
     local = _gradients(trainer.model)
     if trainer.dist.is_main:

@@ -112,7 +112,8 @@ def test_trainer_optimizer_follows_optim_no_decay(no_decay: str) -> None:
     cfg = load_config(REPO / "configs/mambaad_demo.py", [f"optim.no_decay={no_decay}"])
     torch.manual_seed(0)
     model = MambaAD(teacher="resnet18", depths=(2, 2, 2, 2), scan={"directions": 2}, image_size=64, **QUIET)
-    optimizer = OPTIMIZERS.build(cfg.optim.type, model, cfg.optim)
+    (spec,) = model.optimizers(cfg.optim.weight_decay, no_decay=cfg.optim.no_decay)  # as the trainer
+    optimizer = OPTIMIZERS.build(spec.type or cfg.optim.type, spec.groups, cfg.optim)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     a_logs = "net_s.layers_up.1.blocks.0.smm_blocks.0.self_attention.A_logs"

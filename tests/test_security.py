@@ -118,13 +118,13 @@ def test_full_training_checkpoint_loads_weights_only_and_resumes(
     for p in first.model.parameters():
         if p.requires_grad:
             p.grad = torch.full_like(p, 0.01)
-    first.optimizer.step()
-    first.scheduler.step()
+    first.optimizers["main"].step()
+    first.schedulers["main"].step()
     first.global_step = 1
     first.history = [{"epoch": 1, "step": 1, "num_images": 5, "results": {"mean": {"mAD": np.float64(0.5)}}}]
     first._checkpoint(1)
     numpy_state = np.random.get_state()
-    saved_optimizer = first.optimizer.state_dict()
+    saved_optimizer = first.optimizers["main"].state_dict()
     first.writer.close()
     if getattr(first, "lock", None) is not None:
         first.lock.release()
@@ -143,8 +143,9 @@ def test_full_training_checkpoint_loads_weights_only_and_resumes(
     assert resumed.start_epoch == 2 and resumed.global_step == 1
     assert resumed.history[0]["results"]["mean"]["mAD"] == 0.5
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
-    assert resumed.scheduler.state_dict()["milestones"] == first.scheduler.state_dict()["milestones"]
-    restored = resumed.optimizer.state_dict()
+    milestones = resumed.schedulers["main"].state_dict()["milestones"]
+    assert milestones == first.schedulers["main"].state_dict()["milestones"]
+    restored = resumed.optimizers["main"].state_dict()
     for key, value in saved_optimizer["state"][0].items():
         assert torch.equal(torch.as_tensor(restored["state"][0][key]), torch.as_tensor(value)), key
     state = np.random.get_state()

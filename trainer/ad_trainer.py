@@ -1,4 +1,4 @@
-"""Training and evaluation loop for feature-reconstruction anomaly detectors (MambaAD).
+"""The one training and evaluation loop of every method (the hooks it calls: :mod:`model.base`).
 
 One run = one folder ``<output_dir>/<config>_<timestamp>/`` holding ``config.json``,
 ``log.txt``, TensorBoard events (``tb/``), ``ckpt.pth`` (everything needed to resume),
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ _OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
 
 
 class ADTrainer(TrainerBase):
-    """Trains the student to reconstruct the teacher's features; scores the test set on every rank.
+    """Trains a method through its :class:`model.base.AnomalyModel` hooks; scores the test set on every rank.
 
     Every rank trains on its shard of each epoch and scores its shard of the test set, whose
     maps are gathered on rank 0 (which checks that each image came exactly once).
@@ -54,9 +55,13 @@ class ADTrainer(TrainerBase):
             if self.eval_pending:
                 results = self._evaluate_and_save(self.start_epoch - 1)
             for epoch in range(self.start_epoch, t.epochs + 1):
+                self._enter_stage(epoch)
                 self._train_epoch(epoch, self.skip_batches)
                 self.skip_batches = 0
-                self.scheduler.step()
+                with warnings.catch_warnings():  # an optimiser of another stage did not step: intended
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    for scheduler in self.schedulers.values():
+                        scheduler.step()
                 if epoch % t.test_every == 0 or epoch == t.epochs:
                     self._checkpoint(epoch, eval_pending=True)
                     results = self._evaluate_and_save(epoch)
@@ -80,34 +85,57 @@ class ADTrainer(TrainerBase):
             self.stop.signal or 15,
         )
 
+    def _enter_stage(self, epoch: int) -> None:
+        """Tell the method when its training stage changes (and once per process, on resume too)."""
+        stage = self.model.stage(epoch, self.cfg.trainer.epochs)
+        if stage != self.stage:
+            self.model.enter_stage(stage)
+            if stage != "train":
+                self.log.info("epoch %d: training stage %s", epoch, stage)
+            self.stage = stage
+
+    def _step_optimizers(self) -> None:
+        """Clip each optimiser's parameters on their own (``trainer.grad_clip``) and step it; an
+        optimiser none of whose parameters got a gradient (another stage's) is left alone."""
+        clip = self.cfg.trainer.grad_clip
+        for optimizer in self.optimizers.values():
+            mine = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+            if not mine:
+                continue
+            self.scaler.unscale_(optimizer)
+            if clip:  # in the model's parameter order, as the norm's sum was always taken
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if id(p) in mine], clip)
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+
     def _train_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.net.train()
         t = self.cfg.trainer
         acc = int(t.accumulate)
         self.train_loader.sampler.set_epoch(epoch, skip_batches * self.micro_batch)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         bar = Progress(
             self.train_loader, f"epoch {epoch}/{t.epochs}", self.log.info, enabled=self.dist.is_main
         )
         n_batches = len(self.train_loader) + skip_batches
         losses = []
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=skip_batches):
             last_micro = (i + 1) % acc == 0 or i + 1 == n_batches
-            loss = self._micro_step(batch, epoch, sync=last_micro, scale=1.0 / acc)
+            loss, terms = self._micro_step(batch, epoch, sync=last_micro, scale=1.0 / acc)
             losses.append(loss)
             if not last_micro:
                 continue
-            self.scaler.unscale_(self.optimizer)
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._step_optimizers()
             self.global_step += 1
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = next(iter(self.optimizers.values())).param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             self.writer.add_scalar("train/loss", loss, self.global_step)
+            if len(terms) > 1:
+                for name, value in terms.items():
+                    self.writer.add_scalar(f"train/{name}", value, self.global_step)
             self.writer.add_scalar("train/lr", lr, self.global_step)
             if self.global_step % t.log_every == 0:
                 self.log.info("epoch %d step %d loss %.5f lr %.3e", epoch, self.global_step, loss, lr)
@@ -123,16 +151,21 @@ class ADTrainer(TrainerBase):
         )
         self._log_peak_memory(f"epoch {epoch} training")
 
-    def _micro_step(self, batch: dict[str, Any], epoch: int, sync: bool, scale: float) -> float:
-        """Forward and backward of one (micro-)batch; gradients are all-reduced only when ``sync``."""
-        imgs = batch["img"].to(self.device, non_blocking=True)
+    def _micro_step(
+        self, batch: dict[str, Any], epoch: int, sync: bool, scale: float
+    ) -> tuple[float, dict[str, float]]:
+        """Forward and backward of one (micro-)batch; gradients are all-reduced only when ``sync``.
+
+        Returns the loss (the sum of the method's loss terms) and each term.
+        """
+        inputs = [x.to(self.device, non_blocking=True) for x in self.model.train_inputs(batch)]
         no_sync = getattr(self.net, "no_sync", None)
         context = no_sync() if no_sync is not None and not sync else contextlib.nullcontext()
         try:
             with context:
                 with self._autocast():
-                    feats_t, feats_s = self.net(imgs)
-                    loss = self.loss_fn(feats_t, feats_s)
+                    terms = self.model.loss_terms(self.net(*inputs), batch, self.loss_fn)
+                    loss = sum(terms.values())
                 bad_here = not bool(torch.isfinite(loss))
                 if any_rank([bad_here], self.dist)[0]:
                     where = ", ".join(batch["img_path"][:4]) if bad_here else "a batch of another process"
@@ -150,13 +183,13 @@ class ADTrainer(TrainerBase):
         except RuntimeError as err:
             if isinstance(err, torch.OutOfMemoryError) or any(m in str(err) for m in _OOM_MARKERS):
                 raise RuntimeError(
-                    f"out of memory at epoch {epoch} with {imgs.shape[0]} image(s) per step on "
+                    f"out of memory at epoch {epoch} with {inputs[0].shape[0]} image(s) per step on "
                     f"{self.device}: lower data.batch_size, or keep it and set trainer.accumulate=K to "
                     f"split each batch into K steps (data.batch_size must be divisible by processes x K); "
                     f"or trainer.amp=bf16"
                 ) from err
             raise
-        return float(loss.item())
+        return float(loss.item()), {name: float(term.detach()) for name, term in terms.items()}
 
     @torch.no_grad()
     def evaluate(self, epoch: int | None = None) -> dict[str, dict[str, float]] | None:

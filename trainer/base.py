@@ -30,7 +30,7 @@ from trainer.rng import (
     seed_everything,
 )
 from trainer.run_folder import RunLock, check_resumable, check_resume_config, new_run_dir, write_status
-from util.config import BaseConfig, ConfigError, save_config
+from util.config import BaseConfig, ConfigError, Section, save_config
 from util.distributed import broadcast_object, init_distributed, wrap_ddp
 from util.logger import get_logger
 from util.signals import StopRequest, TrainingInterruptedError
@@ -97,7 +97,7 @@ class TrainerBase(CheckpointMixin):
             self.device,
             f" x {self.dist.world_size} processes (torchrun)" if self.dist.distributed else "",
         )
-        backend = cfg.model.scan.backend
+        backend = getattr(getattr(cfg.model, "scan", None), "backend", "auto")  # methods that scan
         problem = backend_problem(backend, self.device)
         if problem:
             raise ConfigError(
@@ -113,13 +113,14 @@ class TrainerBase(CheckpointMixin):
         self.loss_fn = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
         options = {k: v for k, v in cfg.evaluator.items() if k != "type"}
         self.evaluator = EVALUATORS.build(cfg.evaluator.type, **options)
-        self.optimizer, self.scheduler = self._build_optimizer() if mode == "train" else (None, None)
+        self.optimizers, self.schedulers = self._build_optimizers() if mode == "train" else ({}, {})
         self.amp_dtype = _AMP_DTYPES[t.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.start_epoch = 1
         self.skip_batches = 0
         self.eval_pending = False
         self.global_step = 0
+        self.stage: str | None = None  # the method's training stage, set at each epoch's start
         self.history: list[dict[str, Any]] = []
         self.stop = StopRequest()
         seed_everything(cfg.seed + self.dist.rank)  # per-rank randomness (drop-path) from here on
@@ -196,32 +197,36 @@ class TrainerBase(CheckpointMixin):
 
     def _calibrate_teacher(self) -> None:
         """Give a random-weight teacher BatchNorm statistics of the training images."""
-        calibrate = getattr(self.model, "calibrate_teacher", None)
-        if calibrate is None:
-            return
-        used = calibrate(batch["img"].to(self.device) for batch in self.train_loader)
+        used = self.model.calibrate_teacher(batch["img"].to(self.device) for batch in self.train_loader)
         if used:
             self.log.info("random teacher: BatchNorm statistics estimated on %d training batches", used)
 
-    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def _build_optimizers(self) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
+        """The method's optimisers (:meth:`model.base.AnomalyModel.optimizers`) by name, each with
+        its own schedule from the ``scheduler`` section."""
         o, sch, t = self.cfg.optim, self.cfg.scheduler, self.cfg.trainer
-        optimizer = OPTIMIZERS.build(o.type, self.model, o)
-        self.log.info(
-            "optimizer %s lr %.6g (base %.6g x batch %d / 16), weight decay %g (no_decay=%s); "
-            "%d process(es) x %d image(s) x %d accumulation step(s)",
-            o.type,
-            o.lr,
-            o.base_lr,
-            self.cfg.data.batch_size,
-            o.weight_decay,
-            o.no_decay,
-            self.dist.world_size,
-            self.micro_batch,
-            t.accumulate,
-        )
-        scheduler = SCHEDULERS.build(sch.type, optimizer, sch)
+        optimizers, schedulers = {}, {}
+        for spec in self.model.optimizers(o.weight_decay, no_decay=o.no_decay):
+            values = Section(**{**dict(o.items()), **spec.options})
+            kind = spec.type or o.type
+            optimizers[spec.name] = OPTIMIZERS.build(kind, spec.groups, values)
+            schedulers[spec.name] = SCHEDULERS.build(sch.type, optimizers[spec.name], sch)
+            self.log.info(
+                "optimizer %s%s lr %.6g (base %.6g x batch %d / 16), weight decay %g (no_decay=%s); "
+                "%d process(es) x %d image(s) x %d accumulation step(s)",
+                kind,
+                f" ({spec.name})" if spec.name != "main" else "",
+                values.lr,
+                o.base_lr,
+                self.cfg.data.batch_size,
+                values.weight_decay,
+                o.no_decay,
+                self.dist.world_size,
+                self.micro_batch,
+                t.accumulate,
+            )
         self.log.info("lr schedule %s: x%g after epoch(s) %s", sch.type, sch.gamma, sch.milestones)
-        return optimizer, scheduler
+        return optimizers, schedulers
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)

@@ -11,8 +11,8 @@ from util.distributed import barrier, gather_objects
 
 
 class CheckpointMixin:
-    """``ckpt.pth`` (weights, optimiser, schedule, scaler, progress, history, every rank's RNG
-    streams and the config) and ``net.pth`` (weights only) of :class:`trainer.base.TrainerBase`."""
+    """``ckpt.pth`` (weights, every optimiser and schedule by name, scaler, progress, history, every
+    rank's RNG streams and the config) and ``net.pth`` (weights only) of :class:`trainer.base.TrainerBase`."""
 
     def _checkpoint(self, epoch: int, batches_done: int = 0, eval_pending: bool = False) -> None:
         """Save everything a resume needs; ``epoch`` = last completed epoch (collective call)."""
@@ -21,8 +21,8 @@ class CheckpointMixin:
             return
         state = {
             "net": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "batches_done": batches_done,
@@ -44,8 +44,12 @@ class CheckpointMixin:
         barrier(self.dist)
         state = load_file(run_dir / "ckpt.pth")
         self.model.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # checkpoints before named optimisers held one, "optimizer"/"scheduler": the method's "main"
+        optimizers = state.get("optimizers", {"main": state.get("optimizer")})
+        schedulers = state.get("schedulers", {"main": state.get("scheduler")})
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(optimizers[name])
+            self.schedulers[name].load_state_dict(schedulers[name])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]

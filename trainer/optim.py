@@ -1,13 +1,16 @@
 """Optimisers and learning-rate schedules by config name: the ``OPTIMIZERS`` and ``SCHEDULERS`` registries.
 
-Each entry takes the model (or optimiser) and its config section; ``optim.type`` and
-``scheduler.type`` name the entry, and an unknown name is an error listing the known ones.
+An optimiser entry takes parameter groups (one :class:`model.base.OptimizerSpec` of the method)
+and the ``optim`` section's values; a schedule entry takes an optimiser and the ``scheduler``
+section. ``optim.type`` and ``scheduler.type`` name the entries (a method may name another
+optimiser for one of its optimisers), and an unknown name is an error listing the known ones.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from util.config import Section
 from util.registry import Registry
@@ -17,10 +20,22 @@ SCHEDULERS = Registry("scheduler")
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(model: nn.Module, o: Section) -> torch.optim.Optimizer:
-    """AdamW over the model's parameter groups (``optim.no_decay`` picks the undecayed ones)."""
-    groups = model.parameter_groups(o.weight_decay, no_decay=o.no_decay)
+def adamw(groups: list[dict[str, Any]], o: Section) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) over ``groups``."""
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+@OPTIMIZERS.register("adam")
+def adam(groups: list[dict[str, Any]], o: Section) -> torch.optim.Optimizer:
+    """Adam (weight decay as an L2 term of the gradient) over ``groups``."""
+    return torch.optim.Adam(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(groups: list[dict[str, Any]], o: Section) -> torch.optim.Optimizer:
+    """SGD with ``optim.momentum`` (0 when the section has none) over ``groups``."""
+    momentum = float(getattr(o, "momentum", 0.0))
+    return torch.optim.SGD(groups, lr=o.lr, momentum=momentum, weight_decay=o.weight_decay)
 
 
 @SCHEDULERS.register("step")

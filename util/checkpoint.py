@@ -1,6 +1,6 @@
 """Checkpoint files: atomic writes and tolerant reading of the layouts users bring.
 
-``ckpt.pth`` holds ``{"net", "optimizer", "scheduler", "epoch", "rng", ...}`` and
+``ckpt.pth`` holds ``{"net", "optimizers", "schedulers", "epoch", "rng", ...}`` and
 ``net.pth`` the weights alone (ADer's layout). Writes go to a temporary file in the same
 folder, are flushed to disk, then renamed, so a crash never leaves a half-written file.
 

@@ -6,6 +6,7 @@ Submodule names (``net_t``, ``mff_oce``, ``net_s``) are the official checkpoint 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from model.anomaly_map import anomaly_maps_and_scores
 from model.base import AnomalyModel
 from model.mambaad.bottleneck import BottleneckOptions, build_bottleneck
 from model.mambaad.decoder import LSSOptions, MambaDecoder
+from model.mambaad.official import load_weights
 from model.mambaad.scan_orders import ScanOptions
 from model.teacher import TeacherOptions, build_teacher, calibrate_batchnorm
 from util.config import options
@@ -114,6 +116,11 @@ class MambaAD(AnomalyModel):
             feats_t = [at_least_float32(f) for f in feats_t]
             feats_s = [at_least_float32(f) for f in feats_s]
             return anomaly_maps_and_scores(feats_t, feats_s, size, self.sigma)
+
+    def load_weights(self, path: str | Path, log: Callable[[str], object] | None = None) -> None:
+        """Load our checkpoints and the authors' (renamed, scan tables checked; see
+        :mod:`model.mambaad.official`)."""
+        load_weights(self, path, log=log)
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters forward never uses (the official LSS's ``conv33``); DDP must not wait for them."""

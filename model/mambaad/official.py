@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.base import CheckpointMismatchError
 from util.checkpoint import extract_state_dict, load_file
-from util.errors import UserError
 
 RENAMES = ((".conv1b7.", ".conv1b3."), (".conv1a7.", ".conv1a3."))
 INDEX_SUFFIXES = (".scans.index_flat", ".scans.index_flat_inv")
@@ -125,10 +125,6 @@ def _checked_index(key: str, stored: torch.Tensor, ours: torch.Tensor) -> torch.
             "trained with another scan: set model.scan.method and model.scan.directions to that run's"
         )
     return stored.reshape(ours.shape).to(ours.dtype)
-
-
-class CheckpointMismatchError(UserError, RuntimeError):
-    """A weights file that does not fit the configured model; the message names the keys to check."""
 
 
 def load_weights(
