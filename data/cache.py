@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from data.meta import DataError
+from util.errors import make_folder
 
 CACHE_MODES = ("memory", "npy")
 CACHE_VERSION = 2  # 2: images and masks turned upright by their EXIF orientation
@@ -156,7 +157,7 @@ class ImageCache:
     ) -> ImageCache:
         """Decode straight into temporary memory-mapped files (RAM use stays small), then commit them."""
         img_file, mask_file, manifest = cls._paths(cache_dir, name)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(cache_dir, "data.cache_dir")
         manifest.unlink(missing_ok=True)  # the manifest is the commit marker: remove it before any file
         targets = [(img_file, (count, *size, 3))] + ([(mask_file, (count, *size))] if has_masks else [])
         tmps = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path, _ in targets]

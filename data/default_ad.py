@@ -28,9 +28,20 @@ _SHIFT = (np.asarray(IMAGENET_MEAN, np.float32) / np.asarray(IMAGENET_STD, np.fl
 _RESAMPLE = Image.Resampling.BILINEAR
 
 
-def _open(path: str, what: str) -> Image.Image:
+_FIXES = {  # (missing, unreadable): what to do, for a data set's file or an image given to score
+    "meta": (
+        "restore it or fix meta.json",
+        "re-download the data set or remove the file and its meta.json entry",
+    ),
+    "given": ("check the path", "replace the file or leave it out of the images to score"),
+}
+
+
+def _open(path: str, what: str, source: str = "meta") -> Image.Image:
     """Open and fully decode ``path``, turned upright (EXIF orientation, :mod:`data.pil_image`);
-    any failure becomes a DataError naming the file."""
+    any failure becomes a DataError naming the file and the fix for its ``source`` (``meta``: a
+    data set's file, ``given``: an image handed to the API or predict)."""
+    missing, unreadable = _FIXES[source]
     try:
         im = Image.open(path)
         try:
@@ -39,11 +50,11 @@ def _open(path: str, what: str) -> Image.Image:
             im.close()
             raise
     except FileNotFoundError as err:
-        raise DataError(f"{what} file {path} does not exist; restore it or fix meta.json") from err
+        raise DataError(f"{what} file {path} does not exist; {missing}") from err
     except Exception as err:  # PIL signals corrupt files with many types (OSError, SyntaxError, ...)
         raise DataError(
             f"cannot read {what} file {path} ({type(err).__name__}: {err}); the file is truncated or "
-            f"corrupt: re-download the data set or remove the file and its meta.json entry"
+            f"corrupt: {unreadable}"
         ) from err
     if getattr(im, "fp", None) is not None:  # multi-frame formats keep their file open after load()
         frame = im.copy()
@@ -74,9 +85,9 @@ def _binarise_mask(im: Image.Image) -> np.ndarray:
     return arr > thr
 
 
-def _read_rgb(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+def _read_rgb(path: str, size: tuple[int, int], source: str = "meta") -> tuple[np.ndarray, tuple[int, int]]:
     """RGB uint8 array [H, W, 3] resized to ``size`` (H, W), and the file's own (width, height)."""
-    im = to_rgb(_open(path, "image"))
+    im = to_rgb(_open(path, "image", source))
     src_size = im.size
     if im.size != (size[1], size[0]):
         im = im.resize((size[1], size[0]), _RESAMPLE)
@@ -107,8 +118,9 @@ def image_to_tensor(
 
 
 def load_image(path: str | Path, image_size: int | tuple[int, int], normalize: bool = True) -> torch.Tensor:
-    """One image as float32 [3, H, W]: ImageNet-normalised, or in [0, 1] with ``normalize=False``."""
-    return _rgb_to_tensor(_read_rgb(str(path), as_hw(image_size))[0], normalize)
+    """One image given to score, as float32 [3, H, W]: ImageNet-normalised, or in [0, 1] with
+    ``normalize=False``; read as the data set reads its files."""
+    return _rgb_to_tensor(_read_rgb(str(path), as_hw(image_size), source="given")[0], normalize)
 
 
 def _writable_dir(path: Path) -> bool:

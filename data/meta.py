@@ -15,6 +15,7 @@ to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -163,8 +164,13 @@ def write_meta(root: str | Path, meta: Meta, meta_file: str = "meta.json") -> Pa
     """Write ``meta`` to ``root/meta_file`` atomically (temporary file + rename) and return the path."""
     path = Path(root) / meta_file
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # no half-written temporary file stays behind
+            tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

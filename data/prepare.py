@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import os
 import re
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from data.coco import ANNOTATIONS, prepare_coco
 from data.meta import (
@@ -33,6 +33,7 @@ from data.meta import (
     walk_mvtec_class,
 )
 from data.pil_image import upright_size
+from util.progress import Progress
 
 PILLOW_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 Parsed = tuple[Meta, list[str]]
@@ -329,6 +330,10 @@ def structure_problems(meta: Any) -> list[str]:
     return problems
 
 
+def _stderr_line(fmt: str, *args: Any) -> None:
+    print(fmt % args, file=sys.stderr, flush=True)
+
+
 def validate_meta(root: Path, meta: Meta, progress: bool = True, workers: int | None = None) -> list[str]:
     """Every problem of ``meta`` against the files under ``root``, each naming the file and the fix.
 
@@ -341,9 +346,8 @@ def validate_meta(root: Path, meta: Meta, progress: bool = True, workers: int | 
     items = [(split, it) for split in _splits(meta) for c in sorted(meta[split]) for it in meta[split][c]]
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         checked = pool.map(lambda job: _item_problems(root, *job), items)
-        for found in tqdm(
-            checked, total=len(items), desc="checking images", unit="img", disable=not progress
-        ):
+        bar = Progress(checked, "checking images", _stderr_line, len(items), enabled=progress, every_s=30)
+        for found in bar:
             problems.extend(found)
     return problems
 

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from data.meta import DataError, build_mvtec_meta, select_classes, write_meta
+from util.errors import make_folder
 
 DEMO_CLASSES = ("washer", "weave", "wood")
 DEFECTS = ("scratch", "hole", "stain")
@@ -278,7 +279,7 @@ def generate_demo_dataset(
     previous = _read_marker(marker) if marker.is_file() else None
     if previous == params and (root / "meta.json").is_file():
         return root
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root, "data.root")
     marker.unlink(missing_ok=True)
     stale = set(names) | set(previous.get("classes", []) if isinstance(previous, dict) else [])
     for cls_name in sorted(stale & set(DEMO_CLASSES)):

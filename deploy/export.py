@@ -41,7 +41,7 @@ from model.ops.selective_scan_export import (
     onnx_placeholders,
 )
 from util.config import BaseConfig, config_to_dict
-from util.errors import DiskFullError, UsageError, is_disk_full
+from util.errors import DiskFullError, UsageError, is_disk_full, make_folder
 
 FORMATS = ("onnx", "openvino", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
@@ -421,7 +421,7 @@ def export(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; pass a folder (it is created if needed)")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     path = out / MODEL_FILES[fmt]
     try:
         if fmt == "onnx":

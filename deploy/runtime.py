@@ -14,6 +14,7 @@ results equal ``mambaad.predict`` (see docs/deploy.md for the measured differenc
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +28,7 @@ MODEL_FILES = ("model.onnx", "model.xml")
 
 __all__ = [
     "ExportedModel",
+    "ModelFileError",
     "Prediction",
     "load_exported",
     "load_onnx",
@@ -35,6 +37,19 @@ __all__ = [
     "read_image",
     "to_rgb",
 ]
+
+
+class ModelFileError(ValueError):
+    """An exported model file that the runtime cannot load (damaged, not a MambaAD export, or
+    another runtime's format); the message names the file and what to do."""
+
+
+def _unloadable(path: Path, runtime: str, err: BaseException) -> ModelFileError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelFileError(
+        f"{path} cannot be loaded by {runtime} ({first}); it is damaged or not an exported model: "
+        "export it again with tools/export.py"
+    )
 
 
 class Prediction(NamedTuple):
@@ -217,7 +232,7 @@ def _input_contract(shape: Sequence[Any], path: Path) -> tuple[tuple[int, int], 
     """``((H, W), batch or None)`` from the model's input shape ``[B, H, W, 3]``."""
     dims = list(shape)
     if len(dims) != 4 or dims[3] != 3 or not all(isinstance(d, int) and d > 0 for d in dims[1:3]):
-        raise ValueError(f"{path} is not a MambaAD export: its input shape is {dims}, not [B, H, W, 3]")
+        raise ModelFileError(f"{path} is not a MambaAD export: its input shape is {dims}, not [B, H, W, 3]")
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
     return (dims[1], dims[2]), batch
 
@@ -249,9 +264,12 @@ def load_onnx(
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads:
         options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(
-        str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
-    )
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+    except Exception as err:  # onnxruntime reports bad files with several exception types
+        raise _unloadable(path, "onnxruntime", err) from err
     inp = session.get_inputs()[0]
     size, batch = _input_contract(inp.shape, path)
     names = [o.name for o in session.get_outputs()]
@@ -272,7 +290,10 @@ def load_openvino(path: str | Path, device: str = "CPU", threads: int | None = N
         path = path / "model.xml"
     path = _existing(path, path.suffix or ".xml")
     core = ov.Core()
-    model = core.read_model(str(path))
+    try:
+        model = core.read_model(str(path))
+    except Exception as err:  # OpenVINO reports bad files as RuntimeError
+        raise _unloadable(path, "OpenVINO", err) from err
     shape = model.inputs[0].get_partial_shape()
     dims = [d.get_length() if d.is_static else None for d in shape]
     size, batch = _input_contract(dims, path)
@@ -307,7 +328,7 @@ def load_exported(path: str | Path, **kwargs: Any) -> ExportedModel:
         return load_openvino(path, **kwargs)
     if path.suffix.lower() == ".onnx":
         return load_onnx(path, **kwargs)
-    raise ValueError(f"{path}: expected an exported model.onnx or model.xml (see tools/export.py)")
+    raise ModelFileError(f"{path}: expected an exported model.onnx or model.xml (see tools/export.py)")
 
 
 def _peak_rss_mib() -> float:
@@ -367,14 +388,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     parser.add_argument("--benchmark", type=int, metavar="N", help="time N runs on random input; print JSON")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors too")
     args = parser.parse_args(argv)
-    model = load_exported(args.model, threads=args.threads)
-    if args.benchmark:
-        print(json.dumps(_benchmark(model, args.benchmark)))
-        return 0
-    if not args.images:
+    if not args.images and not args.benchmark:
         parser.error("give image files to score, or --benchmark N")
-    result = model.predict(args.images, batch_size=args.batch_size)
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--batch-size and --threads must be at least 1")
+    try:
+        model = load_exported(args.model, threads=args.threads)
+        if args.benchmark:
+            print(json.dumps(_benchmark(model, args.benchmark)))
+            return 0
+        result = model.predict(args.images, batch_size=args.batch_size)
+    except (OSError, ValueError, ImportError) as err:  # a missing or bad model or image file
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     for path, score in zip(args.images, result.scores):
         print(f"{path}\t{score:.6f}")
     return 0

@@ -36,6 +36,7 @@ from evaluation.metrics_exact import (
     f1_max,
     roc_auc,
 )
+from util.errors import make_folder
 
 MODES = METRIC_MODES
 MAP_DTYPES = ("float16", "float32")
@@ -197,7 +198,7 @@ class ADEvaluator:
     def _spill_folder(self) -> Path:
         if self._tmp is None:
             if self.spill_dir is not None:
-                Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+                make_folder(self.spill_dir, "evaluator.spill_dir")
             self._tmp = Path(tempfile.mkdtemp(prefix="mambaad_eval_", dir=self.spill_dir))
         return self._tmp
 

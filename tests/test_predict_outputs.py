@@ -146,3 +146,44 @@ def test_the_api_refuses_what_it_cannot_score_and_keeps_8_bit_values(run_dir: Pa
     assert as_i.mode == "I"
     as_l = Image.fromarray(gray.astype(np.uint8))
     assert torch.equal(prepare_image(as_i, (8, 8)), prepare_image(as_l, (8, 8)))  # was 257x darker
+
+
+def test_a_full_disk_is_one_paragraph_naming_the_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _image(inputs / "a.png", 0)
+    out.mkdir()
+    (out / "scores.csv").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    argv = ["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(out)]
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on device while writing {out / 'scores.csv'}" in err and "Traceback" not in err
+    assert (out / "a.npy").is_file() and (out / "a.png").is_file()  # written before it: kept
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_paragraph(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = tmp_path / "in"
+    _image(inputs / "a.png", 0)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    argv = ["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(blocker / "out")]
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"--output={blocker / 'out'} cannot be written" in err and "Traceback" not in err
+
+
+def test_an_unreadable_image_is_named_with_a_fix_for_images_not_meta_json(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = tmp_path / "in"
+    _image(inputs / "a.png", 0)
+    (inputs / "b.png").write_bytes(b"not an image")
+    argv = ["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(tmp_path / "out")]
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read image file {inputs / 'b.png'}" in err
+    assert "leave it out of the images to score" in err
+    assert "meta.json" not in err and "Traceback" not in err

@@ -22,9 +22,11 @@ global min and max unless ``--vmin/--vmax`` are given), so colours compare acros
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.meta import IMAGE_EXTENSIONS
-from deploy.runtime import ExportedModel, read_image
+from deploy.runtime import ExportedModel, ModelFileError, read_image
 from mambaad import Detector, load_model, predict
 from util.cli import add_config_args, report_error
-from util.errors import UsageError
+from util.errors import UsageError, make_folder, write_failure
 from util.logger import get_logger
 from util.progress import Progress
 
@@ -183,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(
             args.model or args.checkpoint, config=args.config, overrides=args.overrides, log=log
         )
-    except (FileNotFoundError, NotADirectoryError, FileExistsError) as err:  # a wrong path given
+    except (
+        FileNotFoundError,
+        NotADirectoryError,
+        FileExistsError,
+        ModelFileError,
+    ) as err:  # a wrong path given
         return report_error(UsageError(str(err)), args)
     except Exception as err:
         return report_error(err, args)
@@ -218,7 +225,7 @@ def write_outputs(
     """Score ``files``; write each map, overlay and ``scores.csv``; return the colour scale used."""
     size = model.image_size
     for folder in sorted({(args.output / f).parent for f in npys}):
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, "--output")
     maps: list[np.ndarray] = []
     scores: list[float] = []
     batches = range(0, len(files), args.batch_size)
@@ -228,7 +235,8 @@ def write_outputs(
         for i, amap, score in zip(
             range(start, start + len(chunk)), batch.maps, batch.scores.tolist(), strict=True
         ):
-            np.save(args.output / npys[i], amap.astype(np.float32))
+            with _writing(args.output / npys[i]):
+                np.save(args.output / npys[i], amap.astype(np.float32))
             maps.append(amap)
             scores.append(score)
 
@@ -237,8 +245,9 @@ def write_outputs(
     for path, amap, png in zip(files, maps, pngs, strict=True):
         # the pixels the model saw (RGB, bilinear resize; equal to the training loader's)
         rgb = read_image(path, size)
-        Image.fromarray(overlay(rgb, amap, vmin, vmax)).save(args.output / png)
-    with open(args.output / "scores.csv", "w", newline="") as handle:
+        with _writing(args.output / png):
+            Image.fromarray(overlay(rgb, amap, vmin, vmax)).save(args.output / png)
+    with _writing(args.output / "scores.csv"), open(args.output / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "score", "map", "overlay"])
         writer.writerows(
@@ -246,6 +255,19 @@ def write_outputs(
             for rel, s, npy, png in zip(relative, scores, npys, pngs, strict=True)
         )
     return vmin, vmax
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A full disk or an unwritable place while writing ``path`` becomes one paragraph naming it."""
+    try:
+        yield
+    except OSError as err:
+        intact = "the files written before it are complete; free some space and run predict again"
+        failure = write_failure(err, path, "--output", intact)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 if __name__ == "__main__":

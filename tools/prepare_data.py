@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.coco import NUM_SPLITS, meta_name
 from data.meta import PATH_KEYS, DataError, path_problem, read_json, write_meta
 from data.prepare import LAYOUTS, PARSERS, count_table, structure_problems, validate_meta
+from util.errors import UserError, write_failure
 
 
 def _targets(args: argparse.Namespace) -> list[tuple[Path, dict]]:
@@ -79,9 +80,13 @@ def _run_one(args: argparse.Namespace, out: Path, kwargs: dict) -> int:
                 print(f"note: {note}")
             write_meta(out.parent, meta, out.name)
             print(f"wrote {out}")
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (UserError, OSError) as err:  # bad data, or a meta file (or coco mask) that cannot be written
+        intact = f"{out} was not changed"
+        failure = err if isinstance(err, UserError) else write_failure(err, out, "--out", intact)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return failure.exit_code
     problems = structure_problems(meta)
     if not problems:
         print(count_table(meta))

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.run_folder import IGNORED_ON_RESUME
 from util.cli import add_config_args, config_from_args, report_error
 from util.config import BaseConfig, ConfigError, config_to_dict, diff_configs, flat_keys
-from util.errors import UsageError
+from util.errors import UsageError, make_folder
 
 REPO = Path(__file__).resolve().parent.parent
 _RESERVED = ("grid", "rows", "fixed")
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         for combo, cmd in pending:
             print(f"would run {combo.name}: {shlex.join(cmd)}")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     overrides = {c.name: c.overrides for c in combos}
     ran: dict[str, dict[str, Any]] = {
         name: {"overrides": overrides[name], "state": "finished", "run": str(run)}

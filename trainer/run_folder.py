@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from util.config import BaseConfig, ConfigError, config_to_dict, diff_configs, flat_keys, save_config
-from util.errors import UserError
+from util.errors import DiskFullError, UserError, is_disk_full, unwritable
 
 try:
     import fcntl
@@ -67,6 +67,10 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
         except FileExistsError:
             n += 1
             run_dir = Path(output_dir) / f"{name}_{stamp}-{n}"
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(run_dir) from err
+            raise unwritable(output_dir, "output_dir", err) from err
 
 
 class RunLock:

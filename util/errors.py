@@ -40,6 +40,44 @@ class DiskFullError(UserError, OSError):
         return str(self.args[1])
 
 
+class UnwritableError(UserError):
+    """A folder the command must write cannot be created or written (read-only file system, no
+    permission, a file in the way)."""
+
+
+def make_folder(path: str | os.PathLike[str], what: str) -> None:
+    """Create the folder ``path`` (and its parents) if needed; an unwritable place raises
+    :class:`UnwritableError` naming ``what`` (the config key or option that chose it)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        if is_disk_full(err):
+            raise DiskFullError(path) from err
+        raise unwritable(path, what, err) from err
+
+
+def unwritable(path: str | os.PathLike[str], what: str, err: OSError) -> UnwritableError:
+    """The one-paragraph error for ``err`` raised while creating or writing ``path`` (chosen by ``what``)."""
+    reason = err.strerror or type(err).__name__
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+    return UnwritableError(
+        f"{what}={path} cannot be written: {reason}{where}. Choose a folder you may write to "
+        f"(not on a read-only disk, and no file of that name on the way), e.g. {what}=./out"
+    )
+
+
+def write_failure(
+    err: BaseException, path: str | os.PathLike[str], what: str, intact: str = ""
+) -> UserError | None:
+    """The user error for ``err`` raised while writing under ``path`` (chosen by ``what``): disk
+    full, or a place that cannot be written; None when ``err`` is something else."""
+    if is_disk_full(err):
+        return DiskFullError(getattr(err, "filename", None) or path, intact)
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return unwritable(path, what, err)
+    return None
+
+
 def is_disk_full(err: BaseException) -> bool:
     """True for an ``ENOSPC`` error, also when PyTorch's archive writer wraps it in a RuntimeError."""
     while err is not None:
