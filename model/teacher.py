@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from util.checkpoint import load_file
+from util.checkpoint import MissingCheckpointError, load_file
 from util.errors import UserError
 
 OFFLINE_HINT = (
@@ -115,7 +115,10 @@ def load_teacher_checkpoint(
     """
     path = str(path)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+        raise MissingCheckpointError(
+            f"model.teacher.checkpoint={path} names no file; pass a timm or torchvision weights file "
+            "of the teacher (e.g. resnet34-43635321.pth) or leave it unset"
+        )
     raw = load_file(path)  # weights_only=True; a file needing more is a clean CheckpointError
     state = _unwrap_state_dict(raw, path)
     own = teacher.state_dict()

@@ -187,3 +187,14 @@ def test_an_unreadable_image_is_named_with_a_fix_for_images_not_meta_json(
     assert f"cannot read image file {inputs / 'b.png'}" in err
     assert "leave it out of the images to score" in err
     assert "meta.json" not in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_another_architecture_is_one_paragraph(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = tmp_path / "in"
+    _image(inputs / "a.png", 0)
+    argv = ["--checkpoint", str(run_dir / "net.pth"), "--input", str(inputs), "--output", str(tmp_path / "o")]
+    assert predict.main([*argv, "model.depths=[3,4,6,3]"]) != 0  # the run's model has depths [2,2,2,2]
+    err = capsys.readouterr().err
+    assert "does not match the configured model" in err and "model.depths" in err and "Traceback" not in err

@@ -3,21 +3,32 @@ written, full disks, damaged exported models; progress in a redirected log stays
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import run
 from data.meta import read_json
 from data.prepare import validate_meta
 from data.synthetic import generate_demo_dataset
 from deploy import runtime
+from model.build import build_model
 from tools import prepare_data
+from util.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs/mambaad_demo.py")
+SMALL = [
+    "model.depths=[2,2,2,2]",
+    "model.teacher.name=resnet18",
+    "data.image_size=64",
+    "model.scan.directions=2",
+]
 
 
 def test_an_output_dir_that_cannot_be_created_stops_training_in_one_paragraph(
@@ -81,3 +92,50 @@ def test_a_data_root_that_cannot_be_created_is_one_paragraph(tmp_path: Path) -> 
     with pytest.raises(Exception, match=r"data\.root=.*cannot be written") as info:
         generate_demo_dataset(blocker / "demo", image_size=32, n_train=2, n_test_good=1, n_test_bad=1)
     assert type(info.value).__name__ == "UnwritableError"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.teacher.checkpoint={missing}", "model.teacher.checkpoint={missing} names no file"),
+        ("model.checkpoint={missing}", "{missing}"),
+    ],
+)
+def test_a_missing_checkpoint_is_one_paragraph(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+) -> None:
+    missing = tmp_path / "none.pth"
+    mode = ["-m", "test"] if override.startswith("model.checkpoint") else []
+    argv = ["-c", CONFIG, *mode, f"data.root={tiny_data}", "data.synthetic=False", f"output_dir={tmp_path}"]
+    assert run.main([*argv, override.format(missing=missing)]) != 0
+    err = capsys.readouterr().err
+    assert expected.format(missing=missing) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_collect_names_a_run_without_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tools import collect
+
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    names = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+    results = {"mean": {m: 0.5 for m in names}}
+    (run_dir / "metrics.json").write_text(json.dumps({"final": {"epoch": 1, "results": results}}))
+    assert collect.main([str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'config.json'} is missing" in err and "Traceback" not in err
+
+
+def test_visualize_errors_after_loading_are_one_paragraph(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools import visualize
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(CONFIG, [f"data.root={tmp_path / 'moved'}", "data.synthetic=False", *SMALL])
+    save_config(cfg, run_dir / "config.json")
+    torch.save(build_model(cfg, logging.getLogger("test")).state_dict(), run_dir / "net.pth")
+    assert visualize.main([str(run_dir), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert f"data root {tmp_path / 'moved'} does not exist" in err and "Traceback" not in err

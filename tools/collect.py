@@ -73,8 +73,8 @@ def find_runs(paths: list[Path]) -> list[tuple[str, Path]]:
 
 def _flat_config(run: Path) -> dict[str, Any]:
     path = run / "config.json"
-    if not path.is_file():
-        return {}
+    if not path.is_file():  # without it the run's settings, epochs and data set are unknown
+        raise FileNotFoundError(f"{path} is missing, so the run's settings are unknown")
     data = json.loads(path.read_text())
     data.pop("_overridden", None)
     return flat_keys(data)
@@ -110,7 +110,8 @@ def mean_metrics(run: Path) -> dict[str, float]:
 def run_state(run: Path) -> tuple[str, str]:
     """``(state, epochs)`` of a run: ``finished`` / ``interrupted`` / ``failed`` / ``running`` from its
     ``status.json`` (older folders: finished when the final evaluation is of the last epoch, else
-    ``unfinished``), and ``E/N`` (the final evaluation's epoch of ``trainer.epochs``) or ``test``."""
+    ``unfinished``), and ``E/N`` (the final evaluation's epoch of ``trainer.epochs``) or ``test``.
+    A run without ``config.json`` raises FileNotFoundError (its settings are unknown)."""
     config = _flat_config(run)
     final = json.loads((run / "metrics.json").read_text()).get("final") or {}
     status_path = run / "status.json"
@@ -129,7 +130,7 @@ def readable_runs(runs: list[tuple[str, Path]]) -> tuple[list[tuple[str, Path]],
     """The runs whose ``config.json`` and ``metrics.json`` can be read, and a note for each other."""
     ok, notes = [], []
     for label, run in runs:
-        try:  # run_state reads config.json (when there) and metrics.json, mean_metrics the results
+        try:  # run_state reads config.json and metrics.json, mean_metrics the results
             run_state(run)
             mean_metrics(run)
         except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:

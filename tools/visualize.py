@@ -56,11 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     from data.default_ad import read_rgb
     from trainer import TRAINERS
 
-    trainer = TRAINERS.build(cfg.trainer.type, cfg, mode="test")
-    trainer.test()
-    if not (trainer.run_dir / "vis").is_dir():
-        # The trainer's evaluate() did not ask for figures: draw them from the maps it still holds.
-        trainer.evaluator.compute(out_dir=trainer.run_dir, read_image=read_rgb)
+    trainer = None
+    try:
+        trainer = TRAINERS.build(cfg.trainer.type, cfg, mode="test")
+        trainer.test()
+        if not (trainer.run_dir / "vis").is_dir():
+            # The trainer's evaluate() did not ask for figures: draw them from the maps it still holds.
+            trainer.evaluator.compute(out_dir=trainer.run_dir, read_image=read_rgb)
+    except Exception as err:  # e.g. the run's data.root moved: one paragraph, the log keeps the traceback
+        return report_error(err, args, log=trainer.log if trainer is not None else None)
     if not (trainer.run_dir / "vis").is_dir():
         trainer.log.warning("no vis/ written: the trainer does not pass img_paths to the evaluator")
     trainer.log.info("figures in %s", trainer.run_dir)
