@@ -66,6 +66,7 @@ def _overrides(data_root: Path, out: Path, epochs: int = 1) -> list[str]:
         ("model.scan.backend=cuda_fast", "model.scan.backend"),  # failed at the first step before
         ("evaluator.mode=official", "evaluator.mode"),
         ("evaluator.map_dtype=float64", "evaluator.map_dtype"),
+        ("model.sigma=-1", "model.sigma"),
     ],
 )
 def test_bad_config_values_stop_before_any_work(

@@ -193,6 +193,24 @@ def test_a_finished_run_with_other_settings_is_never_taken_as_done(
     assert "2 combinations, 0 to run" in capsys.readouterr().out
 
 
+def test_an_unfinished_run_with_other_settings_is_not_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a killed run (ckpt.pth, no final evaluation) would be resumed with trainer.resume=...: with
+    # other settings that would mix two configurations in one run, so it is refused like a finished one
+    grid = _write(tmp_path / "g.yaml", "seed: [1]\n")
+    out = tmp_path / "sweep"
+    demo = REPO / "configs/mambaad_demo.py"
+    cfg = load_config(demo, ["trainer.epochs=4", "seed=1"])
+    run = _fake_run(out / "seed-1" / "demo_1", 4, None, ckpt=True, resolved=cfg)
+    assert sweep.run_status(run.parent) == ("partial", run)
+    args = ["--config", str(demo), "--grid", str(grid), "--out", str(out), "optim.base_lr=0.01"]
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds runs of this grid with other settings" in err and "optim.base_lr" in err
+    assert "Traceback" not in err and not (out / "sweep.json").exists()
+
+
 def test_collect_tables(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     _fake_run(sweep_dir / "hilbert" / "demo_20261125-101010", 5, 5, model__scan_method="hilbert", seed__x=1)
