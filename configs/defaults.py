@@ -12,8 +12,10 @@ from typing import Any
 from util.config import BaseConfig, Section, check_values, int_at_least, number_at_least, one_of
 
 
-class MambaADDefaults(BaseConfig):
-    """MambaAD on 256x256 images: ResNet34 teacher, depths [3,4,6,3], Hilbert scan, 8 directions."""
+class ADDefaults(BaseConfig):
+    """What every method's config shares: seed, data, loss, optimiser, schedule, trainer, evaluator
+    (the MambaAD paper's values; a method changes what its paper or ADer's benchmark uses). A
+    method's config adds its ``model`` section and :meth:`model_rules`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -38,32 +40,8 @@ class MambaADDefaults(BaseConfig):
             views=None,  # multi-view data (Real-IAD): camera views to use, e.g. ["C1", "C2"]; None = all
             allow_absolute_paths=False,  # True: meta.json may name absolute paths (data kept outside root)
         )
-        self.model = Section(
-            type="mambaad",
-            # name: timm model and pretrained tag; resnet34.bt_in1k is the authors' file
-            # resnet34-43635321.pth (plain "resnet34" would be timm's a1_in1k, other weights).
-            # pretrained=True downloads timm's ImageNet weights (online machines only);
-            # checkpoint=PATH loads a local timm/torchvision file instead.
-            # calibrate_batches: a random teacher (neither of the above) gets BatchNorm statistics
-            # from this many training batches before training; 0 disables it.
-            teacher=Section(name="resnet34.bt_in1k", pretrained=True, checkpoint=None, calibrate_batches=8),
-            depths=[3, 4, 6, 3],
-            # grouped: split the channels into K groups, each scanned in one direction only
-            # (our design after MMAD's "group scanning": about K times less scan work and memory)
-            scan=Section(method="hilbert", directions=8, backend="auto", grouped=False),
-            d_state=16,
-            drop_path=0.2,
-            # LSS module design (paper Table 4): blocks = HSS blocks per LSS module (None: 3 if the
-            # stage depth is a multiple of 3, else 2); kernels = depth-wise kernel of each local
-            # branch; pointwise = 1x1 convs around each depth-wise conv; residual = "+ x" skip.
-            lss=Section(blocks=None, kernels=[5, 7], pointwise=True, residual=True),
-            # teacher -> decoder: "hfpn" (the paper's Half-FPN) or "dilated_mamba" (our fuser after
-            # MMAD: one HSS block per dilation rate at 1/16 scale; each rate < image_size / 16)
-            bottleneck=Section(type="hfpn", dilations=[1, 2], method="sweep", directions=4),
-            sigma=4.0,  # Gaussian blur of the anomaly maps
-            checkpoint=None,  # full MambaAD weights (net.pth / ckpt.pth) to test or start from
-            image_size=None,  # derived: data.image_size
-        )
+        # the method: its MODELS name and constructor arguments; each method's config fills it in
+        self.model = Section(type=None, checkpoint=None, image_size=None)
         self.loss = Section(type="feature_mse", weight=5.0)
         self.optim = Section(
             type="adamw",
@@ -177,7 +155,44 @@ class MambaADDefaults(BaseConfig):
         }
 
     def model_rules(self) -> dict[str, tuple[Any, str]]:
-        """Rules for the ``model`` section: MambaAD's here; another method's config overrides this."""
+        """Rules for the ``model`` section; each method's config brings its own."""
+        return {}
+
+
+class MambaADDefaults(ADDefaults):
+    """MambaAD on 256x256 images: ResNet34 teacher, depths [3,4,6,3], Hilbert scan, 8 directions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Section(
+            type="mambaad",
+            # name: timm model and pretrained tag; resnet34.bt_in1k is the authors' file
+            # resnet34-43635321.pth (plain "resnet34" would be timm's a1_in1k, other weights).
+            # pretrained=True downloads timm's ImageNet weights (online machines only);
+            # checkpoint=PATH loads a local timm/torchvision file instead.
+            # calibrate_batches: a random teacher (neither of the above) gets BatchNorm statistics
+            # from this many training batches before training; 0 disables it.
+            teacher=Section(name="resnet34.bt_in1k", pretrained=True, checkpoint=None, calibrate_batches=8),
+            depths=[3, 4, 6, 3],
+            # grouped: split the channels into K groups, each scanned in one direction only
+            # (our design after MMAD's "group scanning": about K times less scan work and memory)
+            scan=Section(method="hilbert", directions=8, backend="auto", grouped=False),
+            d_state=16,
+            drop_path=0.2,
+            # LSS module design (paper Table 4): blocks = HSS blocks per LSS module (None: 3 if the
+            # stage depth is a multiple of 3, else 2); kernels = depth-wise kernel of each local
+            # branch; pointwise = 1x1 convs around each depth-wise conv; residual = "+ x" skip.
+            lss=Section(blocks=None, kernels=[5, 7], pointwise=True, residual=True),
+            # teacher -> decoder: "hfpn" (the paper's Half-FPN) or "dilated_mamba" (our fuser after
+            # MMAD: one HSS block per dilation rate at 1/16 scale; each rate < image_size / 16)
+            bottleneck=Section(type="hfpn", dilations=[1, 2], method="sweep", directions=4),
+            sigma=4.0,  # Gaussian blur of the anomaly maps
+            checkpoint=None,  # full MambaAD weights (net.pth / ckpt.pth) to test or start from
+            image_size=None,  # derived: data.image_size
+        )
+
+    def model_rules(self) -> dict[str, tuple[Any, str]]:
+        """MambaAD's ``model`` keys: depths, scan, LSS, bottleneck, sigma."""
         from model.input_size import input_hw, valid_input_size
         from model.mambaad.scan_orders import NUM_DIRECTIONS, SCAN_METHODS
         from model.ops.selective_scan import BACKENDS
