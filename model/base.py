@@ -161,6 +161,18 @@ class AnomalyModel(nn.Module):
         """Parameters forward never uses (kept for checkpoint compatibility); DDP must not wait for them."""
         return []
 
+    def cost_parts(self) -> dict[str, nn.Module]:
+        """The parts whose parameters and FLOPs ``tools/flops.py`` reports (default: every child
+        module by name); each is counted on the inputs it gets in one ``forward``."""
+        return dict(self.named_children())
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per :meth:`cost_parts` entry, ``total`` and ``trainable``."""
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in self.cost_parts().items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return counts
+
     def calibrate_teacher(self, images: Iterable[torch.Tensor]) -> int:
         """Prepare a randomly initialised teacher on training images; returns batches used (default 0)."""
         return 0

@@ -320,6 +320,7 @@ def paper_dataset(cfg: dict[str, Any], paper: dict[str, Any], run: Path, chosen:
         return chosen
     name = cfg.get("name")
     found = [ds for ds, entry in datasets.items() if entry["config"] == name]
+    found = found or [ds for ds in datasets if str(name).split("_", 1)[-1] == ds]  # <method>_<data set>
     if not found:
         raise ValueError(
             f"{run}: cannot tell which paper data set config {name!r} ran; pass --paper DATASET "
@@ -402,13 +403,50 @@ def _same_classes(
     return {**ours, "mean": mean}, False
 
 
+def method_of(cfg: dict[str, Any], paper: dict[str, Any]) -> str:
+    """The paper's name (Table 1 row) of the method a run trained, from its ``model.type``."""
+    kind = str(cfg.get("model.type", "mambaad"))
+    return paper["methods"].get(kind, kind)
+
+
+def table1_row(
+    label: str, run: Path, cfg: dict[str, Any], paper: dict[str, Any], ds: str, notes: list[str]
+) -> list[Any]:
+    """A run's mean next to its method's Table 1 row on data set ``ds``; a MambaAD run on only some
+    of the classes gets the paper's mean over those, another method's run (whose per-class values
+    the paper's appendix holds but this file does not) no paper values, with a note."""
+    method = method_of(cfg, paper)
+    entry = paper["datasets"][ds]
+    per_class = class_metrics(run)
+    printed = paper["tables"]["table1"]["rows"].get(ds, {}).get(method)  # seven metrics and mAD
+    theirs = _with_mad(None) if printed is None else list(printed)
+    if ds != "coco":
+        subset_notes: list[str] = []
+        per_class, same = _same_classes(per_class, entry, subset_notes)
+        ours = {_class_key(c) for c in per_class}
+        if not same and method == "MambaAD":
+            shared = [v for c, v in entry["classes"].items() if _class_key(c) in ours]
+            theirs = _with_mad([sum(col) / len(col) for col in zip(*shared, strict=True)])
+            notes.append(f"{label}: {subset_notes[0]}")
+        elif not same:
+            theirs = _with_mad(None)
+            notes.append(
+                f"{label}: not all of {entry['name']}'s classes, and only {method}'s mean is recorded"
+            )
+    return [entry["name"], method, *_compare(label, per_class["mean"], theirs)]
+
+
 def paper_sections(
     runs: list[tuple[str, Path]], paper: dict[str, Any], chosen: str = "auto"
 ) -> list[PaperSection]:
-    """``(notes, header, rows)`` per table: one per data-set run, one for all ablation-table runs."""
+    """``(notes, header, rows)`` per table: one per MambaAD data-set run (per class), Table 1 (the
+    mean of every data-set run beside its method's row; when there are several runs or another
+    method's), one for all ablation-table runs."""
     sections = []
     ablation: list[list[Any]] = []
     ablation_notes: list[str] = []
+    table1: list[list[Any]] = []
+    table1_notes: list[str] = []
     for label, run in runs:
         cfg = _flat_config(run)
         match = ablation_row(label, run, paper) if chosen == "auto" else None
@@ -418,6 +456,10 @@ def paper_sections(
             ablation_notes.append(run_note(label, run, cfg, paper))
             continue
         ds = paper_dataset(cfg, paper, run, chosen)
+        table1.append(table1_row(label, run, cfg, paper, ds, table1_notes))
+        table1_notes.append(run_note(label, run, cfg, paper))
+        if method_of(cfg, paper) != "MambaAD":
+            continue  # the paper's per-class tables hold MambaAD's values only
         entry = paper["datasets"][ds]
         source = entry["source"]
         title = f"{label} vs paper {entry['name']} ({source['mean']}; classes: {source['classes']})"
@@ -443,11 +485,43 @@ def paper_sections(
                 theirs = _with_mad(paper_classes.get(_class_key(cls)))
             rows.append(_compare(cls, ours, theirs))
         sections.append((notes, _compare_header("class"), rows))
+    if len(table1) > 1 or any(row[1] != "MambaAD" for row in table1):  # one MambaAD run: its own section
+        notes = [f"runs vs paper {paper['tables']['table1']['source']}", *table1_notes, paper_note(paper)]
+        sections.append((notes, ["data set", "method", *_compare_header("run")], table1))
     if ablation:
         sources = "; ".join(paper["tables"][t]["source"] for t in sorted({r[0] for r in ablation}))
         notes = [f"ablation runs vs paper {sources} (means)", *ablation_notes, paper_note(paper)]
         sections.append((notes, ["table", *_compare_header("run")], ablation))
     return sections
+
+
+def table5_section(runs: list[tuple[str, Path]], paper: dict[str, Any]) -> PaperSection:
+    """Paper Table 5 beside each run's parameters and FLOPs (its config counted by tools/flops.py at
+    its input size) and, for MVTec AD runs, its mAD."""
+    rows = []
+    for label, run in runs:
+        cfg = _flat_config(run)
+        method = method_of(cfg, paper)
+        printed = paper["tables"]["table5"]["rows"].get(method, {})
+        cost = cost_of(run)
+        try:
+            on_mvtec = paper_dataset(cfg, paper, run) == "mvtec"
+        except ValueError:  # a config of no paper data set: no mAD to compare
+            on_mvtec = False
+        mad = mean_metrics(run)["mAD"] if on_mvtec else math.nan
+        row: list[Any] = [label, method]
+        for ours, key in ((cost["Params(M)"], "params_m"), (cost["FLOPs(G)"], "gflops"), (mad, "mAD")):
+            theirs = printed.get(key, math.nan)
+            row += [ours, theirs, ours - theirs]
+        rows.append(row)
+    columns = ("Params(M)", "FLOPs(G)", "mAD")
+    header = ["run", "method"] + [f"{m}{suffix}" for m in columns for suffix in ("", " paper", " diff")]
+    notes = [
+        f"runs vs paper {paper['tables']['table5']['source']}",
+        "FLOPs: 1 per multiply-add at the run's data.image_size, batch 1, selective scans left out "
+        "(tools/flops.py); mAD only for MVTec AD runs; " + paper["notes"][2],
+    ]
+    return notes, header, rows
 
 
 def render_sections(sections: list[PaperSection], fmt: str, digits: int) -> str:
@@ -470,7 +544,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--digits", type=int, default=1, help="decimals of values (default 1, as in the paper)"
     )
-    parser.add_argument("--cost", action="store_true", help="add each model's params (M) and GFLOPs")
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="add each model's params (M) and GFLOPs; with --paper, a Table 5 beside the paper's",
+    )
     parser.add_argument(
         "--over",
         metavar="KEY",
@@ -498,9 +576,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Print (and optionally write) the table; returns the process exit code."""
     args = parse_args(argv)
-    if args.paper is not None and args.cost:
-        print("error: --paper and --cost cannot be combined; run them separately", file=sys.stderr)
-        return 2
     if args.over and args.unfinished:
         print(
             "error: --over averages finished runs only; drop --unfinished (or list them without --over)",
@@ -514,7 +589,11 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise ValueError("no finished run to tabulate" + (f" ({'; '.join(notes)})" if notes else ""))
         if args.paper is not None:
-            text = render_sections(paper_sections(runs, load_paper(), args.paper), args.format, args.digits)
+            paper = load_paper()
+            sections = paper_sections(runs, paper, args.paper)
+            if args.cost:
+                sections.append(table5_section(runs, paper))
+            text = render_sections(sections, args.format, args.digits)
         else:
             table = build_table(runs, cost=args.cost)
             if args.over:

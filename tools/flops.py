@@ -36,12 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model.mambaad.ss2d as ss2d
 from data import as_hw
+from model.base import AnomalyModel
 from model.build import build_model
-from model.mambaad.network import MambaAD, count_parameters
 from model.ops.selective_scan import forced_backend
 from util.cli import add_config_args, config_from_args, print_config, report_error
-
-PARTS = ("teacher", "bottleneck", "decoder")
 
 
 def selective_scan_flops(batch: int, length: int, channels: int, d_state: int, with_d: bool = True) -> int:
@@ -95,21 +93,37 @@ def _count(module: nn.Module, fn: Callable[[], Any]) -> tuple[int, int, Any]:
 
 
 @torch.no_grad()
-def model_flops(model: MambaAD, image_size: int | tuple[int, int]) -> dict[str, int]:
-    """FLOPs for one image in eval mode: ``teacher``, ``bottleneck``, ``decoder``, ``total``
-    (fvcore's count, which skips the selective scan, as in the paper), ``scan`` (analytic)
-    and ``total_with_scan``."""
+def model_flops(model: AnomalyModel, image_size: int | tuple[int, int]) -> dict[str, int]:
+    """FLOPs for one image in eval mode: per cost part (``model.cost_parts``: for MambaAD ``teacher``,
+    ``bottleneck``, ``decoder``), ``total`` (fvcore's count of ``forward``, which skips the
+    selective scan, as in the paper), ``scan`` (analytic) and ``total_with_scan``.
+
+    Each part is counted on the inputs it receives in one forward pass (captured with hooks), so
+    a method needs no code here: it names its parts.
+    """
     h, w = as_hw(image_size)
     model = model.eval()
     x = torch.randn(1, 3, h, w)
-    teacher, _, feats = _count(model.net_t, lambda: model.net_t(x))
-    # the dilated Mamba fuser (model.bottleneck.type=dilated_mamba) scans too
-    bottleneck, bottleneck_scan, fused = _count(model.mff_oce, lambda: model.mff_oce(feats))
-    decoder, scan, _ = _count(model.net_s, lambda: model.net_s(fused))
-    out = {"teacher": teacher, "bottleneck": bottleneck, "decoder": decoder}
-    out["total"] = teacher + bottleneck + decoder
-    out["scan"] = scan + bottleneck_scan
-    out["total_with_scan"] = out["total"] + scan
+    parts = model.cost_parts()
+    inputs: dict[str, tuple[tuple, dict]] = {}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _m, args, kwargs, name=name: inputs.setdefault(name, (args, kwargs)), with_kwargs=True
+        )
+        for name, module in parts.items()
+    ]
+    try:
+        total, scan, _ = _count(model, lambda: model(x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out: dict[str, int] = {}
+    for name, module in parts.items():
+        args, kwargs = inputs.get(name, ((), {}))
+        out[name] = _count(module, lambda m=module, a=args, k=kwargs: m(*a, **k))[0] if name in inputs else 0
+    out["total"] = total
+    out["scan"] = scan
+    out["total_with_scan"] = total + scan
     return out
 
 
@@ -119,10 +133,10 @@ def measure(cfg: Any) -> dict[str, dict[str, float]]:
     log = logging.getLogger("mambaad.flops")
     log.propagate = False  # the random-teacher warning does not matter for counting
     model = build_model(cfg, log, teacher_pretrained=False)
-    params = count_parameters(model)
+    params = model.parameter_counts()
     flops = model_flops(model, cfg.data.image_size)
     return {
-        "params_m": {k: params[k] / 1e6 for k in ("total", *PARTS)},
+        "params_m": {k: params[k] / 1e6 for k in ("total", *model.cost_parts())},
         "gflops": {k: v / 1e9 for k, v in flops.items()},
     }
 
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.name}: input {h}x{w}, batch 1 (fvcore counting, 1 FLOP = 1 multiply-add)")
     print("| part | params (M) | GFLOPs |")
     print("|---|---:|---:|")
-    for key in ("total", *PARTS):
+    for key in result["params_m"]:
         print(f"| {key} | {result['params_m'][key]:.2f} | {result['gflops'][key]:.2f} |")
     g = result["gflops"]
     print(f"| selective scans (analytic, not in the paper's count) | | {g['scan']:.2f} |")

@@ -6,8 +6,9 @@
 
 A grid file is YAML, either a plain mapping ``key: [values]`` (every combination, in file
 order) or a mapping with any of ``grid`` (such a mapping), ``rows`` (a list of named rows
-``{name: ..., key: value, ...}`` for tables that are not Cartesian) and ``fixed`` (overrides
-for every run); rows x grid when both are given. Combination ``NAME`` runs as
+``{name: ..., key: value, ...}`` for tables that are not Cartesian; a row's ``config: FILE``
+runs that config instead of ``--config``, so one grid can compare methods and data sets) and
+``fixed`` (overrides for every run); rows x grid when both are given. Combination ``NAME`` runs as
 
     python run.py -c CONFIG [extra overrides] [fixed] [combination] output_dir=OUT/NAME
 
@@ -57,10 +58,12 @@ class GridError(UsageError, ValueError):
 
 @dataclass
 class Combination:
-    """One run of a sweep: its folder name and its ``key=value`` overrides."""
+    """One run of a sweep: its folder name, its ``key=value`` overrides and the config file its row
+    names (None: the sweep's ``--config``)."""
 
     name: str
     overrides: list[str] = field(default_factory=list)
+    config: str | None = None
 
 
 def format_value(value: Any) -> str:
@@ -133,6 +136,11 @@ def load_grid(path: str | Path) -> list[Combination]:
     for i, row in enumerate(rows):
         row = dict(_as_mapping(row, f"row {i}", path))
         row_name = row.pop("name", None)
+        row_config = row.pop("config", None)
+        if row_config is not None and (not isinstance(row_config, str) or not (REPO / row_config).is_file()):
+            raise GridError(
+                f"{path}: row {i} names config {row_config!r}, which is no file of this repository"
+            )
         if data.get("rows") and row_name is None:
             row_name = "_".join(f"{_short_keys(list(row))[k]}-{_name_part(v)}" for k, v in row.items())
         row_overrides = [f"{k}={format_value(v)}" for k, v in row.items()]
@@ -140,7 +148,8 @@ def load_grid(path: str | Path) -> list[Combination]:
             parts = [f"{short[k]}-{_name_part(v)}" for k, v in zip(grid, values)]
             name = "_".join(p for p in ([_name_part(row_name)] if row_name else []) + parts) or "default"
             grid_overrides = [f"{k}={format_value(v)}" for k, v in zip(grid, values)]
-            combos.append(Combination(_check_name(name), fixed_overrides + row_overrides + grid_overrides))
+            overrides = fixed_overrides + row_overrides + grid_overrides
+            combos.append(Combination(_check_name(name), overrides, row_config))
     names = [c.name for c in combos]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -184,6 +193,11 @@ def run_status(folder: Path) -> tuple[str, Path | None]:
 def _repo_relative(path: Path) -> str:
     path = path.resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _config_of(combo: Combination, args: argparse.Namespace) -> str:
+    """The config file a combination runs: its row's ``config``, else the sweep's ``--config``."""
+    return str(REPO / combo.config) if combo.config else str(args.config)
 
 
 def build_command(
@@ -249,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = {}
         for combo in combos:  # every combination must be a valid config before anything runs
             try:
-                configs[combo.name] = config_from_args(args, combo.overrides)
+                own = argparse.Namespace(**{**vars(args), "config": _config_of(combo, args)})
+                configs[combo.name] = config_from_args(own, combo.overrides)
             except ConfigError as err:
                 raise GridError(f"combination {combo.name}: {err}") from err
     except Exception as err:
@@ -275,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.emit is None:
                 print(f"skip {combo.name}: finished in {run} with the same settings")
             continue
-        cmd = build_command(args.config, combo, args.overrides, out, run if status == "partial" else None)
+        resume = run if status == "partial" else None
+        cmd = build_command(_config_of(combo, args), combo, args.overrides, out, resume)
         pending.append((combo, cmd))
     if changed:
         return report_error(

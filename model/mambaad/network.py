@@ -122,6 +122,14 @@ class MambaAD(AnomalyModel):
         :mod:`model.mambaad.official`)."""
         load_weights(self, path, log=log)
 
+    def cost_parts(self) -> dict[str, nn.Module]:
+        """Teacher, bottleneck and decoder, as the paper's Table 2 and 5 split them."""
+        return {"teacher": self.net_t, "bottleneck": self.mff_oce, "decoder": self.net_s}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """:func:`count_parameters` (scan index buffers included, as the official 25.7 M)."""
+        return count_parameters(self)
+
     def unused_parameter_names(self) -> list[str]:
         """Parameters forward never uses (the official LSS's ``conv33``); DDP must not wait for them."""
         return [name for name, _ in self.named_parameters() if ".conv33." in name]
