@@ -211,6 +211,29 @@ def test_an_unfinished_run_with_other_settings_is_not_resumed(
     assert "Traceback" not in err and not (out / "sweep.json").exists()
 
 
+def test_a_row_runs_the_config_it_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid = _write(
+        tmp_path / "g.yaml",
+        "rows:\n  - {name: demo, config: configs/mambaad_demo.py}\n  - {name: default, seed: 3}\n",
+    )
+    combos = sweep.load_grid(grid)
+    assert [(c.name, c.config) for c in combos] == [("demo", "configs/mambaad_demo.py"), ("default", None)]
+    args = [
+        "--config",
+        str(REPO / "configs/mambaad_mvtec.py"),
+        "--grid",
+        str(grid),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert sweep.main([*args, "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("would run")]
+    assert "-c configs/mambaad_demo.py" in lines[0] and "-c configs/mambaad_mvtec.py" in lines[1]
+    bad = _write(tmp_path / "bad.yaml", "rows:\n  - {name: x, config: configs/no_such_method.py}\n")
+    with pytest.raises(sweep.GridError, match=r"no_such_method\.py"):
+        sweep.load_grid(bad)
+
+
 def test_collect_tables(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     _fake_run(sweep_dir / "hilbert" / "demo_20261125-101010", 5, 5, model__scan_method="hilbert", seed__x=1)
