@@ -22,7 +22,7 @@ from loss import LOSSES
 from model.build import build_model
 from model.ops.selective_scan import available_backends, backend_problem, prepare_cpu
 from trainer.checkpointing import CheckpointMixin
-from trainer.optim import OPTIMIZERS, SCHEDULERS
+from trainer.optim import SCHEDULERS, build_optimizers
 from trainer.rng import (
     enable_determinism,
     enable_fast_cuda,
@@ -30,7 +30,7 @@ from trainer.rng import (
     seed_everything,
 )
 from trainer.run_folder import RunLock, check_resumable, check_resume_config, new_run_dir, write_status
-from util.config import BaseConfig, ConfigError, Section, save_config
+from util.config import BaseConfig, ConfigError, save_config
 from util.distributed import broadcast_object, init_distributed, wrap_ddp
 from util.logger import get_logger
 from util.signals import StopRequest, TrainingInterruptedError
@@ -202,20 +202,17 @@ class TrainerBase(CheckpointMixin):
             self.log.info("random teacher: BatchNorm statistics estimated on %d training batches", used)
 
     def _build_optimizers(self) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
-        """The method's optimisers (:meth:`model.base.AnomalyModel.optimizers`) by name, each with
-        its own schedule from the ``scheduler`` section."""
+        """The method's optimisers by name, each with its own schedule from the ``scheduler`` section."""
         o, sch, t = self.cfg.optim, self.cfg.scheduler, self.cfg.trainer
         optimizers, schedulers = {}, {}
-        for spec in self.model.optimizers(o.weight_decay, no_decay=o.no_decay):
-            values = Section(**{**dict(o.items()), **spec.options})
-            kind = spec.type or o.type
-            optimizers[spec.name] = OPTIMIZERS.build(kind, spec.groups, values)
-            schedulers[spec.name] = SCHEDULERS.build(sch.type, optimizers[spec.name], sch)
+        for name, (optimizer, values) in build_optimizers(self.model, o).items():
+            optimizers[name] = optimizer
+            schedulers[name] = SCHEDULERS.build(sch.type, optimizer, sch)
             self.log.info(
                 "optimizer %s%s lr %.6g (base %.6g x batch %d / 16), weight decay %g (no_decay=%s); "
                 "%d process(es) x %d image(s) x %d accumulation step(s)",
-                kind,
-                f" ({spec.name})" if spec.name != "main" else "",
+                values.type,
+                f" ({name})" if name != "main" else "",
                 values.lr,
                 o.base_lr,
                 self.cfg.data.batch_size,

@@ -38,6 +38,17 @@ def sgd(groups: list[dict[str, Any]], o: Section) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=o.lr, momentum=momentum, weight_decay=o.weight_decay)
 
 
+def build_optimizers(model: Any, o: Section) -> dict[str, tuple[torch.optim.Optimizer, Section]]:
+    """The method's optimisers by name (:meth:`model.base.AnomalyModel.optimizers`), each with the
+    ``optim`` values it was built from (the section's, with the method's per-optimiser options)."""
+    built = {}
+    for spec in model.optimizers(o.weight_decay, no_decay=o.no_decay):
+        values = Section(**{**dict(o.items()), **spec.options})
+        values.type = spec.type or o.type
+        built[spec.name] = (OPTIMIZERS.build(values.type, spec.groups, values), values)
+    return built
+
+
 @SCHEDULERS.register("step")
 def step(optimizer: torch.optim.Optimizer, s: Section) -> torch.optim.lr_scheduler.LRScheduler:
     """Multiply the learning rate by ``gamma`` after each epoch in ``milestones``."""
