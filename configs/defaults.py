@@ -158,6 +158,18 @@ class ADDefaults(BaseConfig):
         """Rules for the ``model`` section; each method's config brings its own."""
         return {}
 
+    def use_demo_data(self) -> None:
+        """The embedded demo data set (generated into ``datasets/demo`` on first use) at 64x64,
+        batch 8, with a random teacher: what every method's demo config shares, so that the demos
+        of all methods train on the same images."""
+        self.data.root = "datasets/demo"
+        self.data.synthetic = True
+        self.data.synthetic_args = Section(image_size=128, n_train=60, n_test_good=15, n_test_bad=15, seed=0)
+        self.data.image_size = 64
+        self.data.batch_size = 8
+        self.data.num_workers = 0
+        self.model.teacher.pretrained = False
+
 
 class MambaADDefaults(ADDefaults):
     """MambaAD on 256x256 images: ResNet34 teacher, depths [3,4,6,3], Hilbert scan, 8 directions."""

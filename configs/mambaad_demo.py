@@ -9,7 +9,6 @@ ImageNet features give, yet well above chance.
 """
 
 from configs.defaults import MambaADDefaults
-from util.config import Section
 
 
 class MambaADDemo(MambaADDefaults):
@@ -17,13 +16,7 @@ class MambaADDemo(MambaADDefaults):
 
     def __init__(self) -> None:
         super().__init__()
-        self.data.root = "datasets/demo"
-        self.data.synthetic = True
-        self.data.synthetic_args = Section(image_size=128, n_train=60, n_test_good=15, n_test_bad=15, seed=0)
-        self.data.image_size = 64
-        self.data.batch_size = 8
-        self.data.num_workers = 0
-        self.model.teacher.pretrained = False
+        self.use_demo_data()
         # 12 epochs: at 6 the training loss was still falling fast (19.1 at epoch 6, 14.4 at 12)
         self.trainer.epochs = 12  # lr decays x0.1 after epoch 10 (80 %)
         self.trainer.test_every = 12  # one evaluation, at the end

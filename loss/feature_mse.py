@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from loss.pairs import feature_pairs
 from util.precision import at_least_float32
 
 
@@ -21,11 +22,7 @@ class FeatureMSELoss(nn.Module):
         self.weight = weight
 
     def forward(self, feats_t: Sequence[torch.Tensor], feats_s: Sequence[torch.Tensor]) -> torch.Tensor:
-        if len(feats_t) != len(feats_s):
-            raise ValueError(f"teacher gave {len(feats_t)} scales but student {len(feats_s)}")
         total = at_least_float32(feats_s[0].new_zeros(()))
-        for ft, fs in zip(feats_t, feats_s, strict=True):
-            if ft.shape != fs.shape:
-                raise ValueError(f"teacher feature {tuple(ft.shape)} != student feature {tuple(fs.shape)}")
-            total = total + torch.mean((at_least_float32(ft) - at_least_float32(fs)) ** 2)
+        for ft, fs in feature_pairs(feats_t, feats_s):
+            total = total + torch.mean((ft - fs) ** 2)
         return self.weight * total

@@ -4,3 +4,5 @@ from util.registry import Registry
 
 MODELS = Registry("model")
 MODELS.register_lazy("mambaad", "model.mambaad.network:MambaAD")
+MODELS.register_lazy("rd4ad", "model.rd4ad.network:RD4AD")
+MODELS.register_lazy("uniad", "model.uniad.network:UniAD")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.teacher import calibrate_batchnorm
 from util.checkpoint import extract_state_dict, load_file
 from util.errors import UserError
 
@@ -80,6 +81,8 @@ class AnomalyModel(nn.Module):
     """
 
     frozen_layers: tuple[str, ...] = ()
+    teacher_layer: str | None = None  # the child built by model.teacher.build_teacher, if any
+    teacher: Any = None  # its TeacherOptions (model.teacher)
 
     def train(self, mode: bool = True) -> AnomalyModel:
         """Set train/eval mode; the children in ``frozen_layers`` always stay frozen in eval."""
@@ -173,9 +176,19 @@ class AnomalyModel(nn.Module):
         counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
 
+    @property
+    def teacher_is_random(self) -> bool:
+        """True when the ``teacher_layer`` was built without pretrained or checkpoint weights."""
+        module = getattr(self, self.teacher_layer) if self.teacher_layer else None
+        return bool(getattr(module, "is_random", False))
+
     def calibrate_teacher(self, images: Iterable[torch.Tensor]) -> int:
-        """Prepare a randomly initialised teacher on training images; returns batches used (default 0)."""
-        return 0
+        """Estimate a random teacher's BatchNorm statistics on training images, up to
+        ``teacher.calibrate_batches`` batches; returns how many were used (0 when the teacher has
+        real weights, calibration is off, or the method has no teacher)."""
+        if not self.teacher_is_random or not self.teacher.calibrate_batches:
+            return 0
+        return calibrate_batchnorm(getattr(self, self.teacher_layer), images, self.teacher.calibrate_batches)
 
     def predict(
         self, imgs: torch.Tensor, out_size: tuple[int, int] | None = None

@@ -11,12 +11,14 @@ import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
 from util.checkpoint import MissingCheckpointError, load_file
+from util.config import options
 from util.errors import UserError
 
 OFFLINE_HINT = (
@@ -168,6 +170,11 @@ class TeacherOptions:
     # set by model.build.build_model, not a config key: a full model checkpoint (model.checkpoint)
     # brings the teacher's weights after the model is built
     from_model_checkpoint: bool = False
+
+
+def teacher_options(value: str | TeacherOptions | Mapping[str, Any] | None) -> TeacherOptions:
+    """The ``model.teacher`` section as :class:`TeacherOptions`: a timm name, a dict or options."""
+    return options(TeacherOptions, {"name": value} if isinstance(value, str) else value)
 
 
 def build_teacher(

@@ -449,3 +449,17 @@ def test_a_run_whose_config_cannot_be_read_stops_the_sweep_and_over_refuses_unfi
     assert "its config.json cannot be read" in err and "Traceback" not in err
     assert collect.main([str(out), "--over", "seed", "--unfinished"]) == 2
     assert "--over averages finished runs only" in capsys.readouterr().err
+
+
+def test_the_table1_grid_runs_every_method_on_every_data_set_of_table_1() -> None:
+    combos = sweep.load_grid(SWEEPS / "table1.yaml")
+    paper = collect.load_paper()
+    rows = paper["tables"]["table1"]["rows"]
+    expected = {f"{m}_{ds}" for ds in rows for m in ("mambaad", "rd4ad", "uniad")}
+    assert {c.name for c in combos} == expected
+    for combo in combos:
+        cfg = load_config(REPO / combo.config, combo.overrides)  # each config loads and validates
+        method, dataset = combo.name.split("_")
+        assert cfg.model.type == method and cfg.name == combo.name
+        assert collect.paper_dataset({"name": cfg.name}, paper, Path(combo.name)) == dataset
+        assert paper["methods"][method] in rows[dataset]  # collect --paper finds its Table 1 row

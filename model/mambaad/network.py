@@ -5,7 +5,7 @@ Submodule names (``net_t``, ``mff_oce``, ``net_s``) are the official checkpoint 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from model.mambaad.bottleneck import BottleneckOptions, build_bottleneck
 from model.mambaad.decoder import LSSOptions, MambaDecoder
 from model.mambaad.official import load_weights
 from model.mambaad.scan_orders import ScanOptions
-from model.teacher import TeacherOptions, build_teacher, calibrate_batchnorm
+from model.teacher import TeacherOptions, build_teacher, teacher_options
 from util.config import options
 from util.precision import at_least_float32
 
@@ -39,6 +39,7 @@ class MambaAD(AnomalyModel):
     """
 
     frozen_layers = ("net_t",)
+    teacher_layer = "net_t"
 
     def __init__(
         self,
@@ -55,7 +56,7 @@ class MambaAD(AnomalyModel):
     ) -> None:
         super().__init__()
         self.sigma = float(sigma)
-        self.teacher = options(TeacherOptions, {"name": teacher} if isinstance(teacher, str) else teacher)
+        self.teacher = teacher_options(teacher)
         t = self.teacher
         self.net_t = build_teacher(
             t.name, t.pretrained, t.checkpoint, log=log, from_model_checkpoint=t.from_model_checkpoint
@@ -77,21 +78,6 @@ class MambaAD(AnomalyModel):
             image_size=image_size,
         )
         self.train(True)
-
-    @property
-    def teacher_is_random(self) -> bool:
-        """True when the teacher was built without pretrained or checkpoint weights."""
-        return bool(getattr(self.net_t, "is_random", False))
-
-    def calibrate_teacher(self, images: Iterable[torch.Tensor]) -> int:
-        """Estimate a random teacher's BatchNorm statistics on training images (no-op otherwise).
-
-        Uses up to ``teacher.calibrate_batches`` batches; returns how many were used (0 when the
-        teacher has real weights or calibration is off).
-        """
-        if not self.teacher_is_random or not self.teacher.calibrate_batches:
-            return 0
-        return calibrate_batchnorm(self.net_t, images, self.teacher.calibrate_batches)
 
     def forward(self, imgs: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Return ``(teacher_feats, student_feats)``, each largest map first; teacher detached."""

@@ -1,0 +1,15 @@
+"""RD4AD on MVTec AD, multi-class, with ADer's benchmark settings (100 epochs, batch 16).
+
+ADer's ``configs/benchmark/rd/rd_256_100e.py``; the MambaAD paper's Table 1 RD4AD row comes from
+ADer's benchmark. ``trainer.epochs=300`` gives ADer's 300-epoch variant.
+"""
+
+from configs.rd4ad_defaults import RD4ADDefaults
+
+
+class RD4ADMvtec(RD4ADDefaults):
+    """ADer benchmark setting on MVTec AD; expects `datasets/mvtec/meta.json` (see docs/data.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data.root = "datasets/mvtec"
