@@ -85,3 +85,17 @@ def test_mmad_variant_rows():
     table = bench.markdown_table({"scan": [], "inference": [], "image_size": 64, "mmad": rows})
     assert f"| train step (s) | {backend}, grouped scan, dilated_mamba |" in table
     assert f"{backend}, full scan, hfpn" in table
+
+
+def test_methods_are_timed_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    from tools import bench_methods
+
+    argv = ["--configs", "configs/mambaad_demo.py", "configs/uniad_demo.py", "--image-size", "64"]
+    assert bench_methods.main([*argv, "--batch", "2", "--repeats", "1", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| config | params (M) |") and len(lines) == 4
+    mambaad, uniad = (line.split("|")[1:-1] for line in lines[2:])
+    assert mambaad[0].strip() == "mambaad_demo" and uniad[0].strip() == "uniad_demo"
+    assert float(mambaad[3]) == 1.0 and float(mambaad[5]) == 1.0  # ratios to the first method
+    assert 24.0 < float(uniad[1]) < 24.6  # UniAD: 24.52 M at 256x256, a little less at 64 (fewer queries)
+    assert all(float(cell) > 0 for cell in (*uniad[2:], *mambaad[2:]))

@@ -463,3 +463,10 @@ def test_the_table1_grid_runs_every_method_on_every_data_set_of_table_1() -> Non
         assert cfg.model.type == method and cfg.name == combo.name
         assert collect.paper_dataset({"name": cfg.name}, paper, Path(combo.name)) == dataset
         assert paper["methods"][method] in rows[dataset]  # collect --paper finds its Table 1 row
+
+
+def test_collect_compares_only_the_settings_every_run_has() -> None:
+    mambaad = {"model.type": "mambaad", "model.depths": [3, 4, 6, 3], "optim.lr": 0.0025}
+    uniad = {"model.type": "uniad", "model.hidden_dim": 256, "optim.lr": 0.0001}
+    assert collect.differing_keys([mambaad, uniad]) == ["model.type", "optim.lr"]
+    assert collect.differing_keys([mambaad, {**mambaad, "model.depths": [2, 2, 2, 2]}]) == ["model.depths"]

@@ -155,13 +155,14 @@ def finished_runs(
 
 
 def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
-    """Config keys (in first-seen order) whose values are not the same in every run."""
+    """Config keys (in first-seen order) whose values are not the same in every run; a key that
+    only some runs have (another method's ``model.*`` settings) is left out, ``model.type`` says it."""
     keys: list[str] = []
     for cfg in configs:
         keys += [k for k in cfg if k not in keys]
     diff = []
     for key in keys:
-        if key in IGNORED_KEYS or key.startswith("_"):
+        if key in IGNORED_KEYS or key.startswith("_") or not all(key in cfg for cfg in configs):
             continue
         values = {json.dumps(cfg.get(key), default=str, sort_keys=True) for cfg in configs}
         if len(values) > 1:
@@ -197,7 +198,8 @@ def build_table(runs: list[tuple[str, Path]], cost: bool = False) -> tuple[list[
     rows = []
     for i, ((label, run), cfg) in enumerate(zip(runs, configs, strict=True)):
         metrics = mean_metrics(run)
-        row: list[Any] = [label, *run_state(run), *(cfg.get(k) for k in keys)]
+        settings = (f"{v:g}" if isinstance(v, float) else v for v in (cfg.get(k) for k in keys))  # as set
+        row: list[Any] = [label, *run_state(run), *settings]
         if cost:
             row += [costs[i]["Params(M)"], costs[i]["FLOPs(G)"]]
         rows.append(row + [metrics[m] for m in (*METRIC_NAMES, "mAD")])

@@ -62,7 +62,8 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.module
 
 @contextmanager
 def _counting(root: nn.Module, tally: dict[str, int]) -> Iterator[None]:
-    """Count ``root``'s norms (hooks) and selective scans (analytic, not executed) into ``tally``."""
+    """Count ``root``'s norms (hooks; per module name under ``norm:<name>``, all under ``norm``) and
+    selective scans (analytic, not executed) into ``tally``."""
 
     def fake_scan(u: torch.Tensor, delta: torch.Tensor, a_mat: torch.Tensor, *args: Any, **kwargs: Any):
         b, d, length = u.shape
@@ -70,10 +71,15 @@ def _counting(root: nn.Module, tally: dict[str, int]) -> Iterator[None]:
         tally["scan"] += selective_scan_flops(b, length, d, a_mat.shape[1], with_d=has_d)
         return torch.zeros_like(u)
 
-    def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
-        tally["norm"] += norm_flops(module, inputs[0])
+    def hook(name: str) -> Callable[..., None]:
+        def count(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+            flops = norm_flops(module, inputs[0])
+            tally["norm"] += flops
+            tally[f"norm:{name}"] = tally.get(f"norm:{name}", 0) + flops
 
-    handles = [m.register_forward_hook(hook) for m in root.modules() if isinstance(m, _NORMS)]
+        return count
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in root.named_modules() if isinstance(m, _NORMS)]
     try:
         # the unfused scan path, whose projections are the model's own arithmetic (the fused
         # CPU path's block-diagonal products would count zeros) and whose scans are counted here
@@ -92,38 +98,39 @@ def _count(module: nn.Module, fn: Callable[[], Any]) -> tuple[int, int, Any]:
     return counter.get_total_flops() // 2 + tally["norm"], tally["scan"], out
 
 
+def _under(name: str, part: str) -> bool:
+    return name == part or name.startswith(part + ".")
+
+
 @torch.no_grad()
 def model_flops(model: AnomalyModel, image_size: int | tuple[int, int]) -> dict[str, int]:
-    """FLOPs for one image in eval mode: per cost part (``model.cost_parts``: for MambaAD ``teacher``,
-    ``bottleneck``, ``decoder``), ``total`` (fvcore's count of ``forward``, which skips the
-    selective scan, as in the paper), ``scan`` (analytic) and ``total_with_scan``.
+    """FLOPs for one image in eval mode: per cost part (``model.cost_parts()``: for MambaAD
+    ``teacher``, ``bottleneck``, ``decoder``), ``total`` (fvcore's count of ``forward``, which skips
+    the selective scan, as in the paper), ``scan`` (analytic) and ``total_with_scan``.
 
-    Each part is counted on the inputs it receives in one forward pass (captured with hooks), so
-    a method needs no code here: it names its parts.
+    One pass counts everything; an operation belongs to the part whose modules ran it, so a method
+    needs no code here (its forward may call a part's submodules directly).
     """
     h, w = as_hw(image_size)
     model = model.eval()
-    x = torch.randn(1, 3, h, w)
-    parts = model.cost_parts()
-    inputs: dict[str, tuple[tuple, dict]] = {}
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda _m, args, kwargs, name=name: inputs.setdefault(name, (args, kwargs)), with_kwargs=True
-        )
-        for name, module in parts.items()
-    ]
-    try:
-        total, scan, _ = _count(model, lambda: model(x))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    names = {id(m): n for n, m in model.named_modules()}
+    tally = {"norm": 0, "scan": 0}
+    with _counting(model, tally), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, h, w))
+    root = type(model).__name__
+    per_module = {
+        k.removeprefix(root + "."): sum(v.values()) for k, v in counter.get_flop_counts().items() if k != root
+    }
     out: dict[str, int] = {}
-    for name, module in parts.items():
-        args, kwargs = inputs.get(name, ((), {}))
-        out[name] = _count(module, lambda m=module, a=args, k=kwargs: m(*a, **k))[0] if name in inputs else 0
-    out["total"] = total
-    out["scan"] = scan
-    out["total_with_scan"] = total + scan
+    for label, module in model.cost_parts().items():
+        part = names[id(module)]
+        inside = [k for k in per_module if _under(k, part)]
+        top = [k for k in inside if not any(o != k and _under(k, o) for o in inside)]  # counted once
+        norms = sum(v for k, v in tally.items() if k.startswith("norm:") and _under(k[5:], part))
+        out[label] = sum(per_module[k] for k in top) // 2 + norms
+    out["total"] = counter.get_total_flops() // 2 + tally["norm"]
+    out["scan"] = tally["scan"]
+    out["total_with_scan"] = out["total"] + out["scan"]
     return out
 
 
