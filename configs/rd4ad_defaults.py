@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from configs.defaults import ADDefaults
+from configs.base import ADDefaults
 from util.config import Section, int_at_least, number_at_least
 
 
