@@ -410,6 +410,11 @@ def export(
         net, cfg, _ = load_network(checkpoint, config=config, overrides=overrides, log=log)
     except RuntimeError as err:  # load_weights: the checkpoint's keys or shapes do not fit the config
         raise ExportError(str(err)) from err
+    if cfg.model.type != "mambaad":
+        raise ExportError(
+            f"the export covers MambaAD only, and {checkpoint} holds a {cfg.model.type} model; score it "
+            "with tools/predict.py or the Python API (mambaad.load_model), which take every method"
+        )
     h, w = as_hw(cfg.data.image_size)
     if h != w and not image_size:
         raise ExportError(

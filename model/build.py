@@ -38,17 +38,16 @@ def build_model(
     m = cfg.model
     full = bool(m.checkpoint)
     kwargs = model_kwargs(cfg)
-    if full:  # the checkpoint holds the teacher: neither downloaded nor read from its own file
-        kwargs["teacher"] = {
-            **kwargs["teacher"],
-            "pretrained": False,
-            "checkpoint": None,
-            "from_model_checkpoint": True,
-        }
+    teacher = kwargs.get("teacher")  # a method without a model.teacher section has nothing to set
+    if teacher is None:
+        pass
+    elif full:  # the checkpoint holds the teacher: neither downloaded nor read from its own file
+        kwargs["teacher"] = {**teacher, "pretrained": False, "checkpoint": None}
+        kwargs["teacher"]["from_model_checkpoint"] = True
     elif teacher_pretrained is False:  # a random teacher is asked for
-        kwargs["teacher"] = {**kwargs["teacher"], "pretrained": False, "checkpoint": None}
+        kwargs["teacher"] = {**teacher, "pretrained": False, "checkpoint": None}
     elif teacher_pretrained:
-        kwargs["teacher"] = {**kwargs["teacher"], "pretrained": True}
+        kwargs["teacher"] = {**teacher, "pretrained": True}
     model = MODELS.build(
         m.type, log=log.info if full or teacher_pretrained is False else log.warning, **kwargs
     )

@@ -113,3 +113,21 @@ def test_input_errors(model: Detector, tmp_path: Path) -> None:
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(FileNotFoundError, match=r"neither net\.pth nor ckpt\.pth"):
         load_model(tmp_path / "empty_run")
+
+
+def test_a_run_of_another_method_loads_with_its_own_defaults(tmp_path: Path) -> None:
+    # config.json naming a file outside configs/: rebuilt over the run's method's defaults
+    # (configs/<type>_defaults.py, or configs/base.py for a method of yours), never MambaAD's
+    from tests.test_method_contract import CONFIG as TOY_CONFIG
+    from util.config import load_config, save_config
+    from util.run_config import load_run_config
+
+    config = tmp_path / "toy.py"
+    config.write_text(TOY_CONFIG.format(type="toy_reconstruction"))
+    save_config(load_config(config, [f"data.root={tmp_path}"]), tmp_path / "config.json")
+    cfg = load_run_config(tmp_path)
+    assert cfg.model.type == "toy_reconstruction" and not hasattr(cfg.model, "teacher")
+    (tmp_path / "config.json").write_text(
+        (tmp_path / "config.json").read_text().replace('"toy_reconstruction"', '"uniad"')
+    )
+    assert load_run_config(tmp_path).model.score_pool == 16  # UniAD's defaults filled the rest

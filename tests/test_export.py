@@ -557,3 +557,19 @@ def test_a_non_square_model_is_refused_with_the_way_out(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert "configured for 64x96 inputs" in err and "--image-size N" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_another_methods_model_is_refused_with_the_way_out(tmp_path: Path, capsys) -> None:
+    from tests.test_method_contract import CONFIG as TOY_CONFIG
+
+    config = tmp_path / "toy.py"
+    config.write_text(TOY_CONFIG.format(type="toy_reconstruction"))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(config, [f"data.root={tmp_path}"])
+    save_config(cfg, run / "config.json")
+    torch.save(build_model(cfg, logging.getLogger("test_export")).state_dict(), run / "net.pth")
+    assert export_cli.main(["--checkpoint", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "covers MambaAD only" in err and "toy_reconstruction" in err and "tools/predict.py" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

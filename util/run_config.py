@@ -3,13 +3,15 @@
 A config file is Python and runs when loaded, so a run folder (which may come from anyone) must not
 decide which file runs. :func:`config_from_json` starts from one of this project's own config
 classes (the ``configs/<name>.py`` that ``config.json`` names when it is this repository's file, else
-``configs/defaults.py``) and restores every saved value over it as plain data. To use a config file
-of your own, pass it explicitly (``-c`` / ``config=``).
+the defaults of the run's method: ``configs/<model.type>_defaults.py``, ``configs/defaults.py`` for
+MambaAD and older runs, ``configs/base.py`` for a method of yours) and restores every saved value
+over it as plain data. To use a config file of your own, pass it explicitly (``-c`` / ``config=``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,27 +21,43 @@ from util.config import BaseConfig, ConfigError, Section, apply_overrides, load_
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 DEFAULT_CONFIG = CONFIGS / "defaults.py"
+BASE_CONFIG = CONFIGS / "base.py"
 NOT_RESTORED = ("config_file",)  # names the file a run was started with; ours may differ
 # keys that moved since older run folders were written: (old section, key) -> (new section, key)
 MOVED_KEYS = {("evaluator", "sigma"): ("model", "sigma")}
 
 
-def project_config(named: Any) -> Path:
-    """This repository's config file that ``named`` (a ``config_file`` entry) refers to, else the defaults.
+def method_defaults(model_type: Any) -> Path:
+    """The defaults of the method ``model_type`` (a ``model.type`` entry): ``configs/<type>_defaults.py``
+    when this repository has it, ``configs/defaults.py`` for MambaAD (and runs that name no type),
+    else ``configs/base.py`` (the saved ``model`` section then brings every key)."""
+    if model_type is None or model_type == "mambaad":
+        return DEFAULT_CONFIG
+    if isinstance(model_type, str) and re.fullmatch(r"[a-z0-9_]+", model_type):
+        candidate = CONFIGS / f"{model_type}_defaults.py"
+        if candidate.is_file():
+            return candidate
+    return BASE_CONFIG
+
+
+def project_config(named: Any, model_type: Any = None) -> Path:
+    """This repository's config file that ``named`` (a ``config_file`` entry) refers to, else the
+    defaults of the run's method (:func:`method_defaults`).
 
     Only a file directly in ``configs/`` counts: the entry ``configs/X.py`` (relative, as run.py
     records it when started from the repository root) or the absolute path of that file.
     """
+    fallback = method_defaults(model_type)
     if not isinstance(named, str) or not named.endswith(".py"):
-        return DEFAULT_CONFIG
+        return fallback
     given = Path(named)
     candidate = CONFIGS / given.name
     if not candidate.is_file():
-        return DEFAULT_CONFIG
+        return fallback
     ours = candidate.resolve()
     if given.is_absolute():
-        return ours if given.resolve() == ours else DEFAULT_CONFIG
-    return ours if (REPO / given).resolve() == ours else DEFAULT_CONFIG
+        return ours if given.resolve() == ours else fallback
+    return ours if (REPO / given).resolve() == ours else fallback
 
 
 def _restore(node: Section, saved: dict[str, Any]) -> None:
@@ -89,7 +107,8 @@ def config_from_json(
             f"{source} must hold a JSON object of config sections; it was not written by run.py"
         )
     saved = _move_keys(saved)
-    base = project_config(saved.get("config_file"))
+    model = saved.get("model")
+    base = project_config(saved.get("config_file"), model.get("type") if isinstance(model, dict) else None)
     cfg = load_config(base)
     name = cfg.name
     _restore(cfg, {k: v for k, v in saved.items() if k not in NOT_RESTORED})
