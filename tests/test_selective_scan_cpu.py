@@ -342,14 +342,36 @@ def test_cross_scan_names_a_wrong_argument():
         _cross_cpu(perms)(tensors)
     tensors, perms = cross_inputs(1, 2, 4, 6, 3, False)
     perms[1, 2] = 6  # one past the last pixel: the kernels would read outside the tensors
-    with pytest.raises(ValueError, match=r"perms must index the 6 pixels \(0..5\)"):
+    with pytest.raises(ValueError, match=r"each row of perms must visit the 6 pixels 0..5 once each"):
         _cross_cpu(perms)(tensors)
     # the channels-last entry (SS2D's) checks the same on pixel-order views
     t = tensors
     channels_last = (t["x"].transpose(1, 2), t["delta"].permute(1, 0, 3, 2), t["A"])
     channels_last += (t["B"].permute(0, 3, 1, 2), t["C"].permute(0, 3, 1, 2), t["D"], t["delta_bias"])
-    with pytest.raises(ValueError, match="perms must index"):
+    with pytest.raises(ValueError, match="each row of perms must visit"):
         ss_cpu.cross_scan_cpu_channels_last(*channels_last, perms)
+
+
+def test_scan_orders_must_be_permutations_checked_once_per_table(monkeypatch):
+    from model.ops import scan_reference
+
+    tensors, perms = cross_inputs(1, 2, 4, 6, 3, False)
+    perms[0, 3] = perms[0, 2]  # in range, but a pixel visited twice and one never: uninitialised outputs
+    with pytest.raises(ValueError, match="a row repeats or skips a pixel"):
+        _cross_cpu(perms)(tensors)
+    tensors, perms = cross_inputs(1, 2, 4, 6, 3, False)
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda t, *a, **kw: sorts.append(1) or real_sort(t, *a, **kw))
+    for _ in range(3):
+        _cross_cpu(perms)(tensors)
+    assert len(sorts) == 1  # one check for the table, not one per call
+    perms[1, [0, 1]] = perms[1, [1, 0]]  # changed in place (still a permutation): checked again
+    _cross_cpu(perms)(tensors)
+    assert len(sorts) == 2
+    perms[1, 0] = perms[1, 1]
+    with pytest.raises(ValueError, match="once each"):
+        scan_reference.check_orders(perms)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.ops.scan_reference import check_orders
+
 SCAN_METHODS = ("sweep", "scan", "zigzag", "zorder", "hilbert")
 NUM_DIRECTIONS = (2, 4, 8)
 
@@ -313,7 +315,9 @@ def _cached_permutations(
     all SS2D modules; rows in :func:`group_order`."""
     parts = split_scan_method(method, num_directions)
     tables = [direction_permutations(m, h, w, k, dilation) for m, k in parts]
-    return torch.cat(tables).to(torch.long)[group_order(num_directions, groups)]
+    table = torch.cat(tables).to(torch.long)[group_order(num_directions, groups)]
+    check_orders(table)  # built once per (method, size, K, dilation, groups): checked once
+    return table
 
 
 class ScanIndex(nn.Module):

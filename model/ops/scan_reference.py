@@ -171,6 +171,23 @@ def check_scan_args(
             raise ValueError(f"selective scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
 
 
+def check_orders(perms: torch.Tensor) -> None:
+    """Each row of the scan-order table ``perms [K, L]`` must visit the ``L`` pixels once each (a
+    permutation of ``0..L-1``): the fused kernels neither check their reads nor write a pixel no row
+    visits. Checked once per table (again only after an in-place change), so a GPU table costs one
+    synchronisation, not one per call."""
+    if getattr(perms, "_orders_checked", None) == perms._version:
+        return
+    length = perms.shape[-1]
+    visits = perms.sort(dim=-1).values
+    if not torch.equal(visits, torch.arange(length, device=perms.device, dtype=perms.dtype).expand_as(perms)):
+        raise ValueError(
+            f"cross scan: each row of perms must visit the {length} pixels 0..{length - 1} once each "
+            "(a permutation); a row repeats or skips a pixel or indexes outside the image"
+        )
+    perms._orders_checked = perms._version
+
+
 def check_cross_scan_args(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -185,9 +202,8 @@ def check_cross_scan_args(
     """Shapes of a fused cross-scan's arguments (``cross_scan_cpu`` / ``cross_scan_triton``):
     ``x [b, d_x, L]``, ``perms [K, L]``, ``delta [b, K, d, L]``, ``A [K*d, N]``, ``B, C [b, K, N,
     L]``, ``D, delta_bias [K*d]`` with ``d = d_x`` (or ``d_x / K`` when ``grouped``), and
-    ``perms`` within ``0..L-1`` on the CPU (the kernels do not check their reads; on a GPU
-    this would wait for the device); a ``ValueError`` names the first argument that does not
-    fit."""
+    each row of ``perms`` a permutation of ``0..L-1`` (:func:`check_orders`, once per table); a
+    ``ValueError`` names the first argument that does not fit."""
     if x.dim() != 3 or delta.dim() != 4 or perms.dim() != 2:
         raise ValueError(
             f"cross scan: expected x [b, d_x, L], delta [b, K, d, L], perms [K, L], got x "
@@ -210,9 +226,7 @@ def check_cross_scan_args(
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"cross scan: {name} has shape {tuple(tensor.shape)}, expected {shape}")
-    in_range = perms.device.type != "cpu" or not length  # on a GPU the check would synchronise
-    if not in_range and (int(perms.min()) < 0 or int(perms.max()) >= length):
-        raise ValueError(f"cross scan: perms must index the {length} pixels (0..{length - 1})")
+    check_orders(perms)
 
 
 def inverse_permutations(perms: torch.Tensor) -> torch.Tensor:
