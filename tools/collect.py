@@ -179,21 +179,27 @@ def cost_of(run: Path) -> dict[str, float]:
     return {"Params(M)": result["params_m"]["total"], "FLOPs(G)": result["gflops"]["total"]}
 
 
+def costs_of(runs: list[tuple[str, Path]], configs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """:func:`cost_of` each run, counted once per distinct model (its ``model.*`` keys and input size)."""
+    cache: dict[str, dict[str, float]] = {}
+    costs = []
+    for (_, run), cfg in zip(runs, configs, strict=True):
+        arch = {k: v for k, v in cfg.items() if k.startswith(("model.", "data.image_size"))}
+        model_key = json.dumps(arch, default=str)
+        if model_key not in cache:
+            cache[model_key] = cost_of(run)
+        costs.append(cache[model_key])
+    return costs
+
+
 def build_table(runs: list[tuple[str, Path]], cost: bool = False) -> tuple[list[str], list[list[Any]]]:
     """Header and rows: label, state, epochs, differing config keys, [params, FLOPs,] metrics, mAD."""
     configs = [_flat_config(run) for _, run in runs]
     keys = differing_keys(configs)
     header = ["run", "state", "epochs", *keys]
-    costs = []
+    costs = costs_of(runs, configs) if cost else []
     if cost:
         header += ["Params(M)", "FLOPs(G)"]
-        cache: dict[str, dict[str, float]] = {}
-        for (_, run), cfg in zip(runs, configs, strict=True):
-            arch = {k: v for k, v in cfg.items() if k.startswith(("model.", "data.image_size"))}
-            model_key = json.dumps(arch, default=str)
-            if model_key not in cache:
-                cache[model_key] = cost_of(run)
-            costs.append(cache[model_key])
     header += [*METRIC_NAMES, "mAD"]
     rows = []
     for i, ((label, run), cfg) in enumerate(zip(runs, configs, strict=True)):
@@ -501,11 +507,10 @@ def table5_section(runs: list[tuple[str, Path]], paper: dict[str, Any]) -> Paper
     """Paper Table 5 beside each run's parameters and FLOPs (its config counted by tools/flops.py at
     its input size) and, for MVTec AD runs, its mAD."""
     rows = []
-    for label, run in runs:
-        cfg = _flat_config(run)
+    configs = [_flat_config(run) for _, run in runs]
+    for (label, run), cfg, cost in zip(runs, configs, costs_of(runs, configs), strict=True):
         method = method_of(cfg, paper)
         printed = paper["tables"]["table5"]["rows"].get(method, {})
-        cost = cost_of(run)
         try:
             on_mvtec = paper_dataset(cfg, paper, run) == "mvtec"
         except ValueError:  # a config of no paper data set: no mAD to compare
