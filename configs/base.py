@@ -71,8 +71,9 @@ class ADDefaults(BaseConfig):
             amp="none",  # none, bf16 or fp16 (fp16 with a gradient scaler); the scan stays fp32
             accumulate=1,  # split each data.batch_size batch into K steps (same result, less memory)
             deterministic=False,  # deterministic kernels (exact resume on GPUs; slower)
-            sync_bn=False,  # SyncBatchNorm in the bottleneck for multi-GPU runs (NCCL only)
-            fast_cuda=True,  # cuDNN autotuning, TF32 matmuls and convolutions (off if deterministic)
+            sync_bn=True,  # under torchrun: BatchNorm statistics of all ranks' images (ADer); False: per GPU
+            fast_cuda=True,  # cuDNN autotuning on CUDA (off if deterministic)
+            tf32=False,  # True: TF32 matmuls and convolutions on CUDA (faster; PyTorch's defaults otherwise)
             amp_eval=False,  # False: test maps in fp32 (no autocast, no TF32); True: under trainer.amp
             dist_timeout=3600,  # seconds a process may wait in a collective (rank 0 computes the metrics)
         )
@@ -125,6 +126,8 @@ class ADDefaults(BaseConfig):
             "trainer.grad_clip": number_at_least(0, allow_none=True),
             "trainer.amp": one_of("none", "bf16", "fp16"),
             "trainer.fast_cuda": one_of(True, False),
+            "trainer.tf32": one_of(True, False),
+            "trainer.sync_bn": one_of(True, False),
             "trainer.amp_eval": one_of(True, False),
             "trainer.dist_timeout": number_at_least(1),
             "data.batch_size": int_at_least(1),

@@ -64,9 +64,11 @@ def test_fast_cuda_and_full_fp32_restore_flags():
         torch.backends.cudnn.allow_tf32,
     )
     try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default
         rng.enable_fast_cuda()
-        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-        assert torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        rng.enable_fast_cuda(tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         a = torch.randn(4, 4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert (a @ a).dtype == torch.bfloat16
@@ -96,7 +98,8 @@ def test_evaluation_precision_follows_amp_eval(amp_eval, expected):
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("trainer.fast_cuda", "yes"), ("trainer.amp_eval", 2), ("trainer.dist_timeout", 0)]
+    ("key", "value"),
+    [("trainer.fast_cuda", "yes"), ("trainer.tf32", 1), ("trainer.amp_eval", 2), ("trainer.dist_timeout", 0)],
 )
 def test_new_trainer_keys_are_validated(key, value):
     cfg = MambaADDefaults()

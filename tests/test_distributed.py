@@ -139,37 +139,55 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-def test_one_step_on_two_gloo_ranks_equals_one_process(tiny_data: Path, tmp_path: Path) -> None:
-    # equal in exact arithmetic: BatchNorm on running statistics (tests/ddp_step.py), no
-    # drop-path, no teacher calibration, a mean loss over equal per-rank shares of the same four
-    # different images; DDP averages the per-rank gradients. float64 makes the summation order
-    # (one process vs two + all-reduce) negligible against the tolerance above.
+def _one_step(tmp_path: Path, tiny_data: Path, name: str, ranks: int, *extra: str) -> dict:
+    """tests/ddp_step.py in one process or on 2 Gloo ranks; what rank 0 saved."""
     args = [
         *_overrides(tiny_data, tmp_path / "runs", epochs=1),
         "model.drop_path=0.0",
         "model.teacher.calibrate_batches=0",
         "model.scan.backend=ref",
     ]
-    script = str(REPO / "tests" / "ddp_step.py")
-    one, two = tmp_path / "one.pth", tmp_path / "two.pth"
-    cmd = [sys.executable, script, CONFIG, str(one), *args]
-    single = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    proc = _torchrun([CONFIG, str(two), *args], script=script)
+    flags = [e for e in extra if e.startswith("--")]
+    args += [e for e in extra if not e.startswith("--")]
+    script, out = str(REPO / "tests" / "ddp_step.py"), tmp_path / f"{name}.pth"
+    if ranks == 1:
+        cmd = [sys.executable, script, *flags, CONFIG, str(out), *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    else:
+        proc = _torchrun([*flags, CONFIG, str(out), *args], script=script)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    assert (a["world_size"], b["world_size"]) == (1, 2)
-    assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
-    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 100
-    used = {}
-    for name, grad in a["grads"].items():
+    return torch.load(out, weights_only=True)
+
+
+def _grad_errors(got: dict, want: dict, floor: float = 0.0) -> dict[str, float]:
+    """Each trained tensor's gradient error as a fraction of its largest element, or of ``floor``
+    times the largest gradient of all tensors where that is more (tensors without a gradient:
+    conv33 only)."""
+    assert got.keys() == want.keys() and len(want) > 100
+    largest = max(float(g.abs().max()) for g in want.values())
+    errors = {}
+    for name, grad in want.items():
         assert grad.dtype == torch.float64, name
         if float(grad.abs().max()) == 0:
             assert "conv33" in name, f"{name} has no gradient"
             continue
-        used[name] = grad
-        error = _relative_error(b["grads"][name], grad)
+        scale = max(float(grad.abs().max()), floor * largest)
+        errors[name] = float((got[name] - grad).abs().max()) / scale
+    return errors
+
+
+def test_one_step_on_two_gloo_ranks_equals_one_process(tiny_data: Path, tmp_path: Path) -> None:
+    # equal in exact arithmetic: BatchNorm on running statistics (tests/ddp_step.py), no
+    # drop-path, no teacher calibration, a mean loss over equal per-rank shares of the same four
+    # different images; DDP averages the per-rank gradients. float64 makes the summation order
+    # (one process vs two + all-reduce) negligible against the tolerance above.
+    a = _one_step(tmp_path, tiny_data, "one", 1)
+    b = _one_step(tmp_path, tiny_data, "two", 2)
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
+    for name, error in _grad_errors(b["grads"], a["grads"]).items():
         assert error <= GRAD_TOL, f"{name}: two ranks differ by {error:.3g} of the largest element"
+    used = {name: a["grads"][name] for name in _grad_errors(b["grads"], a["grads"])}
 
     # the same comparison catches what a broken data-parallel step would give: no all-reduce
     # (or rank 1's share dropped: rank 0 keeps the gradient of its own half) and a sum of the
@@ -181,6 +199,28 @@ def test_one_step_on_two_gloo_ranks_equals_one_process(tiny_data: Path, tmp_path
     for bug, grads in bugs.items():
         caught = [name for name in used if _relative_error(grads[name], used[name]) > 1e3 * GRAD_TOL]
         assert len(caught) >= 0.9 * len(used), f"{bug}: only {len(caught)}/{len(used)} tensors differ"
+
+
+def test_sync_batchnorm_on_two_gloo_ranks_equals_one_process(tiny_data: Path, tmp_path: Path) -> None:
+    # BatchNorm in training mode normalises with batch statistics: two ranks equal one process
+    # on the whole batch only when the statistics are pooled (trainer.sync_bn, the default),
+    # in exact arithmetic; float64 and GRAD_TOL as above. Without it each rank normalises its
+    # two images alone, which moves every gradient upstream of a BatchNorm layer. The bias of a
+    # convolution right before a BatchNorm in training mode has no gradient in exact arithmetic
+    # (the batch mean removes it): both sides hold float64 roundoff there (~1e-15 of the largest
+    # gradient), so errors are measured against at least 1e-3 of the largest gradient.
+    one = _one_step(tmp_path, tiny_data, "one", 1, "--train-bn")
+    synced = _one_step(tmp_path, tiny_data, "synced", 2, "--train-bn")
+    assert synced["sync_bn_layers"] > 0 and one["sync_bn_layers"] == 0
+    assert synced["loss"] == pytest.approx(one["loss"], rel=1e-12)
+    for name, error in _grad_errors(synced["grads"], one["grads"], floor=1e-3).items():
+        assert error <= GRAD_TOL, f"{name}: two synced ranks differ by {error:.3g} of the largest element"
+
+    apart = _one_step(tmp_path, tiny_data, "apart", 2, "--train-bn", "trainer.sync_bn=False")
+    assert apart["sync_bn_layers"] == 0
+    errors = _grad_errors(apart["grads"], one["grads"], floor=1e-3)
+    moved = [name for name, error in errors.items() if error > 1e3 * GRAD_TOL]
+    assert len(moved) >= 0.5 * len(errors), f"per-rank statistics moved only {len(moved)}/{len(errors)}"
 
 
 def _start(args: list[str]) -> subprocess.Popen:

@@ -30,8 +30,9 @@ from trainer.rng import (
     seed_everything,
 )
 from trainer.run_folder import RunLock, check_resumable, check_resume_config, new_run_dir, write_status
+from trainer.sync_bn import prepare_ddp
 from util.config import BaseConfig, ConfigError, save_config
-from util.distributed import broadcast_object, init_distributed, wrap_ddp
+from util.distributed import broadcast_object, init_distributed
 from util.logger import get_logger
 from util.signals import StopRequest, TrainingInterruptedError
 
@@ -64,7 +65,7 @@ class TrainerBase(CheckpointMixin):
         if t.deterministic:
             enable_determinism()
         elif t.fast_cuda and self.device.type == "cuda":
-            enable_fast_cuda()
+            enable_fast_cuda(tf32=t.tf32)
         self.resuming = mode == "train" and bool(t.resume)
         if self.resuming:
             # before the lock: a refused folder is left as it was
@@ -183,17 +184,12 @@ class TrainerBase(CheckpointMixin):
         return model
 
     def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel over ranks (rank 0's weights win), optionally with SyncBatchNorm."""
-        if not self.dist.distributed:
-            return model
-        if self.cfg.trainer.sync_bn:
-            if self.device.type != "cuda":
-                raise ValueError(
-                    "trainer.sync_bn=True needs GPUs (NCCL); PyTorch's SyncBatchNorm has no CPU path"
-                )
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            self.model = model
-        return wrap_ddp(model, self.dist)
+        """DistributedDataParallel over ranks (rank 0's weights win), with synchronised BatchNorm
+        under ``torchrun`` unless ``trainer.sync_bn=False`` (the model itself in one process)."""
+        self.model, net = prepare_ddp(model, self.dist, sync_bn=self.cfg.trainer.sync_bn)
+        if self.dist.distributed and self.cfg.trainer.sync_bn:
+            self.log.info("BatchNorm statistics synchronised over %d processes", self.dist.world_size)
+        return net
 
     def _calibrate_teacher(self) -> None:
         """Give a random-weight teacher BatchNorm statistics of the training images."""

@@ -198,14 +198,15 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """``DistributedDataParallel`` over ranks (rank 0's weights win); the model itself in one process.
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, always: bool = False) -> torch.nn.Module:
+    """``DistributedDataParallel`` over ranks (rank 0's weights win); the model itself in one process
+    unless ``always`` (a process group of one must then exist).
 
     Parameters the model lists in ``unused_parameter_names()`` (kept only for checkpoint
     compatibility) are excluded, so DDP neither waits for their gradients nor needs the
     slower ``find_unused_parameters`` search.
     """
-    if not ctx.distributed:
+    if not (ctx.distributed or always):
         return model
     ddp = torch.nn.parallel.DistributedDataParallel
     unused = getattr(model, "unused_parameter_names", list)()

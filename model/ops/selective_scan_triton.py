@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -60,6 +61,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BLOCK_D = 32
 CHUNK = 64
+DEFAULT_WARPS = 4
+# Launch settings measured on a GPU by ``tools/gpu_check.py --only launch``: (kernel, groups, d,
+# N, L) -> (channels per program, num_warps). Empty until a GPU session fills it from the check's
+# ``launch.suggested_table``; until then every shape takes ``_block`` and ``DEFAULT_WARPS``.
+LAUNCH_TABLE: dict[tuple[str, int, int, int, int], tuple[int, int]] = {}
+_forced_launch: tuple[int | None, int | None] = (None, None)
 # Offsets inside the kernels are int32: every buffer of one launch must stay below this many
 # elements (the tests lower it to force the batch split).
 _MAX_ELEMENTS = 2**31 - 1
@@ -242,11 +249,37 @@ if TRITON_AVAILABLE:
         tl.store(dbias_ptr + bi * K * d + ch, dbias_acc, mask=mask_c)
 
 
-def _block(batch: int, groups: int, d: int) -> int:
-    """Channels per program: smaller blocks when there are few (sample, channel) rows, so that the
-    grid still fills the GPU (the time loop is sequential inside each program); at most ``d``."""
-    block = max(4, min(BLOCK_D, triton.next_power_of_2(max(1, batch * groups * d // 1024))))
+def _block(groups: int, d: int) -> int:
+    """Default channels per program, from the scan's shape alone (never the batch, so a run compiles
+    each kernel once per image size): about 512 programs per sample, 4 to ``BLOCK_D`` channels."""
+    block = max(4, min(BLOCK_D, triton.next_power_of_2(max(1, groups * d // 512))))
     return min(block, triton.next_power_of_2(d))
+
+
+def launch_settings(kernel: str, groups: int, d: int, n: int, length: int) -> tuple[int, int]:
+    """``(channels per program, num_warps)`` for ``kernel`` (``fwd`` or ``bwd``) at one scan shape:
+    a forced setting (:func:`forced_launch`), else the measured :data:`LAUNCH_TABLE` entry, else
+    the defaults."""
+    block, warps = LAUNCH_TABLE.get((kernel, groups, d, n, length), (_block(groups, d), DEFAULT_WARPS))
+    forced_block, forced_warps = _forced_launch
+    block = min(forced_block or block, triton.next_power_of_2(d))
+    return block, forced_warps or warps
+
+
+@contextlib.contextmanager
+def forced_launch(block: int | None = None, num_warps: int | None = None) -> Iterator[None]:
+    """Launch every kernel inside with these settings (None keeps the table's): how the GPU check
+    times each candidate."""
+    global _forced_launch
+    if block is not None and (block < 1 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two, got {block}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
+    saved, _forced_launch = _forced_launch, (block, num_warps)
+    try:
+        yield
+    finally:
+        _forced_launch = saved
 
 
 def _chunk(length: int) -> int:
@@ -284,7 +317,7 @@ class _ScanTriton(torch.autograd.Function):
         b, length = u.shape[0], u.shape[-1]
         groups, n = B.shape[1], A.shape[1]
         d = A.shape[0] // groups
-        block = _block(b, groups, d)
+        block, warps = launch_settings("fwd", groups, d, n, length)
         grid = (b, groups, triton.cdiv(d, block))
         table = perms if perms is not None else torch.zeros(1, dtype=torch.int32, device=u.device)
         y = torch.empty(b, groups, d, length, device=u.device, dtype=torch.float32)
@@ -292,7 +325,7 @@ class _ScanTriton(torch.autograd.Function):
             _fwd_kernel[grid](
                 *f32, Df, bf, table, y, u.shape[1], 0 if shared_u else d, d, groups, n, length,
                 PERM=perms is not None, SOFTPLUS=bool(delta_softplus), BLOCK=block,
-                N_PAD=triton.next_power_of_2(n),
+                N_PAD=triton.next_power_of_2(n), num_warps=warps,
             )  # fmt: skip
         ctx.save_for_backward(*f32, Df, bf, table)
         ctx.dtypes = dtypes
@@ -308,7 +341,7 @@ class _ScanTriton(torch.autograd.Function):
         b, length = u.shape[0], u.shape[-1]
         groups, n = B.shape[1], A.shape[1]
         d = A.shape[0] // groups
-        block = _block(b, groups, d)
+        block, warps = launch_settings("bwd", groups, d, n, length)
         n_blocks = triton.cdiv(d, block)
         chunk = _chunk(length)
         n_chunks = triton.cdiv(length, chunk)
@@ -329,6 +362,7 @@ class _ScanTriton(torch.autograd.Function):
                 du, ddt, dA, dB, dC, dD, dbias,
                 u.shape[1], 0 if ctx.shared_u else d, d, groups, n, length, n_chunks,
                 PERM=ctx.permuted, SOFTPLUS=ctx.softplus, BLOCK=block, N_PAD=n_pad, CH=chunk,
+                num_warps=warps,
             )  # fmt: skip
         grads = [
             du.sum(1) if ctx.shared_u else du.view(u.shape),
