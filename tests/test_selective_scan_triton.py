@@ -350,6 +350,30 @@ def test_launches_are_guarded_by_the_tensors_device():
     assert isinstance(sst._on_device(torch.zeros(1)), contextlib.nullcontext)
 
 
+def test_launch_settings_come_from_the_shape_the_table_or_a_forced_setting(monkeypatch):
+    """Defaults depend on the scan's shape alone (one compile per image size, whatever the batch);
+    a measured LAUNCH_TABLE entry replaces them for its kernel and shape; forced_launch (the GPU
+    check's) overrides both, within the channel count, and refuses settings Triton cannot take."""
+    pytest.importorskip("triton")
+    from model.ops import selective_scan_triton as sst
+
+    stage0, stage3 = (8, 1024, 16, 64), (8, 128, 16, 4096)  # (groups, d, N, L) of the paper decoder
+    assert sst.launch_settings("fwd", *stage0) == (16, sst.DEFAULT_WARPS)
+    assert sst.launch_settings("bwd", *stage3) == (4, sst.DEFAULT_WARPS)
+    assert sst.launch_settings("fwd", 2, 3, 4, 5) == (4, sst.DEFAULT_WARPS)  # at most d, rounded up
+    monkeypatch.setitem(sst.LAUNCH_TABLE, ("bwd", *stage3), (8, 2))
+    assert sst.launch_settings("bwd", *stage3) == (8, 2)
+    assert sst.launch_settings("fwd", *stage3) == (4, sst.DEFAULT_WARPS)  # the other kernel's entry
+    with sst.forced_launch(num_warps=8):
+        assert sst.launch_settings("bwd", *stage3) == (8, 8)
+        with sst.forced_launch(block=64):
+            assert sst.launch_settings("fwd", 2, 3, 4, 5) == (4, sst.DEFAULT_WARPS)
+    assert sst.launch_settings("bwd", *stage3) == (8, 2)
+    for bad in ({"block": 6}, {"num_warps": 3}, {"block": 2}):
+        with pytest.raises(ValueError), sst.forced_launch(**bad):
+            pass
+
+
 def test_kernels_compile_for_a_gpu_without_one():
     """Both kernels compile for sm_90 (Triton's bundled ptxas, no GPU needed), with no atomics
     and the three barriers of the backward pass."""

@@ -271,8 +271,8 @@ def forced_launch(block: int | None = None, num_warps: int | None = None) -> Ite
     """Launch every kernel inside with these settings (None keeps the table's): how the GPU check
     times each candidate."""
     global _forced_launch
-    if block is not None and (block < 1 or block & (block - 1)):
-        raise ValueError(f"block must be a power of two, got {block}")
+    if block is not None and (block < 4 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two of at least 4, got {block}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     saved, _forced_launch = _forced_launch, (block, num_warps)
