@@ -1,6 +1,7 @@
 """Selective scan, backend ``cpu`` (Numba kernels): outputs and all gradients against ``ref``."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -146,22 +147,39 @@ def test_backward_is_bit_identical_across_calls_and_thread_counts():
             assert torch.equal(grads[name], first[name]), name
 
 
-def test_backward_scratch_does_not_grow_with_batch_or_channels():
-    # what one backward thread allocates (the kernel sizes its scratch with this function)
+def test_backward_scratch_does_not_grow_with_batch_channels_or_length():
+    # what one backward thread allocates (the kernel sizes its scratch with this function): the
+    # buffers of one chunk, whatever the sequence; the checkpoints come from the forward pass
     n = 16
-    per_step = ss_cpu.backward_scratch_bytes(8192, n) - ss_cpu.backward_scratch_bytes(4096, n)
-    # delta' and delta' u of the block's lanes, and a checkpoint every _BWD_CHUNK steps
-    lanes = cpu_kernels.BWD_LANES
-    assert per_step == 4 * 4096 * lanes * (2 + n / cpu_kernels.BWD_CHUNK)
-    # the decoder's stage 3 at 256x256: 2 threads' scratch against the states a pure-PyTorch
-    # backward keeps (b*K*d*L*N floats) and against the input u alone
-    b, channels, length = 4, 1024, 4096
-    scratch = 2 * ss_cpu.backward_scratch_bytes(length, n)
-    assert scratch < 4 * b * channels * length * n / 100
-    assert scratch < 4 * b * channels * length / 2
-    # a short sequence needs only the buffers of one chunk
-    assert ss_cpu.backward_scratch_bytes(1, n) == ss_cpu.backward_scratch_bytes(cpu_kernels.BWD_CHUNK, n)
-    assert ss_cpu.backward_scratch_bytes(1, n) < 1 << 20
+    assert ss_cpu.backward_scratch_bytes(8192, n) == ss_cpu.backward_scratch_bytes(1, n) < 1 << 20
+    # those checkpoints: one state of n floats per channel (rounded up to blocks of 64) and per
+    # 64 steps; the decoder's stage 3 at 256x256 against the input u alone
+    b, groups, per_group, length = 4, 8, 128, 4096
+    shape = cpu_kernels.checkpoint_shape(b, groups, per_group, length, n)
+    assert shape == (b, groups * 2, length // cpu_kernels.BWD_CHUNK, n, cpu_kernels.BWD_LANES)
+    assert math.prod(shape) == b * groups * per_group * length * n // cpu_kernels.BWD_CHUNK
+    assert math.prod(shape) == b * groups * per_group * length // 4
+    assert cpu_kernels.checkpoint_shape(1, 2, 3, 65, n) == (1, 2, 2, n, cpu_kernels.BWD_LANES)
+
+
+def test_no_checkpoints_are_kept_without_gradients():
+    t = _inputs(1, 70, seed=3, k=2, d=5)
+    kept = []
+    real = ss_cpu.forward_kernel
+
+    def spy(*args):
+        kept.append(args[-1].shape)
+        return real(*args)
+
+    ss_cpu.forward_kernel = spy
+    try:
+        with torch.no_grad():
+            args = (t[name] for name in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
+            selective_scan_fn(*args, delta_softplus=True, backend="cpu")
+        run_backend("cpu", t)
+    finally:
+        ss_cpu.forward_kernel = real
+    assert kept == [(0, 0, 0, 0, 0), cpu_kernels.checkpoint_shape(1, 2, 5, 70, t["A"].shape[1])]
 
 
 def test_vector_math_helpers_match_float64():

@@ -3,10 +3,10 @@
 
 Both passes run a block of 64 channels of one group at a time, the channels being the SIMD
 lanes (they share B_t and C_t; sums over the N states keep the order of the plain
-definition). Forward keeps only the current states. Backward runs the block forward once,
-keeping delta' and delta' u of every step and the state at every 64th step, then goes back
-chunk by chunk: it recomputes the chunk's states from its checkpoint into a small buffer and
-runs the adjoint recurrence back through them. Each backward task writes its own outputs and
+definition). Forward keeps the current states and, when a backward will follow, the states at
+every 64th step (the checkpoints). Backward goes back chunk by chunk: it recomputes the chunk's
+delta', delta' u and states from its checkpoint into small buffers and runs the adjoint
+recurrence back through them. Each backward task writes its own outputs and
 every sum has a fixed order, so gradients are bit-identical whatever the number of threads.
 
 Given a table of scan orders, the same kernels run SS2D's K directions fused: every tensor in
@@ -48,15 +48,30 @@ CHUNK = 16
 # [step, lane] and columns of [lane, step] for one chunk.
 BWD_LANES = 64
 BWD_CHUNK = 64
-_STATE_ROWS = 5
+# the forward keeps the backward's checkpoints: same blocks, and a checkpoint at a chunk start
+assert LANES == BWD_LANES and BWD_CHUNK % CHUNK == 0
+_STATE_ROWS = 4
 _STEP_ROWS = 3
 _LANE_COLS = 8
+
+
+def checkpoint_shape(batch: int, groups: int, per_group: int, length: int, n_state: int) -> tuple[int, ...]:
+    """Shape of the states the forward pass keeps for the backward: one ``[N, lanes]`` state per
+    (sample, block of ``BWD_LANES`` channels of a group, chunk of ``BWD_CHUNK`` steps)."""
+    blocks = (per_group + BWD_LANES - 1) // BWD_LANES
+    chunks = (length + BWD_CHUNK - 1) // BWD_CHUNK
+    return (batch, groups * blocks, chunks, n_state, BWD_LANES)
+
 
 if NUMBA_AVAILABLE:
 
     @jit_parallel
-    def forward_kernel(u, delta, A, Bt, Ct, D, bias, softplus, out, lanes, order):
+    def forward_kernel(u, delta, A, Bt, Ct, D, bias, softplus, out, lanes, order, ckpts):
         """out[b, c, t] = y_t; parallel over blocks of ``lanes`` channels of one group.
+
+        ``ckpts`` (empty: not kept) receives the states at every ``BWD_CHUNK``-th step for the
+        backward, ``[b, K * blocks, chunks, N, lanes]`` (:func:`checkpoint_shape`), so that the
+        backward does not run the recurrence forward once more to find them.
 
         ``order [K, L]`` (empty: none) makes it SS2D's fused cross-scan, every tensor in pixel
         order, group ``k`` visiting pixel ``order[k, t]`` at step ``t``: ``u [b, L, C]``
@@ -99,8 +114,15 @@ if NUMBA_AVAILABLE:
                 bias_blk[j] = bias[c0 + j]
                 for n in range(n_state):
                     A_blk[n, j] = A[c0 + j, n] * LOG2E
+            keep = ckpts.shape[0] > 0
+            slot = k * blocks + item % blocks
             for t0 in range(0, length, CHUNK):
                 span = min(CHUNK, length - t0)
+                if keep and t0 % BWD_CHUNK == 0:
+                    saved = ckpts[bi, slot, t0 // BWD_CHUNK]
+                    for n in range(n_state):
+                        for j in range(lanes):
+                            saved[n, j] = h[n, j]
                 if fused:  # one contiguous run of the block's channels per step, no transposes
                     for s in range(span):
                         pixel = order[k, t0 + s]
@@ -207,16 +229,16 @@ if NUMBA_AVAILABLE:
     def backward_scratch_sizes(length, n_state, lanes):
         """(float32, float64) element counts of the scratch a backward thread passes its tasks.
 
-        float32: the state at every chunk start (checkpoints) and delta', delta' u of every
-        step, all [step, lane]; for one chunk the recomputed states (one row more) and decays,
-        ``_STATE_ROWS`` rows of [state, lane], ``_STEP_ROWS`` of [step, lane] and
-        ``_LANE_COLS`` of [lane, step]. float64: the dA, dD and dbias sums of a block.
+        float32, for one chunk: the recomputed states (one row more) and decays,
+        ``_STATE_ROWS`` rows of [state, lane], delta' and delta' u and ``_STEP_ROWS`` more rows
+        of [step, lane], and ``_LANE_COLS`` columns of [lane, step]. float64: the dA, dD and
+        dbias sums of a block. None of it grows with ``length``: the checkpoints come from the
+        forward pass.
         """
-        chunks = (length + BWD_CHUNK - 1) // BWD_CHUNK
         per_state = n_state * lanes
         per_step = BWD_CHUNK * lanes
-        f32 = (chunks + 2 * BWD_CHUNK + 1 + _STATE_ROWS) * per_state
-        f32 += (2 * chunks + _STEP_ROWS + _LANE_COLS) * per_step
+        f32 = (2 * BWD_CHUNK + 1 + _STATE_ROWS) * per_state
+        f32 += (2 + _STEP_ROWS + _LANE_COLS) * per_step
         return f32, per_state + 2 * per_step
 
     @jit_inline
@@ -319,6 +341,7 @@ if NUMBA_AVAILABLE:
         dbias,
         lanes,
         order,
+        ckpts,
         f32,
         f64,
         first,
@@ -329,10 +352,10 @@ if NUMBA_AVAILABLE:
         A task owns dBt/dCt[b, k] and runs the group's blocks of ``lanes`` channels one after
         the other, so the B/C grads are summed over the lanes of a block (:func:`_rows_dot`)
         and then over the blocks in a fixed order, without atomics. A block runs all its
-        lanes at once (they share B_t and C_t): a forward pass stores delta' and delta' u of
-        every step and the state at the start of every chunk of ``BWD_CHUNK`` steps; then,
-        chunk by chunk from the last, the states and decays of the chunk are recomputed from
-        its checkpoint and the adjoint g_t = dy_t C_t + a_{t+1} g_{t+1} runs back through it.
+        lanes at once (they share B_t and C_t): chunk by chunk from the last, delta' and
+        delta' u of the chunk's steps and then its states and decays are recomputed from the
+        checkpoint the forward pass kept (``ckpts``, :func:`forward_kernel`) and the adjoint
+        g_t = dy_t C_t + a_{t+1} g_{t+1} runs back through them.
         Per-step values move between [channel, time] and [step, lane] in contiguous runs of
         ``BWD_CHUNK`` steps. dA, dD and dbias get one float64 row per batch element.
         ``f32`` and ``f64`` are the scratch (:func:`backward_scratch_sizes`); whatever they
@@ -352,13 +375,9 @@ if NUMBA_AVAILABLE:
         chunks = (length + BWD_CHUNK - 1) // BWD_CHUNK
         per_state = n_state * lanes
         per_step = BWD_CHUNK * lanes
-        padded = chunks * BWD_CHUNK
-        ckpt = f32[: chunks * per_state].reshape((chunks, n_state, lanes))
-        o = chunks * per_state
-        all_steps = f32[o : o + padded * lanes].reshape((padded, lanes))
-        o += padded * lanes
-        all_inputs = f32[o : o + padded * lanes].reshape((padded, lanes))
-        o += padded * lanes
+        steps = f32[:per_step].reshape((BWD_CHUNK, lanes))
+        inputs = f32[per_step : 2 * per_step].reshape((BWD_CHUNK, lanes))
+        o = 2 * per_step
         states = f32[o : o + (BWD_CHUNK + 1) * per_state].reshape((BWD_CHUNK + 1, n_state, lanes))
         o += (BWD_CHUNK + 1) * per_state
         decay = f32[o : o + BWD_CHUNK * per_state].reshape((BWD_CHUNK, n_state, lanes))
@@ -371,9 +390,8 @@ if NUMBA_AVAILABLE:
         # one name per row (unpacking an array would lose its contiguous layout)
         A2 = state_rows[0]
         A_blk = state_rows[1]
-        h = state_rows[2]
-        carry = state_rows[3]
-        dA_chunk = state_rows[4]
+        carry = state_rows[2]
+        dA_chunk = state_rows[3]
         dys = step_rows[0]
         ddts = step_rows[1]
         dbus = step_rows[2]
@@ -408,45 +426,28 @@ if NUMBA_AVAILABLE:
                     for n in range(n_state):
                         A2[n, j] = A[c0 + j, n] * LOG2E
                         A_blk[n, j] = A[c0 + j, n]
-                # forward: delta', delta' u and the checkpoints
-                h[:] = ZERO
-                for ci in range(chunks):
-                    t0 = ci * BWD_CHUNK
-                    span = min(BWD_CHUNK, length - t0)
-                    _copy(h, ckpt[ci])
-                    _gather(delta, bi, c0, width, t0, span, bias, True, dts, order, k, row, cd0)
-                    _gather(u, bi, c0, width, t0, span, bias, False, us, order, k, bi, cu0)
-                    if softplus:
-                        for i in range(per_step):
-                            dts[i] = softplus32(dts[i])
-                    for i in range(per_step):
-                        ins[i] = dts[i] * us[i]
-                    steps = all_steps[t0 : t0 + BWD_CHUNK]
-                    inputs = all_inputs[t0 : t0 + BWD_CHUNK]
-                    _to_rows(dts, steps, fused)
-                    _to_rows(ins, inputs, fused)
-                    for s in range(span):
-                        B_t = Bt_k[order[k, t0 + s] if fused else t0 + s]
-                        dt_s = steps[s]
-                        in_s = inputs[s]
-                        for n in range(n_state):
-                            b_n = B_t[n]
-                            h_n = h[n]
-                            a_n = A2[n]
-                            for j in range(lanes):
-                                h_n[j] = exp2_32(dt_s[j] * a_n[j]) * h_n[j] + in_s[j] * b_n
-                # backward, chunk by chunk from the last
+                # chunk by chunk from the last
                 carry[:] = ZERO
                 f64[:] = 0.0
                 gates[:] = ONE
                 for ci in range(chunks - 1, -1, -1):
                     t0 = ci * BWD_CHUNK
                     span = min(BWD_CHUNK, length - t0)
-                    steps = all_steps[t0 : t0 + BWD_CHUNK]
-                    inputs = all_inputs[t0 : t0 + BWD_CHUNK]
+                    _gather(delta, bi, c0, width, t0, span, bias, True, dts, order, k, row, cd0)
+                    _gather(u, bi, c0, width, t0, span, bias, False, us, order, k, bi, cu0)
+                    if softplus:  # delta' = softplus(x) and its derivative e / (1 + e), e = exp(x)
+                        for i in range(per_step):
+                            x = dts[i]
+                            e = exp32(x)
+                            gates[i] = ONE if x > SOFTPLUS_THRESHOLD else e / (ONE + e)
+                            dts[i] = softplus32(x)
+                    for i in range(per_step):
+                        ins[i] = dts[i] * us[i]
+                    _to_rows(dts, steps, fused)
+                    _to_rows(ins, inputs, fused)
                     _gather(dout, bi, c0, width, t0, span, bias, False, dycol, order, k, bi, cy0)
                     _to_rows(dycol, dys, fused)
-                    _copy(ckpt[ci], states[0])
+                    _copy(ckpts[bi, k * blocks + blk, ci], states[0])
                     for s in range(span):
                         B_t = Bt_k[order[k, t0 + s] if fused else t0 + s]
                         dt_s = steps[s]
@@ -498,14 +499,6 @@ if NUMBA_AVAILABLE:
                     # per (step, channel): du, ddelta (through the softplus gate), dD, dbias
                     _to_cols(ddts, ddtcol, fused)
                     _to_cols(dbus, dbucol, fused)
-                    _to_cols(steps, dts, fused)
-                    _gather(u, bi, c0, width, t0, span, bias, False, us, order, k, bi, cu0)
-                    if softplus:  # d softplus(x) / dx = e / (1 + e), e = exp(x)
-                        _gather(delta, bi, c0, width, t0, span, bias, True, gates, order, k, row, cd0)
-                        for i in range(per_step):
-                            x = gates[i]
-                            e = exp32(x)
-                            gates[i] = ONE if x > SOFTPLUS_THRESHOLD else e / (ONE + e)
                     for i in range(per_step):
                         dy = dycol[i]
                         ut = us[i]

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.ops.cpu_kernels import BWD_LANES, LANES, backward_scratch_sizes, backward_tasks, forward_kernel
+from model.ops.cpu_kernels import (
+    BWD_LANES,
+    LANES,
+    backward_scratch_sizes,
+    backward_tasks,
+    checkpoint_shape,
+    forward_kernel,
+)
 from model.ops.cpu_math import NUMBA_AVAILABLE
 from model.ops.scan_reference import check_cross_scan_args
 
@@ -116,9 +123,10 @@ def backward_scratch_bytes(length: int, n_state: int) -> int:
     """Bytes of scratch memory one backward thread allocates for sequences of ``length`` steps.
 
     The backward sizes its scratch with the same function, so this is all it allocates besides
-    the gradients: per thread, whatever the batch and the number of channels,
-    ``(2 + n_state / 64) * 64`` floats per step (delta' and delta' u of 64 lanes, and the
-    states every 64 steps) plus the buffers of one chunk (0.8 MB for 16 states).
+    the gradients: per thread, whatever the batch, the channels and ``length``, the buffers of
+    one chunk (0.8 MB for 16 states). The states every 64 steps that it starts from are kept by
+    the forward pass (:func:`model.ops.cpu_kernels.checkpoint_shape`: ``n_state`` floats per
+    channel, rounded up to 64 channels, and per 64 steps, per sample).
     """
     if not NUMBA_AVAILABLE:
         raise ValueError("selective-scan backend 'cpu' needs numba (pip install numba)")
@@ -154,6 +162,7 @@ def _arrays(u, delta, A, B, C, D, delta_bias):
 
 
 _NO_ORDER = np.zeros((0, 0), dtype=np.int32)
+_NO_CHECKPOINTS = torch.zeros((0, 0, 0, 0, 0), dtype=torch.float32)
 
 
 def _merge_directions(rows: torch.Tensor, grouped: bool) -> torch.Tensor:
@@ -165,10 +174,21 @@ def _merge_directions(rows: torch.Tensor, grouped: bool) -> torch.Tensor:
     return _sum_rows(rows)
 
 
-def _run_backward(arrays: tuple, softplus: bool, dout, du, ddelta, order: np.ndarray) -> tuple:
-    """Run the backward kernels on the kernel inputs ``arrays`` (:func:`_arrays`), writing the
-    input gradients into ``du`` and ``ddelta`` (numpy views); returns dA, dD and dbias summed
-    over the batch in a fixed order, and dBt, dCt ``[b, K, L, N]`` in scan order."""
+def _checkpoints(ctx, batch: int, groups: int, per_group: int, length: int, n_state: int) -> torch.Tensor:
+    """The buffer for the states the forward keeps for the backward; empty (none kept) when no
+    input needs a gradient."""
+    if not any(ctx.needs_input_grad):
+        return _NO_CHECKPOINTS
+    return torch.empty(checkpoint_shape(batch, groups, per_group, length, n_state), dtype=torch.float32)
+
+
+def _run_backward(
+    arrays: tuple, softplus: bool, dout, du, ddelta, order: np.ndarray, ckpts: torch.Tensor
+) -> tuple:
+    """Run the backward kernels on the kernel inputs ``arrays`` (:func:`_arrays`) and the forward's
+    checkpoints, writing the input gradients into ``du`` and ``ddelta`` (numpy views); returns
+    dA, dD and dbias summed over the batch in a fixed order, and dBt, dCt ``[b, K, L, N]`` in scan
+    order."""
     A, Bt, Ct = arrays[2], arrays[3], arrays[4]
     batch, groups, length, n_state = Bt.shape
     dA = torch.empty((batch, *A.shape), dtype=torch.float64)
@@ -186,6 +206,7 @@ def _run_backward(arrays: tuple, softplus: bool, dout, du, ddelta, order: np.nda
         *(t.numpy() for t in (dA, dBt, dCt, dD, dbias)),
         BWD_LANES,
         order,
+        ckpts.numpy(),
     )
     _run_tasks(backward_tasks, args, batch * groups, backward_scratch_sizes(length, n_state, BWD_LANES))
     return _sum_rows(dA), _sum_rows(dD), _sum_rows(dbias), dBt, dCt
@@ -206,23 +227,27 @@ class SelectiveScanCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
         arrays = _arrays(u, delta, A, B, C, D, delta_bias)
         out = torch.empty(u.shape, dtype=torch.float32)
+        batch, groups, length, n_state = arrays[3].shape
+        ckpts = _checkpoints(ctx, batch, groups, A.shape[0] // groups, length, n_state)
         _set_threads()
-        forward_kernel(*(t.numpy() for t in arrays), delta_softplus, out.numpy(), LANES, _NO_ORDER)
+        forward_kernel(
+            *(t.numpy() for t in arrays), delta_softplus, out.numpy(), LANES, _NO_ORDER, ckpts.numpy()
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, ckpts)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, delta_bias, ckpts = ctx.saved_tensors
         arrays = _arrays(u, delta, A, B, C, D, delta_bias)
         du = torch.empty_like(arrays[0])
         ddelta = torch.empty_like(du)
         dout = grad_out.to(torch.float32).contiguous().numpy()
-        sums = _run_backward(arrays, ctx.delta_softplus, dout, du.numpy(), ddelta.numpy(), _NO_ORDER)
+        sums = _run_backward(arrays, ctx.delta_softplus, dout, du.numpy(), ddelta.numpy(), _NO_ORDER, ckpts)
         dBt, dCt = sums[3:]
         dA, dD, dbias = _parameter_grads(sums, A, D, delta_bias)
         grads = (
@@ -260,28 +285,28 @@ class CrossScanCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D, delta_bias, perms, delta_softplus, grouped):
-        ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, perms)
         ctx.delta_softplus, ctx.grouped = delta_softplus, grouped
         groups, b, length, d = delta.shape
         arrays, order = _cross_arrays(x, delta, A, B, C, D, delta_bias, perms)
         out = torch.empty((groups, b, length, d), dtype=torch.float32)
+        ckpts = _checkpoints(ctx, b, groups, d, length, A.shape[1])
         _set_threads()
-        forward_kernel(
-            *(t.numpy() for t in arrays), delta_softplus, out.view(-1, length, d).numpy(), LANES, order
-        )
+        rows = out.view(-1, length, d).numpy()
+        forward_kernel(*(t.numpy() for t in arrays), delta_softplus, rows, LANES, order, ckpts.numpy())
+        ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, perms, ckpts)
         return _merge_directions(out, grouped)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, delta, A, B, C, D, delta_bias, perms = ctx.saved_tensors
+        x, delta, A, B, C, D, delta_bias, perms, ckpts = ctx.saved_tensors
         groups, b, length, d = delta.shape
         arrays, order = _cross_arrays(x, delta, A, B, C, D, delta_bias, perms)
         du = torch.empty((groups, b, length, d), dtype=torch.float32)
         ddelta = torch.empty_like(du)
         dout = grad_out.to(torch.float32).contiguous().numpy()
         rows = (du.view(-1, length, d).numpy(), ddelta.view(-1, length, d).numpy())
-        sums = _run_backward(arrays, ctx.delta_softplus, dout, *rows, order)
+        sums = _run_backward(arrays, ctx.delta_softplus, dout, *rows, order, ckpts)
         dBt, dCt = sums[3:]  # in scan order
         dA, dD, dbias = _parameter_grads(sums, A, D, delta_bias)
         inverse = torch.argsort(perms.to(torch.int64), dim=1)
