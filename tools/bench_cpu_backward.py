@@ -12,7 +12,8 @@ alike; (b) one training step of the whole model (forward, backward, AdamW) at ba
 changes outside the kernel file count too) and the working tree, each in a process of its own
 (its peak RSS is its own), ``--rounds`` times alternately; the median over rounds of each
 round's median step (CPU time varies less than wall time when other jobs share the cores).
-Prints a markdown table with the new/old ratios (below 1: the new code is faster).
+Prints a markdown table with the new/old ratios (below 1: the new code is faster), and per
+stage each kernel's forward+backward time over its forward time.
 """
 
 from __future__ import annotations
@@ -185,6 +186,10 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = run_child("scan", args)
+    for key in [k for k in rows if k.startswith("scan forward (ms), ")]:
+        stage = key.removeprefix("scan forward (ms), ")
+        both = rows[f"scan fwd+bwd (ms), {stage}"]
+        rows[f"fwd+bwd / forward, {stage}"] = {name: both[name] / rows[key][name] for name in rows[key]}
     trees = {"old": old_tree(args.old_ref), "new": ROOT}
     measured: dict[str, dict[str, list[float]]] = {}
     for _ in range(0 if args.no_train else args.rounds):
