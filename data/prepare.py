@@ -391,8 +391,14 @@ def merge_mask_folder(folder: Path, out: Path) -> None:
         union = arr if union is None else union | arr
     if union is None:
         raise DataError(f"mask folder {folder} holds no PNG; re-download the ground truth of this image")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(union.astype(np.uint8) * 255, mode="L").save(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(union.astype(np.uint8) * 255, mode="L").save(out)
+    except OSError as err:
+        raise DataError(
+            f"cannot write the merged mask {out} ({err.strerror or err}); the LOCO masks are merged into the "
+            f"data root: make it writable (or free space) and rerun"
+        ) from err
 
 
 def prepare_loco(root: Path, progress: bool = True) -> Parsed:

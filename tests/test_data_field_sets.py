@@ -201,6 +201,12 @@ def test_loco_mask_folder_of_mismatched_sizes_is_refused(tmp_path: Path) -> None
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(folder / "001.png")
     with pytest.raises(DataError, match=r"masks in .*000 differ in size \(001\.png is 5x5\)"):
         merge_mask_folder(folder, tmp_path / "out.png")
+    (folder / "001.png").unlink()
+    (tmp_path / "blocked").write_text("")  # a file where the output folder would go
+    with pytest.raises(DataError, match=r"cannot write the merged mask .*blocked.*make it writable"):
+        merge_mask_folder(folder, tmp_path / "blocked" / "out.png")
+    merge_mask_folder(folder, tmp_path / "out.png")
+    assert int((np.asarray(Image.open(tmp_path / "out.png")) == 255).sum()) == 2 * 2
 
 
 @pytest.mark.parametrize(
