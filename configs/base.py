@@ -41,6 +41,10 @@ class ADDefaults(BaseConfig):
             cache_dir=None,  # folder for data.cache=npy; None = <root>/.cache
             views=None,  # multi-view data (Real-IAD): camera views to use, e.g. ["C1", "C2"]; None = all
             allow_absolute_paths=False,  # True: meta.json may name absolute paths (data kept outside root)
+            # a meta.json 'validation' split: None = added to training (as the authors' loader),
+            # "held_out" = scored apart from the test set for the evaluator (MVTec AD 2)
+            validation=None,
+            layout=None,  # the prepare_data.py --dataset name: missing data is explained with its download
         )
         # the method: its MODELS name and constructor arguments; each method's config fills it in
         self.model = Section(type=None, checkpoint=None, image_size=None)
@@ -134,6 +138,7 @@ class ADDefaults(BaseConfig):
             "data.batch_size_test": int_at_least(1),
             "data.num_workers": int_at_least(0),
             "data.image_size": (valid_input_size, INPUT_SIZE_RULE),
+            "data.validation": one_of(None, "held_out"),
             "optim.base_lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
             "optim.lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
             "optim.betas": (

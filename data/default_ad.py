@@ -18,6 +18,7 @@ from data import as_hw
 from data.cache import CACHE_MODES, ImageCache, cache_key
 from data.meta import DataError, load_meta, with_extra_train_splits
 from data.pil_image import to_rgb, upright, upright_size
+from data.prepare import missing_data_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,6 +27,7 @@ _SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, np.float32))).reshape(3, 1, 1)
 _SHIFT = (np.asarray(IMAGENET_MEAN, np.float32) / np.asarray(IMAGENET_STD, np.float32)).reshape(3, 1, 1)
 
 _RESAMPLE = Image.Resampling.BILINEAR
+VALIDATION_USES = (None, "held_out")  # data.validation: added to training, or kept for the evaluator
 
 
 _FIXES = {  # (missing, unreadable): what to do, for a data set's file or an image given to score
@@ -168,6 +170,16 @@ class DefaultAD(Dataset):
 
     Paths in ``meta.json`` must stay under ``root``; ``allow_absolute_paths`` (config key
     ``data.allow_absolute_paths``) also accepts absolute ones, for data kept elsewhere on purpose.
+
+    ``validation`` says what a ``validation`` split of the meta file is for: ``None`` adds it to
+    training (the authors' loader; MVTec 3D-AD, MVTec LOCO AD), ``"held_out"`` keeps it out of
+    training and appends it to the test split, each item's ``split`` reading ``"validation"`` (else
+    ``"test"``), so that the evaluator receives its maps apart from the test set's (MVTec AD 2:
+    thresholds chosen on validation data). Items of a meta file with a ``group`` field (MVTec LOCO
+    AD: ``logical``/``structural``) carry it (``""`` where absent), so the evaluator can report
+    each group apart. ``layout`` (config key ``data.layout``, a ``tools/prepare_data.py --dataset``
+    name) turns a missing root or meta file into an error that says where to download the data
+    set and the command that prepares it.
     """
 
     def __init__(
@@ -182,25 +194,50 @@ class DefaultAD(Dataset):
         cache: str | None = None,
         cache_dir: str | Path | None = None,
         allow_absolute_paths: bool = False,
+        validation: str | None = None,
+        layout: str | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise DataError(f"split must be 'train' or 'test', got {split!r}")
+        if validation not in VALIDATION_USES:
+            raise DataError(f"data.validation={validation!r} is not supported; use None or 'held_out'")
         self.root = str(root)
         self.split = split
         self.image_size = as_hw(image_size)
+        meta_path = Path(root) / meta_file
+        if layout is not None and not meta_path.is_file():
+            raise missing_data_error(layout, Path(root), meta_file)
         meta = load_meta(
             root, meta_file, log=log, allow_absolute_paths=bool(allow_absolute_paths), cls_names=cls_names
         )
-        if split == "train":  # a 'validation' split (MVTec 3D-AD) trains too, as in the authors' loader
-            meta = with_extra_train_splits(meta, Path(root) / meta_file, log)
+        if validation == "held_out" and not isinstance(meta.get("validation"), dict):
+            raise DataError(
+                f"data.validation=held_out but {meta_path} has no 'validation' split; rebuild it with "
+                f"tools/prepare_data.py (e.g. --dataset mvtec2) or set data.validation=None"
+            )
+        if split == "train" and validation is None:  # a 'validation' split (MVTec 3D-AD) trains too
+            meta = with_extra_train_splits(meta, meta_path, log)
         self.cls_names: list[str] = sorted(meta["train"])
-        meta_path = Path(root) / meta_file
         raw = [it for cls_name in self.cls_names for it in meta[split].get(cls_name, [])]
+        held = validation == "held_out" and split == "test"
+        if held:
+            extra = [
+                {**it, "split": "validation"} for c in self.cls_names for it in meta["validation"].get(c, [])
+            ]
+            log(
+                f"{meta_path}: its 'validation' split ({len(extra)} images) is held out of training and "
+                f"scored after the test set, apart from it (data.validation=held_out)"
+            )
+            raw = [{**it, "split": "test"} for it in raw] + extra
         if isinstance(views, str):  # "C1,C2" from a command line
             views = [v for v in views.split(",") if v.strip()]
         views = [str(v).strip().upper() for v in views] if views else None
         raw = _select_views(raw, views, meta_path)
         self.sample_ids: list[str] | None = _sample_ids(raw, meta_path)
+        self.item_splits: list[str] | None = [it["split"] for it in raw] if held else None
+        self.groups: list[str] | None = (
+            [str(it.get("group", "")) for it in raw] if any("group" in it for it in raw) else None
+        )
         self.items: list[tuple[str, str, str, str, int]] = [
             (
                 os.path.join(self.root, it["img_path"]),
@@ -289,6 +326,10 @@ class DefaultAD(Dataset):
         }
         if self.sample_ids is not None:
             out["sample_id"] = self.sample_ids[index]
+        if self.groups is not None:
+            out["group"] = self.groups[index]
+        if self.item_splits is not None:
+            out["split"] = self.item_splits[index]
         return out
 
 

@@ -11,11 +11,12 @@ import csv
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from data.coco import ANNOTATIONS, prepare_coco
@@ -54,6 +55,65 @@ LAYOUTS = {
     "(COCO 2017)",
     "folder": "<root>/train/good/*, <root>/test/{good,<defect>}/*, optional <root>/ground_truth/<defect>/* "
     "(or <root>/<cls>/train/good/... for several classes)",
+    "mvtec2": "<root>/<cls>/{train,validation}/good/*.png, <cls>/test_public/{good,bad}/*.png, "
+    "<cls>/test_public/ground_truth/bad/<stem>_mask.png (MVTec AD 2)",
+    "loco": "<root>/<cls>/{train,validation}/good/*.png, "
+    "<cls>/test/{good,logical_anomalies,structural_anomalies}/*.png, "
+    "<cls>/ground_truth/{logical_anomalies,structural_anomalies}/<stem>/*.png (MVTec LOCO AD)",
+    "mad_sim": "<root>/<cls>/train/good/*.png, <cls>/test/{good,<defect>}/*.png, "
+    "<cls>/ground_truth/<defect>/<stem>_mask.png (MAD-Sim)",
+    "mad_real": "<root>/<cls>/train/good/*, <cls>/test/{good,<defect>}/*, "
+    "<cls>/ground_truth/<defect>/<stem>.png (MAD-Real)",
+}
+# Where to get the data sets whose configs name a layout (data.layout); said when their data is missing.
+DOWNLOADS = {
+    "mvtec2": ("MVTec AD 2", "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"),
+    "loco": ("MVTec LOCO AD", "https://www.mvtec.com/company/research/datasets/mvtec-loco"),
+    "mad_sim": (
+        "MAD-Sim",
+        "https://github.com/EricLee0224/PAD (MAD-Sim: "
+        "https://drive.google.com/file/d/1sa7tl84K0lNhJoa8WCH3yiVEhkWP5sLp/view)",
+    ),
+    "mad_real": ("MAD-Real", "https://github.com/EricLee0224/PAD (the MAD-Real link of its README)"),
+}
+# The classes of the full data sets: a partial download is prepared with a note naming the others.
+KNOWN_CLASSES = {
+    "mvtec2": ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts"),
+    "loco": ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors"),
+    "mad_sim": (
+        "01Gorilla",
+        "02Unicorn",
+        "03Mallard",
+        "04Turtle",
+        "05Whale",
+        "06Bird",
+        "07Owl",
+        "08Sabertooth",
+        "09Swan",
+        "10Sheep",
+        "11Pig",
+        "12Zalika",
+        "13Pheonix",
+        "14Elephant",
+        "15Parrot",
+        "16Cat",
+        "17Scorpion",
+        "18Obesobeso",
+        "19Bear",
+        "20Puppy",
+    ),
+    "mad_real": (
+        "Bear",
+        "Bird",
+        "Elephant",
+        "Parrot",
+        "Pig",
+        "Puppy",
+        "Scorpion",
+        "Turtle",
+        "Unicorn",
+        "Whale",
+    ),
 }
 
 
@@ -63,7 +123,22 @@ def _pillow_files(folder: Path, notes: list[str]) -> list[Path]:
 
 
 def _layout_error(dataset: str, root: Path, why: str) -> DataError:
-    return DataError(f"{why}; --dataset {dataset} expects {LAYOUTS[dataset]} under --root {root}")
+    download = (
+        f" (download {DOWNLOADS[dataset][0]} from {DOWNLOADS[dataset][1]})" if dataset in DOWNLOADS else ""
+    )
+    return DataError(f"{why}; --dataset {dataset} expects {LAYOUTS[dataset]} under --root {root}{download}")
+
+
+def missing_data_error(layout: str, root: Path, meta_file: str) -> DataError:
+    """What a config that names ``data.layout`` says when its data root or meta file is missing:
+    the root key, where to download the data set, and the one command that prepares it."""
+    name, url = DOWNLOADS.get(layout, (layout, "its publisher"))
+    state = "does not exist" if not root.is_dir() else f"has no {meta_file}"
+    return DataError(
+        f"data.root={root} {state}. Download {name} from {url}, extract it so that the folder holds "
+        f"{LAYOUTS[layout]}, then run `python tools/prepare_data.py --dataset {layout} --root {root}` "
+        f"(or set data.root=... to where it already is); see docs/data.md"
+    )
 
 
 def _scan_class(root: Path, cls_dir: Path, cls_name: str, normal: str, meta: Meta, notes: list[str]) -> None:
@@ -225,6 +300,169 @@ def prepare_mvtec3d(root: Path) -> Parsed:
     return meta, notes
 
 
+def _known_layout_classes(dataset: str, root: Path, required: Sequence[str], notes: list[str]) -> list[str]:
+    """The class folders of ``root`` for ``dataset``: its known class names and any folder with
+    ``train/good``. Every ``required`` sub-folder must exist in each, else one error lists the missing
+    ones; classes of the full data set that are absent get a note."""
+    _require_dir(dataset, root)
+    known = KNOWN_CLASSES[dataset]
+    classes = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p.name in known or (p / "train" / "good").is_dir())
+    )
+    if not classes:
+        raise _layout_error(dataset, root, f"no class folder ({', '.join(known[:3])}, ...) in {root}")
+    missing = [root / c / rel for c in classes for rel in required if not (root / c / rel).is_dir()]
+    if missing:
+        shown = ", ".join(str(m) for m in missing[:6]) + (
+            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        )
+        raise _layout_error(dataset, root, f"missing folder(s) {shown}")
+    absent = [c for c in known if c not in classes]
+    if absent:
+        notes.append(f"classes not under {root}: {', '.join(absent)}; the others are prepared")
+    return classes
+
+
+def prepare_mvtec2(root: Path) -> Parsed:
+    """MVTec AD 2: ``train`` for training, ``validation`` kept as its own split, ``test_public`` as test.
+
+    The private test sets have no ground truth (they are scored by MVTec's benchmark server), so
+    they are left out with a note.
+    """
+    notes: list[str] = []
+    required = (
+        "train/good",
+        "validation/good",
+        "test_public/good",
+        "test_public/bad",
+        "test_public/ground_truth/bad",
+    )
+    classes = _known_layout_classes("mvtec2", root, required, notes)
+    meta: Meta = {"train": {}, "validation": {}, "test": {}}
+    skipped = []
+    for cls_name in classes:
+        cls_dir = root / cls_name
+        for split, folder in (("train", "train"), ("validation", "validation")):
+            meta[split][cls_name] = [
+                make_item(root, p, None, cls_name, NORMAL_SPECIE, 0)
+                for p in _pillow_files(cls_dir / folder / NORMAL_SPECIE, notes)
+            ]
+        public = cls_dir / "test_public"
+        items = [
+            make_item(root, p, None, cls_name, NORMAL_SPECIE, 0)
+            for p in _pillow_files(public / "good", notes)
+        ]
+        for img in _pillow_files(public / "bad", notes):
+            mask = public / "ground_truth" / "bad" / f"{img.stem}_mask.png"
+            items.append(make_item(root, img, mask if mask.is_file() else None, cls_name, "bad", 1))
+        meta["test"][cls_name] = items
+        skipped += [
+            f"{cls_name}/{s}" for s in ("test_private", "test_private_mixed") if (cls_dir / s).is_dir()
+        ]
+    if skipped:
+        notes.append(
+            f"skipped {', '.join(skipped)}: the private test sets have no ground truth (MVTec scores them "
+            f"on its benchmark server), so test_public is the test set"
+        )
+    return meta, notes
+
+
+LOCO_GROUPS = {"logical_anomalies": "logical", "structural_anomalies": "structural"}
+LOCO_MERGED = "ground_truth_merged"  # per class: <defect>/<stem>.png, the union of an image's masks
+
+
+def merge_mask_folder(folder: Path, out: Path) -> None:
+    """Write ``out``: an 8-bit mask, 255 wherever any PNG in ``folder`` is non-zero.
+
+    MVTec LOCO AD stores one PNG per annotated defect of an image, its pixels set to the defect's
+    id value; the union is the image's binary ground truth.
+    """
+    union = None
+    for png in sorted(folder.glob("*.png")):
+        with Image.open(png) as im:
+            arr = np.asarray(im.convert("L") if im.mode not in ("L", "I", "I;16", "1") else im) != 0
+        if union is not None and arr.shape != union.shape:
+            raise DataError(
+                f"the masks in {folder} differ in size ({png.name} is {arr.shape[1]}x{arr.shape[0]}); "
+                f"re-download the ground truth of this image"
+            )
+        union = arr if union is None else union | arr
+    if union is None:
+        raise DataError(f"mask folder {folder} holds no PNG; re-download the ground truth of this image")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(union.astype(np.uint8) * 255, mode="L").save(out)
+    except OSError as err:
+        raise DataError(
+            f"cannot write the merged mask {out} ({err.strerror or err}); the LOCO masks are merged into the "
+            f"data root: make it writable (or free space) and rerun"
+        ) from err
+
+
+def prepare_loco(root: Path, progress: bool = True) -> Parsed:
+    """MVTec LOCO AD: ``validation`` as its own split (added to training, as the authors' ADer meta);
+    test items of the two anomaly kinds carry ``group`` (``logical``/``structural``) so that the
+    evaluator reports them apart; each image's mask folder is merged into one binary PNG under
+    ``<cls>/ground_truth_merged/`` (:func:`merge_mask_folder`)."""
+    notes: list[str] = []
+    required = (
+        "train/good",
+        "validation/good",
+        "test/good",
+        *(f"{w}/{d}" for d in LOCO_GROUPS for w in ("test", "ground_truth")),
+    )
+    classes = _known_layout_classes("loco", root, required, notes)
+    meta: Meta = {"train": {}, "validation": {}, "test": {}}
+    merges: list[tuple[Path, Path]] = []
+    for cls_name in classes:
+        cls_dir = root / cls_name
+        for split in ("train", "validation"):
+            meta[split][cls_name] = [
+                make_item(root, p, None, cls_name, NORMAL_SPECIE, 0)
+                for p in _pillow_files(cls_dir / split / NORMAL_SPECIE, notes)
+            ]
+        items = [
+            make_item(root, p, None, cls_name, NORMAL_SPECIE, 0)
+            for p in _pillow_files(cls_dir / "test" / NORMAL_SPECIE, notes)
+        ]
+        for defect, group in LOCO_GROUPS.items():
+            for img in _pillow_files(cls_dir / "test" / defect, notes):
+                folder = cls_dir / "ground_truth" / defect / img.stem
+                merged = cls_dir / LOCO_MERGED / defect / f"{img.stem}.png"
+                if folder.is_dir():
+                    merges.append((folder, merged))
+                item = make_item(root, img, merged if folder.is_dir() else None, cls_name, defect, 1)
+                items.append({**item, "group": group})
+        meta["test"][cls_name] = items
+    for folder, merged in Progress(merges, "merging LOCO masks", _stderr_line, enabled=progress, every_s=30):
+        merge_mask_folder(folder, merged)
+    if merges:
+        notes.append(f"merged the mask folders of {len(merges)} anomalous images into <cls>/{LOCO_MERGED}/")
+    return meta, notes
+
+
+def prepare_mad(root: Path, dataset: str) -> Parsed:
+    """MAD-Sim / MAD-Real (the PAD paper's multi-pose LEGO toys): the MVTec layout with its own class
+    names; a test defect folder needs its ``ground_truth`` folder."""
+    notes: list[str] = []
+    classes = _known_layout_classes(dataset, root, ("train/good", "test"), notes)
+    missing = [
+        root / c / "ground_truth" / d.name
+        for c in classes
+        for d in sorted((root / c / "test").iterdir())
+        if d.is_dir() and d.name != NORMAL_SPECIE and not d.name.startswith(".")
+        if not (root / c / "ground_truth" / d.name).is_dir()
+    ]
+    if missing:
+        raise _layout_error(dataset, root, f"missing folder(s) {', '.join(map(str, missing))}")
+    meta: Meta = {"train": {}, "test": {}}
+    for cls_name in classes:
+        _scan_class(root, root / cls_name, cls_name, NORMAL_SPECIE, meta, notes)
+    return meta, notes
+
+
 def prepare_folder(root: Path) -> Parsed:
     """Custom data: ``train/good``, ``test/<any>`` (``good`` normal), optional ``ground_truth/<any>``.
 
@@ -264,6 +502,10 @@ PARSERS: dict[str, Callable[..., Parsed]] = {
     "mvtec3d": lambda root, **_: prepare_mvtec3d(root),
     "folder": lambda root, **_: prepare_folder(root),
     "coco": lambda root, split=0, **_: _prepare_coco(root, split),
+    "mvtec2": lambda root, **_: prepare_mvtec2(root),
+    "loco": lambda root, progress=True, **_: prepare_loco(root, progress),
+    "mad_sim": lambda root, **_: prepare_mad(root, "mad_sim"),
+    "mad_real": lambda root, **_: prepare_mad(root, "mad_real"),
 }
 
 

@@ -11,6 +11,13 @@ run in torch on the GPU (:mod:`evaluation.metrics_torch`), one class's maps move
 A metric that is undefined for a class (e.g. image AUROC without anomalous images) is logged as a
 warning naming the class, the metric and why; ``ADEvaluator.undefined`` keeps the reasons for the
 table's notes.
+
+Two optional per-image fields come with a batch. ``groups`` (MVTec LOCO AD: ``logical`` /
+``structural`` for an anomalous image, ``""`` for a normal one) adds a row ``<class>/<group>`` per
+group, scored on the class's normal images and that group's anomalous ones, and ``mean/<group>``;
+the plain ``mean`` stays over the classes. ``splits`` marks held-out validation images
+(``"validation"``, MVTec AD 2): their maps and scores are kept apart, never in a metric of the test
+set, for metrics that choose a threshold on validation data (:meth:`ADEvaluator.validation_maps`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from evaluation.metrics_exact import (
     f1_max,
     roc_auc,
 )
+from evaluation.report import GROUP_SEP
 from util.errors import make_folder
 
 MODES = METRIC_MODES
@@ -69,6 +77,7 @@ class _ClassStore:
         self.scores: list[np.ndarray] = []
         self.sample_ids: list[str] = []
         self.img_paths: list[str] = []
+        self.groups: list[str] = []
 
     def add_maps(self, maps: np.ndarray) -> None:
         if self.shape is None:
@@ -175,18 +184,20 @@ class ADEvaluator:
         self._torch_device = _metric_device(device)
         self._tmp: Path | None = None
         self._stores: dict[str, _ClassStore] = {}
+        self._validation: dict[str, _ClassStore] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget every accumulated sample (and delete spill files)."""
         self._close()
         self._stores = {}
+        self._validation = {}
         self._ram_bytes = 0
         self.num_samples = 0
         self.undefined: dict[str, dict[str, str]] = {}
 
     def _close(self) -> None:
-        for store in getattr(self, "_stores", {}).values():
+        for store in [*getattr(self, "_stores", {}).values(), *getattr(self, "_validation", {}).values()]:
             store.close()
         if getattr(self, "_tmp", None) is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -211,11 +222,28 @@ class ADEvaluator:
         cls_names: Sequence[str],
         sample_ids: Sequence[str] | None = None,
         img_paths: Sequence[str] | None = None,
+        groups: Sequence[str] | None = None,
+        splits: Sequence[str] | None = None,
     ) -> None:
         """Add a batch: maps [B,H,W], scores [B], masks [B,(1,)H,W], labels [B], class names.
 
-        sample_ids (multi-view data) enable sample-level metrics; img_paths enable ``vis``.
+        sample_ids (multi-view data) enable sample-level metrics; img_paths enable ``vis``; groups
+        add per-group rows; images whose ``splits`` entry is ``"validation"`` are held apart.
         """
+        if splits is not None:
+            if len(splits) != len(cls_names):
+                raise ValueError(f"splits has {len(splits)} entries for a batch of {len(cls_names)} maps")
+            held = np.array([str(s) == "validation" for s in splits], dtype=bool)
+            if held.any():
+                self._hold_validation(_numpy(maps)[held], _numpy(scores).reshape(-1)[held], cls_names, held)
+                keep = np.flatnonzero(~held)
+                if not len(keep):
+                    return
+                pick = [list(cls_names), sample_ids, img_paths, groups]
+                cls_names, sample_ids, img_paths, groups = (
+                    None if seq is None else [seq[i] for i in keep] for seq in pick
+                )
+                maps, scores, masks, labels = (_numpy(x)[keep] for x in (maps, scores, masks, labels))
         maps_np = _numpy(maps)
         if maps_np.ndim == 4 and maps_np.shape[1] == 1:
             maps_np = maps_np[:, 0]
@@ -239,6 +267,7 @@ class ADEvaluator:
             ("labels", labels_np),
             ("sample_ids", sample_ids),
             ("img_paths", img_paths),
+            ("groups", groups),
         ):
             if seq is not None and len(seq) != len(names):
                 raise ValueError(f"{what} has {len(seq)} entries for a batch of {len(names)} maps")
@@ -264,7 +293,37 @@ class ADEvaluator:
                 store.sample_ids.extend(str(sample_ids[i]) for i in idx)
             if img_paths is not None:
                 store.img_paths.extend(str(img_paths[i]) for i in idx)
+            if groups is not None:
+                store.groups.extend(str(groups[i]) for i in idx)
         self.num_samples += len(names)
+
+    def _hold_validation(
+        self, maps: np.ndarray, scores: np.ndarray, cls_names: Sequence[str], held: np.ndarray
+    ) -> None:
+        """Keep the held-out validation images' maps [N, H, W] and scores [N] per class (RAM only:
+        validation sets are small)."""
+        if maps.ndim == 4 and maps.shape[1] == 1:
+            maps = maps[:, 0]
+        names = [c for c, h in zip(cls_names, held, strict=True) if h]
+        for cls in dict.fromkeys(names):
+            sel = np.array([c == cls for c in names])
+            store = self._validation.setdefault(cls, _ClassStore(self.map_dtype))
+            store.add_maps(maps[sel].astype(self.map_dtype))
+            store.scores.append(scores[sel].astype(np.float64))
+            store.labels.append(np.zeros(int(sel.sum()), dtype=np.int64))
+
+    def validation_maps(self, cls: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The held-out validation images of ``cls`` received since ``reset``: (maps [N, H, W] in the
+        storage dtype, scores [N]), or None when there were none (all are normal images)."""
+        store = self._validation.get(cls)
+        if store is None or store.n == 0:
+            return None
+        return store.maps(), np.concatenate(store.scores)
+
+    @property
+    def validation_classes(self) -> list[str]:
+        """Classes with held-out validation images, sorted."""
+        return sorted(c for c, store in self._validation.items() if store.n)
 
     def _class_metrics(self, cls: str, store: _ClassStore, curves: dict[str, Any] | None) -> dict[str, float]:
         labels = np.concatenate(store.labels)
@@ -313,12 +372,15 @@ class ADEvaluator:
         draw_curves = self.plots and out_dir is not None
         draw_vis = read_image is not None and out_dir is not None
         per_class: dict[str, dict[str, float]] = {}
+        per_group: dict[str, dict[str, dict[str, float]]] = {}
         self.undefined = {}
         for cls in sorted(self._stores):
             store = self._stores[cls]
             curves: dict[str, Any] | None = {} if draw_curves or draw_vis else None
             per_class[cls] = add_mad(self._class_metrics(cls, store, curves))
             self._explain_undefined(cls, store, per_class[cls])
+            for group, row in self._group_metrics(store).items():
+                per_group.setdefault(group, {})[f"{cls}{GROUP_SEP}{group}"] = row
             if draw_curves:
                 from evaluation.plots import save_curves
 
@@ -337,7 +399,37 @@ class ADEvaluator:
                     curves.get("pixel_threshold", math.nan),
                     Path(out_dir) / "vis" / f"{safe_name(cls)}.png",
                 )
-        return {**per_class, "mean": average_over_classes(per_class)}
+        grouped = {name: row for rows in per_group.values() for name, row in rows.items()}
+        means = {f"mean{GROUP_SEP}{g}": average_over_classes(rows) for g, rows in sorted(per_group.items())}
+        return {
+            **per_class,
+            "mean": average_over_classes(per_class),
+            **dict(sorted(grouped.items())),
+            **means,
+        }
+
+    def _group_metrics(self, store: _ClassStore) -> dict[str, dict[str, float]]:
+        """Per group of the class's images (``groups`` given to ``update``): the metrics over its
+        normal images (no group) and the group's images, with mAD."""
+        if len(store.groups) != store.n or not any(store.groups):
+            return {}
+        groups = np.asarray(store.groups)
+        labels, scores = np.concatenate(store.labels), np.concatenate(store.scores)
+        maps, masks = store.maps(), store.masks()
+        rows = {}
+        for group in sorted(set(store.groups) - {""}):
+            idx = np.flatnonzero((groups == "") | (groups == group))
+            rows[group] = add_mad(
+                compute_metrics(
+                    np.asarray(maps[idx]),
+                    masks[idx],
+                    labels[idx],
+                    metrics=self.metrics,
+                    scores=scores[idx],
+                    mode=self.mode,
+                )
+            )
+        return rows
 
     def _explain_undefined(self, cls: str, store: _ClassStore, row: dict[str, float]) -> None:
         """Record in ``undefined`` and log, per reason, the class's metrics that are nan."""

@@ -17,6 +17,10 @@ import numpy as np
 
 from evaluation.metrics_exact import average_over_classes, metric_columns, with_mad
 
+# Rows named "<class>/<group>" and "mean/<group>" (MVTec LOCO AD's logical / structural anomalies)
+# are shown after the mean row and left out of it.
+GROUP_SEP = "/"
+
 
 def _cell(value: float | None, epoch: Any = None) -> str:
     if value is None or math.isnan(value):
@@ -85,10 +89,12 @@ def format_table(
     the others are left out (``reasons[cls][metric]``, a phrase such as "has no anomalous test
     image", e.g. from ``ADEvaluator.undefined``).
     """
-    columns = metric_columns(per_class)
-    rows = {name: with_mad(row, columns) for name, row in per_class.items()}
+    plain = {name: row for name, row in per_class.items() if GROUP_SEP not in name}
+    columns = metric_columns(plain)
+    rows = {name: with_mad(row, columns) for name, row in plain.items()}
     notes = _coverage_notes(rows, columns, reasons)
-    rows["mean"] = average_over_classes(per_class)
+    rows["mean"] = average_over_classes(plain)
+    rows.update({name: with_mad(row, columns) for name, row in per_class.items() if GROUP_SEP in name})
     table = format_rows(rows)
     return table + ("\n\n" + "\n".join(notes) if notes else "")
 

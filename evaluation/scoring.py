@@ -17,6 +17,10 @@ from util.distributed import DistContext, all_gather_padded, any_rank, gather_ob
 from util.progress import Progress
 
 Predict = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# what a batch may say about its images besides the pixels: passed to the evaluator when present
+# (``group``: MVTec LOCO AD's anomaly kind; ``split``: "validation" for a held-out validation image)
+_OPTIONAL_INFO = {"group": "groups", "split": "splits"}
+INFO_KEYS = ("cls_name", "img_path", "sample_id", *_OPTIONAL_INFO)
 
 
 def _empty(size: tuple[int, int], device: torch.device, side: torch.device) -> tuple[Any, ...]:
@@ -68,7 +72,7 @@ def score_test_set(
             labels = torch.as_tensor(batch["anomaly"], device=side)
             start = step * loader.batch_size
             index = torch.as_tensor(shard[start : start + maps.shape[0]], device=side)
-            info = {k: list(batch[k]) for k in ("cls_name", "img_path", "sample_id") if k in batch}
+            info = {k: list(batch[k]) for k in INFO_KEYS if k in batch}
         parts = [
             all_gather_padded(x, loader.batch_size, dist)
             for x in (maps, scores, masks.to(torch.uint8), labels, index)
@@ -90,6 +94,7 @@ def score_test_set(
                 r_info["cls_name"],
                 sample_ids=r_info.get("sample_id"),
                 img_paths=r_info.get("img_path"),
+                **{key: r_info[name] for name, key in _OPTIONAL_INFO.items() if name in r_info},
             )
     if not dist.is_main:
         return None

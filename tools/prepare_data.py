@@ -5,9 +5,14 @@
     python tools/prepare_data.py --dataset realiad --root data/realiad --views C1,C2
     python tools/prepare_data.py --dataset mvtec --root data/mvtec --check
     python tools/prepare_data.py --dataset coco --root data/coco --split 0
+    python tools/prepare_data.py --dataset loco --root data/mvtec_loco
 
 ``--dataset coco`` writes one meta per COCO-AD split, ``meta_20_<split>.json`` (all four by default),
 and the split's test masks ``val2017_mask_ad_20_<split>/`` into the root; ``--out`` is then a folder.
+
+``--dataset loco`` also writes each anomalous image's merged binary mask into
+``<cls>/ground_truth_merged/``; ``--dataset mvtec2`` keeps ``validation`` as its own split and
+leaves out the private test sets (no ground truth).
 
 ``--check`` only validates an existing meta.json. Problems are all listed, each with the file and
 the fix, and the exit status is non-zero when there are any. Paths must be relative to ``--root``
@@ -33,7 +38,8 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, dict]]:
     """(meta path, parser keyword arguments) for each meta file the command produces or checks."""
     if args.dataset != "coco":
         views = [v for v in args.views.split(",") if v] if args.views else None
-        return [(args.out or args.root / "meta.json", {"json_dir": args.json_dir, "views": views})]
+        options = {"json_dir": args.json_dir, "views": views, "progress": not args.no_progress}
+        return [(args.out or args.root / "meta.json", options)]
     folder = args.out or args.root
     return [(folder / meta_name(s), {"split": s}) for s in sorted(set(args.split or range(NUM_SPLITS)))]
 

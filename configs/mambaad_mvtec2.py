@@ -1,0 +1,18 @@
+"""MambaAD on MVTec AD 2, multi-class, with the paper's settings (500 epochs, batch 16)."""
+
+from configs.defaults import MambaADDefaults
+
+
+class MambaADMvtec2(MambaADDefaults):
+    """Paper setting on MVTec AD 2 (test_public); expects `datasets/mvtec2/meta.json` (see docs/data.md).
+
+    Its `validation` images (normal only) are held out of training and scored apart from the test
+    set (`data.validation=held_out`), so that a threshold can be chosen on them (SegF1). The private
+    test sets have no ground truth and are not used.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data.root = "datasets/mvtec2"
+        self.data.layout = "mvtec2"
+        self.data.validation = "held_out"
