@@ -369,7 +369,10 @@ def test_launch_settings_come_from_the_shape_the_table_or_a_forced_setting(monke
         with sst.forced_launch(block=64):
             assert sst.launch_settings("fwd", 2, 3, 4, 5) == (4, sst.DEFAULT_WARPS)
     assert sst.launch_settings("bwd", *stage3) == (8, 2)
-    for bad in ({"block": 6}, {"num_warps": 3}, {"block": 2}):
+    with sst.forced_launch(block=2):  # below 4 channels only where d is
+        assert sst.launch_settings("fwd", *stage3)[0] == 4
+        assert sst.launch_settings("fwd", 8, 2, 16, 4)[0] == 2
+    for bad in ({"block": 6}, {"num_warps": 3}, {"block": 0}):
         with pytest.raises(ValueError), sst.forced_launch(**bad):
             pass
 

@@ -262,7 +262,8 @@ def launch_settings(kernel: str, groups: int, d: int, n: int, length: int) -> tu
     the defaults."""
     block, warps = LAUNCH_TABLE.get((kernel, groups, d, n, length), (_block(groups, d), DEFAULT_WARPS))
     forced_block, forced_warps = _forced_launch
-    block = min(forced_block or block, triton.next_power_of_2(d))
+    # at least 4 channels (or all d): the int32 guard (_elements_per_sample) counts on it
+    block = min(max(forced_block or block, 4), triton.next_power_of_2(d))
     return block, forced_warps or warps
 
 
@@ -271,8 +272,8 @@ def forced_launch(block: int | None = None, num_warps: int | None = None) -> Ite
     """Launch every kernel inside with these settings (None keeps the table's): how the GPU check
     times each candidate."""
     global _forced_launch
-    if block is not None and (block < 4 or block & (block - 1)):
-        raise ValueError(f"block must be a power of two of at least 4, got {block}")
+    if block is not None and (block < 1 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two, got {block}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     saved, _forced_launch = _forced_launch, (block, num_warps)
