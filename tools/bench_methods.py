@@ -64,7 +64,7 @@ class MethodBench:
         self.name = cfg.name
         self.model = build_model(cfg, log, teacher_pretrained=False).to(device)
         self.params_m = sum(p.numel() for p in self.model.parameters()) / 1e6
-        self.criterion = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
+        self.criterion = LOSSES.build(cfg.loss.type, **{k: v for k, v in cfg.loss.items() if k != "type"})
         self.optimizers = [opt for opt, _ in build_optimizers(self.model, cfg.optim).values()]
         self.stage = self.model.stage(1, cfg.trainer.epochs)
         self.model.enter_stage(self.stage)

@@ -110,7 +110,7 @@ class TrainerBase(CheckpointMixin):
             cfg, self.dist, self.micro_batch, self.log, train=mode == "train"
         )
         self.model = self._build_model().to(self.device)
-        self.loss_fn = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
+        self.loss_fn = LOSSES.build(cfg.loss.type, **{k: v for k, v in cfg.loss.items() if k != "type"})
         options = {k: v for k, v in cfg.evaluator.items() if k != "type"}
         self.evaluator = EVALUATORS.build(cfg.evaluator.type, **options)
         self.optimizers, self.schedulers = self._build_optimizers() if mode == "train" else ({}, {})
