@@ -10,8 +10,7 @@ with the sample's generator.
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,18 @@ from PIL import Image
 from scipy import ndimage
 
 from data import as_hw
-from data.meta import DataError, read_json
+from data.meta import DataError, read_json, write_meta
+from util.progress import Progress
 from util.registry import Registry
 
 ANOMALY_SOURCES = Registry("anomaly source")
 DTD_URL = "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
 TEXTURES_FILE = "textures.json"
 _EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def _stderr_line(fmt: str, *args: Any) -> None:
+    print(fmt % args, file=sys.stderr, flush=True)
 
 
 class MissingAnomalySourceError(DataError):
@@ -56,7 +60,7 @@ def texture_files(root: Path) -> list[str]:
     return found
 
 
-def prepare_dtd(root: str | Path, check: bool = False) -> tuple[Path, int, list[str]]:
+def prepare_dtd(root: str | Path, check: bool = False, progress: bool = True) -> tuple[Path, int, list[str]]:
     """Find DTD's images under ``root`` and write ``root/textures.json`` listing them (``check``:
     only read the existing list). Returns the file, the number of textures and the problems (files
     missing or unreadable, an empty copy), each with its fix; every listed file is opened."""
@@ -74,11 +78,9 @@ def prepare_dtd(root: str | Path, check: bool = False) -> tuple[Path, int, list[
         files = texture_files(root)
         if not files:
             raise missing_dtd(root, f"no .jpg/.png files in the category folders of {root / 'images'}")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"textures": files}, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_meta(root, {"textures": files}, TEXTURES_FILE)  # atomic: no partial file is left
     problems = []
-    for rel in files:
+    for rel in Progress(files, "checking textures", _stderr_line, enabled=progress, every_s=30):
         try:
             with Image.open(root / rel) as im:
                 im.load()

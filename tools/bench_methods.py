@@ -70,7 +70,13 @@ class MethodBench:
         self.model.enter_stage(self.stage)
         g = torch.Generator().manual_seed(1)
         self.one = torch.randn(1, 3, image_size, image_size, generator=g).to(device)
-        self.batch = {"img": torch.randn(batch, 3, image_size, image_size, generator=g).to(device)}
+        shape = (batch, 3, image_size, image_size)
+        self.batch = {
+            "img": torch.randn(*shape, generator=g).to(device),
+            # what methods trained on synthesized anomalies (DeSTSeg) also read
+            "augmented_image": torch.randn(*shape, generator=g).to(device),
+            "img_mask": (torch.rand(batch, 1, image_size, image_size, generator=g) > 0.8).float().to(device),
+        }
 
     def infer(self) -> None:
         self.model.eval()
