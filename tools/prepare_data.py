@@ -15,9 +15,9 @@ synthesized anomalies, ``data.anomaly_source.root``): it lists ``ROOT/images/<ca
 ``ROOT/textures.json`` and opens every file.
 
 ``--check`` only validates an existing meta.json (for dtd: textures.json). Problems are all listed,
-each with the file and the fix, and the exit status is non-zero when there are any. Paths must be relative to ``--root``
-and stay inside it; an entry with ``..`` climbing out of it, or an absolute path (unless
-``--allow-absolute-paths``), is a problem and its file is not read.
+each with the file and the fix, and the exit status is non-zero when there are any. Paths must be
+relative to ``--root`` and stay inside it; an entry with ``..`` climbing out of it, or an absolute path
+(unless ``--allow-absolute-paths``), is a problem and its file is not read.
 """
 
 from __future__ import annotations
