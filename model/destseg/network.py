@@ -80,17 +80,20 @@ class DeSTSeg(AnomalyModel):
             from_model_checkpoint=t.from_model_checkpoint,
         )  # fmt: skip
         # timm's default init (last BatchNorm of each residual branch zero), as ADer builds it
-        self.net_s = timm.create_model(
+        student_encoder = timm.create_model(
             student, features_only=True, out_indices=(1, 2, 3, 4), pretrained=False
         )
-        widths = [int(c) for c in self.net_s.feature_info.channels()]
+        widths = [int(c) for c in student_encoder.feature_info.channels()]
         teacher_widths = [int(c) for c in self.net_t.feature_info.channels()]
         if widths[:3] != teacher_widths:
             raise ValueError(
                 f"the student's first three feature widths {widths[:3]} must equal the teacher's "
                 f"{teacher_widths}"
             )
+        # the decoder registers first: the trainer clips gradients in the model's parameter order,
+        # which is then ADer's (its student_net holds the decoder before the encoder)
         self.decoder = StudentDecoder(widths)
+        self.net_s = student_encoder
         self.segmentation_net = SegmentationNet(sum(teacher_widths), int(seg_width), tuple(aspp_rates))
         self.student_fraction = float(student_fraction)
         self.lr_scales = (float(student_lr_scale), float(res_lr_scale), float(head_lr_scale))
