@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,7 +118,9 @@ def test_each_stage_steps_its_own_sgd(trained: ADTrainer) -> None:
     assert all(not m.any() for m in _bn_means(after_student["net"], "segmentation_net."))
     assert any(m.any() for m in _bn_means(after_seg["net"], "segmentation_net."))
     assert not any(p.requires_grad for p in trained.model.net_s.parameters())  # frozen by the stage
-    assert trained.model.stage(20, 100) == "student" and trained.model.stage(21, 100) == "segmentation"
+    aders = SimpleNamespace(student_fraction=0.2)  # ADer: 0-based epoch < 100 / 5 trains the student
+    assert DeSTSeg.stage(aders, 20, 100) == "student" and DeSTSeg.stage(aders, 21, 100) == "segmentation"
+    assert trained.model.stage(1, 2) == "student" and trained.model.stage(2, 2) == "segmentation"
 
 
 def test_maps_and_scores(trained: ADTrainer) -> None:
@@ -206,7 +209,7 @@ def test_parameter_count_against_table_5(trained: ADTrainer) -> None:
         counts[k] for k in ("teacher", "student_encoder", "student_decoder", "segmentation")
     )
     assert abs(counts["total"] / 1e6 - 35.2) / 35.2 < 0.05
-    assert counts["trainable"] == counts["total"] - counts["teacher"]
+    assert counts["trainable"] == counts["segmentation"]  # the segmentation stage froze the student
 
 
 def test_a_paper_config_without_dtd_stops_with_one_paragraph(
