@@ -244,3 +244,23 @@ def test_configs_carry_aders_benchmark_settings() -> None:
         assert cfg.model.teacher.name == "resnet18.tv_in1k" and cfg.loss.focal_gamma == 4.0
     demo = load_config(DEMO, [])
     assert demo.data.anomaly_source.type == "procedural"
+
+
+def test_flops_count_every_segmentation_convolution() -> None:
+    from tools.flops import model_flops
+
+    torch.manual_seed(0)
+    model = DeSTSeg(teacher={"name": "resnet18", "pretrained": False}, log=lambda s: None)
+    flops = model_flops(model, 64)
+    positions = 16 * 16  # the segmentation network runs at stride 4
+    c, k = 256, 9  # width, 3x3 kernel
+    res = 448 * c * k + c * c * k + 448 * c + 2 * c * c * k  # two BasicBlocks, the first with a 1x1 shortcut
+    # three dilated 3x3 branches, the 4 x 256 -> 256 3x3 fusion (padding "same", which fvcore's
+    # tracer skips), the 3x3 conv and the 1x1 output conv
+    head = 3 * c * c * k + 4 * c * c * k + c * c * k + c
+    norms = 2 * (5 + 3 + 1 + 1) * c * positions + 2 * c  # eval BatchNorm: 2 per element (+ the pooled branch)
+    assert flops["segmentation"] == (res + head) * positions + c * c + norms
+    # ADer's forward at test time runs the teacher on the image and on its copy
+    assert flops["total"] == sum(
+        flops[p] for p in ("teacher", "student_encoder", "student_decoder", "segmentation")
+    )
