@@ -222,6 +222,13 @@ class TrainerBase(CheckpointMixin):
                 self.micro_batch,
                 t.accumulate,
             )
+            group_lrs = [g["lr"] for g in optimizer.param_groups]
+            if any(lr != values.lr for lr in group_lrs):  # groups with their own lr (lr_scale)
+                self.log.info(
+                    "optimizer %s: lr per parameter group %s",
+                    name,
+                    ", ".join(f"{lr:.6g}" for lr in group_lrs),
+                )
         self.log.info("lr schedule %s: x%g after epoch(s) %s", sch.type, sch.gamma, sch.milestones)
         return optimizers, schedulers
 
