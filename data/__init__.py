@@ -6,6 +6,7 @@ from util.registry import Registry
 
 DATASETS = Registry("dataset")
 DATASETS.register_lazy("DefaultAD", "data.default_ad:DefaultAD")
+DATASETS.register_lazy("SynthesizedAD", "data.synthesized:SynthesizedAD")
 
 
 def as_hw(size: int | Sequence[int]) -> tuple[int, int]:

@@ -14,7 +14,15 @@ from data import DATASETS
 from util.config import BaseConfig
 from util.distributed import DistContext, EpochShardSampler, ShardSampler, barrier
 
-OPTIONAL_DATASET_KEYS = ("cache", "cache_dir", "views", "allow_absolute_paths", "validation", "layout")
+OPTIONAL_DATASET_KEYS = (
+    "cache",
+    "cache_dir",
+    "views",
+    "allow_absolute_paths",
+    "validation",
+    "layout",
+    "anomaly_source",
+)
 
 
 def build_loaders(

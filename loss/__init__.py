@@ -5,3 +5,5 @@ from util.registry import Registry
 LOSSES = Registry("loss")
 LOSSES.register_lazy("feature_mse", "loss.feature_mse:FeatureMSELoss")
 LOSSES.register_lazy("feature_cos", "loss.feature_cos:FeatureCosineLoss")
+# a method folder's own loss, named by its configs' loss.type
+LOSSES.register_lazy("destseg", "model.destseg.loss:DeSTSegLoss")

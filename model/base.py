@@ -29,7 +29,8 @@ class CheckpointMismatchError(UserError, RuntimeError):
 @dataclass
 class OptimizerSpec:
     """One optimiser of a method: its name (the key in checkpoints and logs), its parameter groups
-    (torch ``param_groups``, which may carry their own ``lr`` or ``weight_decay``), the
+    (torch ``param_groups``, which may carry their own ``lr``, ``lr_scale`` (times ``optim.lr``) or
+    ``weight_decay``), the
     ``OPTIMIZERS`` entry that builds it (None: the config's ``optim.type``) and values that
     replace the ``optim`` section's for this optimiser (e.g. ``{"betas": (0.5, 0.999)}``)."""
 

@@ -64,13 +64,19 @@ class MethodBench:
         self.name = cfg.name
         self.model = build_model(cfg, log, teacher_pretrained=False).to(device)
         self.params_m = sum(p.numel() for p in self.model.parameters()) / 1e6
-        self.criterion = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
+        self.criterion = LOSSES.build(cfg.loss.type, **{k: v for k, v in cfg.loss.items() if k != "type"})
         self.optimizers = [opt for opt, _ in build_optimizers(self.model, cfg.optim).values()]
         self.stage = self.model.stage(1, cfg.trainer.epochs)
         self.model.enter_stage(self.stage)
         g = torch.Generator().manual_seed(1)
         self.one = torch.randn(1, 3, image_size, image_size, generator=g).to(device)
-        self.batch = {"img": torch.randn(batch, 3, image_size, image_size, generator=g).to(device)}
+        shape = (batch, 3, image_size, image_size)
+        self.batch = {
+            "img": torch.randn(*shape, generator=g).to(device),
+            # what methods trained on synthesized anomalies (DeSTSeg) also read
+            "augmented_image": torch.randn(*shape, generator=g).to(device),
+            "img_mask": (torch.rand(batch, 1, image_size, image_size, generator=g) > 0.8).float().to(device),
+        }
 
     def infer(self) -> None:
         self.model.eval()

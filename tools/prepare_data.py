@@ -6,6 +6,7 @@
     python tools/prepare_data.py --dataset mvtec --root data/mvtec --check
     python tools/prepare_data.py --dataset coco --root data/coco --split 0
     python tools/prepare_data.py --dataset loco --root data/mvtec_loco
+    python tools/prepare_data.py --dataset dtd --root data/dtd
 
 ``--dataset coco`` writes one meta per COCO-AD split, ``meta_20_<split>.json`` (all four by default),
 and the split's test masks ``val2017_mask_ad_20_<split>/`` into the root; ``--out`` is then a folder.
@@ -14,10 +15,14 @@ and the split's test masks ``val2017_mask_ad_20_<split>/`` into the root; ``--ou
 ``<cls>/ground_truth_merged/``; ``--dataset mvtec2`` keeps ``validation`` as its own split and
 leaves out the private test sets (no ground truth).
 
-``--check`` only validates an existing meta.json. Problems are all listed, each with the file and
-the fix, and the exit status is non-zero when there are any. Paths must be relative to ``--root``
-and stay inside it; an entry with ``..`` climbing out of it, or an absolute path (unless
-``--allow-absolute-paths``), is a problem and its file is not read.
+``--dataset dtd`` prepares the Describable Textures Dataset (the texture source of methods trained on
+synthesized anomalies, ``data.anomaly_source.root``): it lists ``ROOT/images/<category>/*.jpg`` in
+``ROOT/textures.json`` and opens every file.
+
+``--check`` only validates an existing meta.json (for dtd: textures.json). Problems are all listed,
+each with the file and the fix, and the exit status is non-zero when there are any. Paths must be
+relative to ``--root`` and stay inside it; an entry with ``..`` climbing out of it, or an absolute path
+(unless ``--allow-absolute-paths``), is a problem and its file is not read.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.anomaly_source import DTD_URL, prepare_dtd
 from data.coco import NUM_SPLITS, meta_name
 from data.meta import PATH_KEYS, DataError, path_problem, read_json, write_meta
 from data.prepare import LAYOUTS, PARSERS, count_table, structure_problems, validate_meta
@@ -107,10 +113,34 @@ def _run_one(args: argparse.Namespace, out: Path, kwargs: dict) -> int:
     return 0
 
 
+def _run_dtd(args: argparse.Namespace) -> int:
+    """Write (or, with --check, read) DTD's textures.json and open every texture it lists."""
+    try:
+        path, count, problems = prepare_dtd(args.root, check=args.check, progress=not args.no_progress)
+    except (UserError, OSError) as err:
+        failure = (
+            err if isinstance(err, UserError) else write_failure(err, args.root / "textures.json", "--root")
+        )
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return failure.exit_code
+    if not args.check:
+        print(f"wrote {path}")
+    print(f"{count} textures listed in {path}")
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found; re-download DTD from {DTD_URL}", file=sys.stderr)
+        return 1
+    print("all files present and readable")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, write, validate and print the count table; return the process exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=sorted(PARSERS))
+    ap.add_argument("--dataset", required=True, choices=sorted([*PARSERS, "dtd"]))
     ap.add_argument("--root", required=True, type=Path, help="data set root folder")
     ap.add_argument(
         "--out", type=Path, help="meta.json path (default: ROOT/meta.json; coco: folder, default ROOT)"
@@ -128,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
+    if args.dataset == "dtd":
+        return _run_dtd(args)
     status = 0
     for out, kwargs in _targets(args):
         status = max(status, _run_one(args, out, kwargs))

@@ -115,6 +115,9 @@ class ADTrainer(TrainerBase):
         t = self.cfg.trainer
         acc = int(t.accumulate)
         self.train_loader.sampler.set_epoch(epoch, skip_batches * self.micro_batch)
+        set_data_epoch = getattr(self.train_loader.dataset, "set_epoch", None)  # epoch-seeded synthesis
+        if set_data_epoch is not None:
+            set_data_epoch(epoch)
         bar = Progress(
             self.train_loader, f"epoch {epoch}/{t.epochs}", self.log.info, enabled=self.dist.is_main
         )

@@ -111,7 +111,7 @@ class TrainerBase(CheckpointMixin):
             cfg, self.dist, self.micro_batch, self.log, train=mode == "train"
         )
         self.model = self._build_model().to(self.device)
-        self.loss_fn = LOSSES.build(cfg.loss.type, weight=cfg.loss.weight)
+        self.loss_fn = LOSSES.build(cfg.loss.type, **{k: v for k, v in cfg.loss.items() if k != "type"})
         options = {k: v for k, v in cfg.evaluator.items() if k != "type"}
         self.evaluator = EVALUATORS.build(cfg.evaluator.type, **options)
         self.optimizers, self.schedulers = self._build_optimizers() if mode == "train" else ({}, {})
@@ -218,6 +218,13 @@ class TrainerBase(CheckpointMixin):
                 self.micro_batch,
                 t.accumulate,
             )
+            group_lrs = [g["lr"] for g in optimizer.param_groups]
+            if any(lr != values.lr for lr in group_lrs):  # groups with their own lr (lr_scale)
+                self.log.info(
+                    "optimizer %s: lr per parameter group %s",
+                    name,
+                    ", ".join(f"{lr:.6g}" for lr in group_lrs),
+                )
         self.log.info("lr schedule %s: x%g after epoch(s) %s", sch.type, sch.gamma, sch.milestones)
         return optimizers, schedulers
 

@@ -40,13 +40,23 @@ def sgd(groups: list[dict[str, Any]], o: Section) -> torch.optim.Optimizer:
 
 def build_optimizers(model: Any, o: Section) -> dict[str, tuple[torch.optim.Optimizer, Section]]:
     """The method's optimisers by name (:meth:`model.base.AnomalyModel.optimizers`), each with the
-    ``optim`` values it was built from (the section's, with the method's per-optimiser options)."""
+    ``optim`` values it was built from (the section's, with the method's per-optimiser options).
+    A group's ``lr_scale`` sets its learning rate to that multiple of the optimiser's ``lr``."""
     built = {}
     for spec in model.optimizers(o.weight_decay, no_decay=o.no_decay):
         values = Section(**{**dict(o.items()), **spec.options})
         values.type = spec.type or o.type
-        built[spec.name] = (OPTIMIZERS.build(values.type, spec.groups, values), values)
+        groups = [_scaled(g, values.lr) for g in spec.groups]
+        built[spec.name] = (OPTIMIZERS.build(values.type, groups, values), values)
     return built
+
+
+def _scaled(group: dict[str, Any], lr: float) -> dict[str, Any]:
+    if "lr_scale" not in group:
+        return group
+    scaled = {k: v for k, v in group.items() if k != "lr_scale"}
+    scaled["lr"] = lr * float(group["lr_scale"])
+    return scaled
 
 
 @SCHEDULERS.register("step")
