@@ -6,7 +6,10 @@ layout, the missing-DTD error of a paper config, and its size against Table 5.""
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -264,3 +267,20 @@ def test_flops_count_every_segmentation_convolution() -> None:
     assert flops["total"] == sum(
         flops[p] for p in ("teacher", "student_encoder", "student_decoder", "segmentation")
     )
+
+
+def test_trains_through_the_stage_switch_on_two_gloo_ranks(tiny_data: Path, tmp_path: Path) -> None:
+    # each stage trains another part: DDP reduces the parameters that required gradients when
+    # it was built, so the trainer rebuilds it when enter_stage changes them (with the first
+    # wrapper kept, the segmentation stage stops: "Expected to have finished reduction")
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py"]
+    cmd += ["-c", str(DEMO), f"data.root={tiny_data}", "data.synthetic=False", "data.image_size=64"]
+    cmd += ["data.batch_size=4", "data.num_workers=0", "trainer.epochs=2", "model.student_fraction=0.5"]
+    cmd += ["trainer.test_every=2", "device=cpu", f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = next(out.glob("*/log.txt")).read_text()
+    assert "epoch 1: training stage student" in log and "epoch 2: training stage segmentation" in log
+    assert "each scored once by 2 process(es)" in log

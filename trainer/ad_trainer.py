@@ -22,7 +22,7 @@ from evaluation.report import format_rows, format_table, max_over_evaluations, w
 from evaluation.scoring import score_test_set
 from trainer.base import TrainerBase
 from util.checkpoint import trained_epochs
-from util.distributed import any_rank
+from util.distributed import any_rank, wrap_ddp
 from util.progress import Progress
 from util.signals import TrainingInterruptedError
 
@@ -89,10 +89,14 @@ class ADTrainer(TrainerBase):
         """Tell the method when its training stage changes (and once per process, on resume too)."""
         stage = self.model.stage(epoch, self.cfg.trainer.epochs)
         if stage != self.stage:
+            trainable = [p.requires_grad for p in self.model.parameters()]
             self.model.enter_stage(stage)
             if stage != "train":
                 self.log.info("epoch %d: training stage %s", epoch, stage)
             self.stage = stage
+            if self.dist.distributed and trainable != [p.requires_grad for p in self.model.parameters()]:
+                # DDP reduces the parameters that required gradients when it was built
+                self.net = wrap_ddp(self.model, self.dist)
 
     def _step_optimizers(self) -> None:
         """Clip each optimiser's parameters on their own (``trainer.grad_clip``) and step it; an

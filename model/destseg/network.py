@@ -157,13 +157,17 @@ class DeSTSeg(AnomalyModel):
         return "student" if epoch - 1 < epochs * self.student_fraction else "segmentation"
 
     def enter_stage(self, stage: str) -> None:
-        """The segmentation stage freezes the student (no gradients, BatchNorm statistics kept)."""
+        """Each stage freezes the part it does not train (no gradients; the segmentation stage keeps
+        the student's BatchNorm statistics), so that data-parallel training reduces exactly the
+        parameters the stage trains (the trainer rebuilds its DDP wrapper when they change)."""
         if stage not in STAGES:
             raise ValueError(f"DeSTSeg has no stage {stage!r}; its stages are {', '.join(STAGES)}")
         self.current_stage = stage
         for module in (self.net_s, self.decoder):
             for p in module.parameters():
                 p.requires_grad_(stage == "student")
+        for p in self.segmentation_net.parameters():
+            p.requires_grad_(stage == "segmentation")
         self.train(self.training)
 
     def train(self, mode: bool = True) -> DeSTSeg:
