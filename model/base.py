@@ -30,13 +30,16 @@ class CheckpointMismatchError(UserError, RuntimeError):
 class OptimizerSpec:
     """One optimiser of a method: its name (the key in checkpoints and logs), its parameter groups
     (torch ``param_groups``, which may carry their own ``lr`` or ``weight_decay``), the
-    ``OPTIMIZERS`` entry that builds it (None: the config's ``optim.type``) and values that
-    replace the ``optim`` section's for this optimiser (e.g. ``{"betas": (0.5, 0.999)}``)."""
+    ``OPTIMIZERS`` entry that builds it (None: the config's ``optim.type``), values that
+    replace the ``optim`` section's for this optimiser (e.g. ``{"betas": (0.5, 0.999)}``) and a
+    factor on its learning rate (SimpleNet: 0.1 x ``optim.lr`` for the adaptor), so that the
+    rate still follows ``optim.base_lr`` and the batch size."""
 
     name: str
     groups: list[dict[str, Any]]
     type: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    lr_scale: float = 1.0
 
 
 _NORM_TYPES = (

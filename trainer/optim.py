@@ -45,6 +45,7 @@ def build_optimizers(model: Any, o: Section) -> dict[str, tuple[torch.optim.Opti
     for spec in model.optimizers(o.weight_decay, no_decay=o.no_decay):
         values = Section(**{**dict(o.items()), **spec.options})
         values.type = spec.type or o.type
+        values.lr = values.lr * spec.lr_scale
         built[spec.name] = (OPTIMIZERS.build(values.type, spec.groups, values), values)
     return built
 
