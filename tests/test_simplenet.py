@@ -51,14 +51,14 @@ def test_patch_features_equal_a_hand_computation() -> None:
     b = torch.full((1, 1, 1, 1), v)
     got, grid = patch_features([a, b], patch_size=3, stride=1, embed_dim=3, target_dim=3)
     assert grid == (2, 2) and got.shape == (4, 3)
-    # each level's zero-padded 3x3 neighbourhood (9 values, row by row) pooled to 3: the row means;
-    # level 1 is v everywhere after resizing, so its neighbourhood at (0, 0) is [[0,0,0],[0,v,v],[0,v,v]]
+    # each level's zero-padded 3x3 neighbourhood (9 values, row by row) pooled to 3: the row means.
+    # Neighbourhoods are taken before resizing (as ADer): level 1's is [[0,0,0],[0,v,0],[0,0,0]] at
+    # every position of the 2x2 grid (resizing the whole map first would give [[0,0,0],[0,v,v],[0,v,v]])
     padded = F.pad(a[0, 0], (1, 1, 1, 1))
-    padded_b = F.pad(torch.full((2, 2), v), (1, 1, 1, 1))
+    rows_b = torch.tensor([0.0, v / 3, 0.0])
     for y in range(2):
         for x in range(2):
             rows_a = padded[y : y + 3, x : x + 3].mean(1)  # 3 values
-            rows_b = padded_b[y : y + 3, x : x + 3].mean(1)
             both = torch.cat([rows_a, rows_b])  # 6 values pooled to 3: neighbouring pairs averaged
             want = both.view(3, 2).mean(1)
             assert torch.allclose(got[y * 2 + x], want, atol=1e-6), (y, x)
@@ -67,7 +67,7 @@ def test_patch_features_equal_a_hand_computation() -> None:
 def test_noise_has_the_configured_scale() -> None:
     torch.manual_seed(0)
     model = SimpleNet(
-        teacher="resnet18", layers=["layer2"], embed_dim=8, target_dim=8, dsc_hidden=8, image_size=32, **QUIET
+        teacher="resnet18", layers=["layer2"], embed_dim=8, target_dim=8, dsc_hidden=8, image_size=64, **QUIET
     )
     noise = model.noise(torch.zeros(40_000, 8))
     # the sample standard deviation of 320,000 draws is within 0.5 % of 0.015 with certainty for
@@ -81,7 +81,7 @@ def _config(tmp_path: Path, data: Path, *overrides: str):
         [
             f"data.root={data}",
             "data.synthetic=False",
-            "data.image_size=48",
+            "data.image_size=64",
             "data.batch_size=4",
             "model.teacher.pretrained=False",
             "trainer.epochs=1",
@@ -96,7 +96,7 @@ def _config(tmp_path: Path, data: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> ADTrainer:
-    """SimpleNet (ADer's architecture, random backbone) trained one epoch (2 steps of 4) at 48x48."""
+    """SimpleNet (ADer's architecture, random backbone) trained one epoch (2 steps of 4) at 64x64."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     tmp = tmp_path_factory.mktemp("simplenet")
     trainer = ADTrainer(_config(tmp, tiny_data))
@@ -159,11 +159,11 @@ def test_maps_and_scores(trained: ADTrainer) -> None:
     rng = torch.get_rng_state()
     maps, scores = model.predict(imgs)
     assert torch.equal(torch.get_rng_state(), rng)  # testing draws no noise
-    assert maps.shape == (2, 48, 48) and scores.shape == (2,) and torch.isfinite(maps).all()
+    assert maps.shape == (2, 64, 64) and scores.shape == (2,) and torch.isfinite(maps).all()
     assert torch.equal(scores, maps.flatten(1).amax(1))  # ADer's evaluator: the map's maximum
     patch = model.patch_scores(imgs)
-    assert patch.shape == (2, 6, 6)  # layer2's grid at stride 8
-    want = gaussian_blur(F.interpolate(patch.unsqueeze(1), size=(48, 48), mode="bilinear")[:, 0], 4.0)
+    assert patch.shape == (2, 8, 8)  # layer2's grid at stride 8
+    want = gaussian_blur(F.interpolate(patch.unsqueeze(1), size=(64, 64), mode="bilinear")[:, 0], 4.0)
     assert torch.equal(maps, want)
     assert torch.equal(model(imgs), patch)  # in eval mode, forward gives the positions' scores
     resized, _ = model.predict(imgs, (40, 36))
