@@ -160,7 +160,7 @@ class SimpleNet(AnomalyModel):
 
     def patch_scores(self, imgs: torch.Tensor) -> torch.Tensor:
         """Each position's anomaly score ``[B, H, W]``: minus the discriminator's score of its
-        adapted feature (the discriminator's BatchNorm as the caller's mode has it: eval in tests)."""
+        adapted feature (its BatchNorm in the mode the caller set: eval when testing)."""
         feats, grid = self.embed(imgs)
         return -self.discriminator(self.pre_projection(feats)).reshape(len(imgs), *grid)
 
