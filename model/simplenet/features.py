@@ -33,7 +33,10 @@ def patch_features(
     pooled = []
     for level in patches:
         if tuple(level.shape[-2:]) != grid:
-            level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
+            # one plane per channel, as ADer: PyTorch's CPU kernel rounds the batched layout differently
+            planes = level.reshape(-1, 1, *level.shape[-2:])
+            planes = F.interpolate(planes, size=grid, mode="bilinear", align_corners=False)
+            level = planes.reshape(*level.shape[:2], *grid)
         rows = level.permute(0, 2, 3, 1).reshape(-1, 1, level.shape[1])
         pooled.append(F.adaptive_avg_pool1d(rows, embed_dim).squeeze(1))
     stacked = torch.stack(pooled, dim=1).reshape(len(pooled[0]), 1, -1)

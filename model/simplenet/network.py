@@ -135,17 +135,18 @@ class SimpleNet(AnomalyModel):
     def noise(self, like: torch.Tensor) -> torch.Tensor:
         """Gaussian noise for each row of ``like``, its scale ``noise_std * 1.1**k`` with ``k`` drawn
         per row among ``mix_noise`` scales; from the global generator of ``like``'s device (saved
-        with every checkpoint), drawn in ADer's order (the scale indices, then each scale's noise)."""
+        with every checkpoint), drawn as ADer draws it (the scale indices, then each scale's noise,
+        in float32 whatever ``like``'s type), so the same seed gives ADer's numbers on the CPU."""
         n, device = len(like), like.device
         pick = F.one_hot(torch.randint(0, self.mix_noise, (n,), device=device), self.mix_noise)
         noise = torch.stack(
             [
-                torch.normal(0.0, self.noise_std * 1.1**k, like.shape, device=device, dtype=like.dtype)
+                torch.normal(0.0, self.noise_std * 1.1**k, like.shape, device=device, dtype=torch.float32)
                 for k in range(self.mix_noise)
             ],
             dim=1,
         )
-        return (noise * pick.unsqueeze(-1)).sum(1)
+        return (noise * pick.unsqueeze(-1)).sum(1).to(like.dtype)
 
     def forward(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Training: the discriminator's scores ``(true [N, 1], fake [N, 1])`` of the adapted
