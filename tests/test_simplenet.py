@@ -73,6 +73,12 @@ def test_noise_has_the_configured_scale() -> None:
     # the sample standard deviation of 320,000 draws is within 0.5 % of 0.015 with certainty for
     # practical purposes (its own relative standard deviation is 1 / sqrt(2 * 320000) = 0.13 %)
     assert noise.std().item() == pytest.approx(0.015, rel=5e-3) and abs(noise.mean().item()) < 1e-4
+    torch.manual_seed(3)
+    wide = model.noise(torch.zeros(5, 8, dtype=torch.float64))
+    torch.manual_seed(3)
+    narrow = model.noise(torch.zeros(5, 8))
+    # drawn in float32 as ADer draws it, whatever the features' type: the same numbers
+    assert wide.dtype == torch.float64 and torch.equal(wide, narrow.double())
 
 
 def _config(tmp_path: Path, data: Path, *overrides: str):
