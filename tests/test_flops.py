@@ -123,6 +123,7 @@ def test_model_flops_scale_with_input_size() -> None:
     [
         ("configs/rd4ad_mvtec.py", 80.6, 28.4, ("teacher", "bottleneck", "decoder")),
         ("configs/uniad_mvtec.py", 24.5, 3.6, ("net_backbone", "net_merge", "net_ad")),
+        ("configs/simplenet_mvtec.py", 72.8, 16.1, ("backbone", "adaptor", "discriminator")),
     ],
 )
 def test_paper_table5_figures_of_the_other_methods(

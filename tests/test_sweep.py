@@ -455,7 +455,8 @@ def test_the_table1_grid_runs_every_method_on_every_data_set_of_table_1() -> Non
     combos = sweep.load_grid(SWEEPS / "table1.yaml")
     paper = collect.load_paper()
     rows = paper["tables"]["table1"]["rows"]
-    expected = {f"{m}_{ds}" for ds in rows for m in ("mambaad", "rd4ad", "uniad", "destseg")}
+    methods = ("mambaad", "rd4ad", "uniad", "simplenet", "destseg")
+    expected = {f"{m}_{ds}" for ds in rows for m in methods}
     assert {c.name for c in combos} == expected
     for combo in combos:
         cfg = load_config(REPO / combo.config, combo.overrides)  # each config loads and validates

@@ -1,6 +1,6 @@
 """Inference and training-step time of several methods, side by side in one run (paper Table 5).
 
-    python tools/bench_methods.py                                  # MambaAD, RD4AD, UniAD on MVTec settings
+    python tools/bench_methods.py                  # MambaAD, RD4AD, UniAD, SimpleNet on MVTec settings
     python tools/bench_methods.py --image-size 128 --repeats 3 --batch 2
     python tools/bench_methods.py --configs configs/mambaad_mvtec.py configs/rd4ad_mvtec.py
 
@@ -36,7 +36,13 @@ from util.cli import report_error
 from util.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIGS = ("configs/mambaad_mvtec.py", "configs/rd4ad_mvtec.py", "configs/uniad_mvtec.py")
+DEFAULT_CONFIGS = (
+    "configs/mambaad_mvtec.py",
+    "configs/rd4ad_mvtec.py",
+    "configs/uniad_mvtec.py",
+    "configs/simplenet_mvtec.py",
+    "configs/destseg_mvtec.py",
+)
 
 
 def _sync(device: torch.device) -> None:

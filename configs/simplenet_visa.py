@@ -1,0 +1,16 @@
+"""SimpleNet on VisA, multi-class, with ADer's benchmark settings (100 epochs, batch 32).
+
+ADer's ``configs/benchmark/simplenet/simplenet_256_100e.py`` with the VisA data root; the MambaAD
+paper's Table 1 SimpleNet row comes from ADer's benchmark. ``trainer.epochs=300`` gives ADer's
+300-epoch variant.
+"""
+
+from configs.simplenet_defaults import SimpleNetDefaults
+
+
+class SimpleNetVisa(SimpleNetDefaults):
+    """ADer benchmark setting on VisA; expects `datasets/visa/meta.json` (see docs/data.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data.root = "datasets/visa"
