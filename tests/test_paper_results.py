@@ -76,7 +76,10 @@ def test_dataset_run_per_class_and_mean(tmp_path: Path) -> None:
     assert by_class["bottle"][-2] == pytest.approx(bottle_mad)
     text = "\n".join(notes)
     assert "Table 1 (Sec. 4.2)" in text and "Tables A1 (image) and A2 (pixel)" in text
-    assert "evaluator.mode=exact; compared: protocol exact (NOT the paper's protocol mambaad)" in text and "paper: evaluator.mode=mambaad" in text
+    assert (
+        "evaluator.mode=exact; compared: protocol exact (NOT the paper's protocol mambaad)" in text
+        and "paper: evaluator.mode=mambaad" in text
+    )
     assert "finished, epoch 500/500" in text
     assert "mean over the 2 class(es) both have" in text and "not in this run: cable, capsule," in text
 
@@ -212,4 +215,6 @@ def test_compares_the_table_in_the_papers_protocol(tmp_path: Path) -> None:
     final = {"epoch": 500, "protocol": "exact", "results": exact}
     (run / "metrics.json").write_text(json.dumps({"final": final}))
     [(notes, _, rows)] = collect.paper_sections(collect.find_runs([run]), PAPER)
-    assert rows[0][1] == pytest.approx(50.0) and "protocol exact (NOT the paper's protocol mambaad)" in notes[1]
+    assert (
+        rows[0][1] == pytest.approx(50.0) and "protocol exact (NOT the paper's protocol mambaad)" in notes[1]
+    )
