@@ -191,9 +191,7 @@ class ADEvaluator:
             ("image_score", image_score, IMAGE_SCORES),
         ):
             if value not in choices:
-                raise ValueError(
-                    f"evaluator.{key}={value!r} does not exist; use one of {', '.join(choices)}"
-                )
+                raise ValueError(f"evaluator.{key}={value!r} does not exist; use one of {', '.join(choices)}")
         unknown = [m for m in metrics or () if m not in (*METRIC_NAMES, *EXTRA_METRICS)]
         if unknown:
             raise ValueError(
