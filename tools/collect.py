@@ -97,7 +97,10 @@ def final_tables(run: Path) -> dict[str, dict[str, Any]]:
     """The final evaluation's tables by protocol: ``results`` under its ``protocol`` (older runs: the
     config's ``evaluator.mode``) and, where recorded, the ``exact`` table beside it."""
     final = json.loads((run / "metrics.json").read_text()).get("final") or {}
-    protocol = final.get("protocol") or _flat_config(run).get("evaluator.mode", "exact")
+    protocol = final.get("protocol")
+    if protocol is None:  # older runs: the config's mode (a folder without config.json: exact)
+        config = run / "config.json"
+        protocol = _flat_config(run).get("evaluator.mode", "exact") if config.is_file() else "exact"
     tables = {protocol: final.get("results") or {}}
     extra = final.get("exact")
     if isinstance(extra, dict) and extra.get("results"):
