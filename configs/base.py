@@ -92,9 +92,31 @@ class ADDefaults(BaseConfig):
             spill_mb=512,  # MB of maps kept in RAM (all classes) before the rest goes to disk; None: never
             plots=False,  # write ROC / PR / PRO curve PNGs per class into the run folder's curves/
             device="auto",  # exact metrics on cpu (numpy), cuda[:N] (torch) or auto (cuda when available)
+            # protocol switches (docs/metrics.md, "Protocol switches"); the defaults leave the method's
+            # maps and scores as they are
+            metrics=None,  # None: the seven; may add P-mIoU-max, AUPIMO, SegF1
+            image_score="model",  # model (the method's own), max, topk_mean, pooled_max
+            image_score_k=1.0,  # topk_mean: percent of the pixels
+            image_score_pool=16,  # pooled_max: average-filter kernel size
+            mask_threshold=0.5,  # masks > t (after the resize to evaluator.resolution)
+            smooth_sigma=None,  # a Gaussian blur added to the method's maps (None: none)
+            smooth_taps=None,  # its kernel width (odd; None: scipy's 2 * int(4 sigma + 0.5) + 1)
+            resolution=None,  # maps and masks resized to this side or [h, w] (None: data.image_size)
+            aupro_limit=0.3,  # FPR where the AU-PRO area ends
+            aupro_steps=None,  # mode=mambaad only: thresholds of its AU-PRO sweep (None: 100)
+            segf1_threshold="normal_test",  # SegF1: a number, or mean + 3 std of the normal test pixels
+            also_exact=True,  # mode ader / mambaad: also record the exact table
         )
 
     LIST_OR_NUMBER = ("data.image_size",)  # one side, or [height, width]
+    # the evaluator keys with which the method's paper (or ADer's benchmark for it) scored; a paper
+    # config applies them with use_paper_protocol (docs/metrics.md, "Protocol switches")
+    PAPER_EVALUATOR: dict[str, Any] = {}
+
+    def use_paper_protocol(self) -> None:
+        """Score as the method's authors did: the evaluator keys of :attr:`PAPER_EVALUATOR`."""
+        for key, value in self.PAPER_EVALUATOR.items():
+            setattr(self.evaluator, key, value)
 
     def derive(self) -> None:
         """Recompute values that depend on others (called after command-line overrides)."""
@@ -115,8 +137,13 @@ class ADDefaults(BaseConfig):
     def common_rules(self) -> dict[str, tuple[Any, str]]:
         """Rules for the sections every method shares (seed, trainer, data, optim, loss, ...)."""
         from evaluation.metrics import METRIC_MODES
+        from evaluation.metrics_exact import METRIC_NAMES
+        from evaluation.metrics_extra import EXTRA_METRICS, SEGF1_THRESHOLDS
+        from evaluation.protocol import IMAGE_SCORES
         from model.input_size import RULE as INPUT_SIZE_RULE
         from model.input_size import valid_input_size
+
+        SELECTABLE = (*METRIC_NAMES, *EXTRA_METRICS)
 
         return {
             "seed": int_at_least(0),
@@ -160,6 +187,39 @@ class ADDefaults(BaseConfig):
             ),
             "evaluator.mode": one_of(*METRIC_MODES),
             "evaluator.map_dtype": one_of("float16", "float32"),
+            "evaluator.image_score": one_of(*IMAGE_SCORES),
+            "evaluator.image_score_k": (
+                lambda v: isinstance(v, int | float) and 0 < v <= 100,
+                "a percentage in (0, 100]",
+            ),
+            "evaluator.image_score_pool": int_at_least(1),
+            "evaluator.mask_threshold": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "in [0, 1)"),
+            "evaluator.smooth_sigma": (
+                lambda v: v is None or (isinstance(v, int | float) and v > 0),
+                "None or a positive number",
+            ),
+            "evaluator.smooth_taps": (
+                lambda v: v is None or (isinstance(v, int) and v >= 1 and v % 2 == 1),
+                "None or an odd integer >= 1",
+            ),
+            "evaluator.resolution": (
+                lambda v: v is None or _sides_ok(v),
+                "None, a side >= 1 or [height, width]",
+            ),
+            "evaluator.aupro_limit": (lambda v: isinstance(v, int | float) and 0 < v <= 1, "in (0, 1]"),
+            "evaluator.aupro_steps": (
+                lambda v: v is None or (isinstance(v, int) and v >= 2 and self.evaluator.mode == "mambaad"),
+                "None, or an integer >= 2 with evaluator.mode=mambaad",
+            ),
+            "evaluator.metrics": (
+                lambda v: v is None or (isinstance(v, list | tuple) and set(v) <= set(SELECTABLE)),
+                f"None or a list of {', '.join(SELECTABLE)}",
+            ),
+            "evaluator.segf1_threshold": (
+                lambda v: isinstance(v, int | float) or v in SEGF1_THRESHOLDS,
+                f"a number or {', '.join(SEGF1_THRESHOLDS)}",
+            ),
+            "evaluator.also_exact": one_of(True, False),
             "optim.weight_decay": number_at_least(0),
             "optim.no_decay": one_of("ader", "flagged"),
         }
@@ -179,3 +239,9 @@ class ADDefaults(BaseConfig):
         self.data.batch_size = 8
         self.data.num_workers = 0
         self.model.teacher.pretrained = False
+
+
+def _sides_ok(size: Any) -> bool:
+    """One side or ``[height, width]``, integers >= 1."""
+    sides = size if isinstance(size, list | tuple) and len(size) == 2 else [size]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides)

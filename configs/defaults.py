@@ -15,6 +15,10 @@ from util.config import Section, number_at_least, one_of
 class MambaADDefaults(ADDefaults):
     """MambaAD on 256x256 images: ResNet34 teacher, depths [3,4,6,3], Hilbert scan, 8 directions."""
 
+    # the MambaAD paper's tables: its configs/mambaad/*.py ran ADer's evaluator with ADEval off and
+    # max_step_aupro=100 (evaluator.mode=mambaad) on float32 maps
+    PAPER_EVALUATOR = {"mode": "mambaad", "map_dtype": "float32"}
+
     def __init__(self) -> None:
         super().__init__()
         self.model = Section(

@@ -12,5 +12,6 @@ class MambaADCoco(MambaADDefaults):
 
     def __init__(self) -> None:
         super().__init__()
+        self.use_paper_protocol()  # score as the authors did (docs/metrics.md)
         self.data.root = "datasets/coco"
         self.data.meta_file = "meta_20_0.json"

@@ -8,4 +8,5 @@ class MambaADMvtec3d(MambaADDefaults):
 
     def __init__(self) -> None:
         super().__init__()
+        self.use_paper_protocol()  # score as the authors did (docs/metrics.md)
         self.data.root = "datasets/mvtec3d"

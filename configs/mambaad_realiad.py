@@ -14,5 +14,6 @@ class MambaADRealiad(MambaADDefaults):
 
     def __init__(self) -> None:
         super().__init__()
+        self.use_paper_protocol()  # score as the authors did (docs/metrics.md)
         self.data.root = "datasets/realiad"
         self.data.views = None

@@ -22,6 +22,10 @@ from util.config import Section, int_at_least, number_at_least
 class RD4ADDefaults(ADDefaults):
     """RD4AD on 256x256 images: WideResNet50-2 teacher (stages 1-3), MFF+OCE, ``de_wide_resnet50_2``."""
 
+    # ADer's benchmark (configs/benchmark/*: use_adeval=True, evaluator.mode=ader) on float32 maps;
+    # pooling_ks=None
+    PAPER_EVALUATOR = {"mode": "ader", "map_dtype": "float32"}
+
     def __init__(self) -> None:
         super().__init__()
         self.data.image_size = 256

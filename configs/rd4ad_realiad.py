@@ -17,5 +17,6 @@ class RD4ADRealiad(RD4ADDefaults):
 
     def __init__(self) -> None:
         super().__init__()
+        self.use_paper_protocol()  # score as the authors did (docs/metrics.md)
         self.data.root = "datasets/realiad"
         self.data.views = None

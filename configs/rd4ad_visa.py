@@ -12,4 +12,5 @@ class RD4ADVisa(RD4ADDefaults):
 
     def __init__(self) -> None:
         super().__init__()
+        self.use_paper_protocol()  # score as the authors did (docs/metrics.md)
         self.data.root = "datasets/visa"

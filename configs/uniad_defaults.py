@@ -21,6 +21,10 @@ from util.config import Section, int_at_least, number_at_least, one_of
 class UniADDefaults(ADDefaults):
     """UniAD on 256x256 images: frozen EfficientNet-B4 features, 4+4-layer neighbour-masked transformer."""
 
+    # ADer's benchmark (configs/benchmark/*: use_adeval=True, evaluator.mode=ader) on float32 maps;
+    # its pooling_ks=[16, 16] is model.score_pool
+    PAPER_EVALUATOR = {"mode": "ader", "map_dtype": "float32"}
+
     def __init__(self) -> None:
         super().__init__()
         self.data.image_size = 256

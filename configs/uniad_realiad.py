@@ -16,5 +16,6 @@ class UniADRealiad(UniADDefaults):
 
     def __init__(self) -> None:
         super().__init__()
+        self.use_paper_protocol()  # score as the authors did (docs/metrics.md)
         self.data.root = "datasets/realiad"
         self.data.views = None

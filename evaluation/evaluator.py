@@ -43,6 +43,8 @@ from evaluation.metrics_exact import (
     f1_max,
     roc_auc,
 )
+from evaluation.metrics_extra import EXTRA_METRICS, SEGF1_THRESHOLDS, compute_extra_metrics
+from evaluation.protocol import IMAGE_SCORES, image_scores, resize_maps, resize_masks, smooth_maps
 from evaluation.report import GROUP_SEP
 from util.errors import make_folder
 
@@ -159,6 +161,16 @@ class ADEvaluator:
     else ``cpu``. Classes whose curves are needed (plots, vis), ``ader`` and ``mambaad`` use numpy.
     After ``compute``, ``undefined[cls][metric]`` says why a metric is nan (e.g. "has no anomalous
     test image").
+
+    The protocol switches (docs/metrics.md): ``image_score`` (``model``: the method's own score;
+    ``max``; ``topk_mean`` of the top ``image_score_k`` %; ``pooled_max`` after an
+    ``image_score_pool`` average filter), ``mask_threshold`` (masks ``> t``, after the resize to
+    ``resolution``), ``smooth_sigma`` / ``smooth_taps`` (a Gaussian blur added to the method's maps),
+    ``resolution`` (maps and masks resized to this size, None: as predicted), ``aupro_limit`` and
+    ``aupro_steps`` (see :func:`evaluation.metrics.compute_metrics`). ``metrics`` may add
+    ``P-mIoU-max``, ``AUPIMO`` and ``SegF1`` (:mod:`evaluation.metrics_extra`; ``segf1_threshold``).
+    ``also_exact``: in ``ader`` / ``mambaad`` mode also compute the exact table
+    (``exact_results`` after ``compute``).
     """
 
     def __init__(
@@ -170,12 +182,54 @@ class ADEvaluator:
         spill_mb: float | None = 512,
         plots: bool = False,
         device: str = "auto",
+        image_score: str = "model",
+        image_score_k: float = 1.0,
+        image_score_pool: int = 16,
+        mask_threshold: float = 0.5,
+        smooth_sigma: float | None = None,
+        smooth_taps: int | None = None,
+        resolution: int | Sequence[int] | None = None,
+        aupro_limit: float = 0.3,
+        aupro_steps: int | None = None,
+        segf1_threshold: float | str = "normal_test",
+        also_exact: bool = True,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"evaluator.mode={mode!r} is not supported; use one of {', '.join(MODES)}")
-        if map_dtype not in MAP_DTYPES:
-            raise ValueError(f"evaluator.map_dtype={map_dtype!r} is not supported; use float16 or float32")
-        self.metrics = tuple(metrics or METRIC_NAMES)
+        for key, value, choices in (
+            ("mode", mode, MODES),
+            ("map_dtype", map_dtype, MAP_DTYPES),
+            ("image_score", image_score, IMAGE_SCORES),
+        ):
+            if value not in choices:
+                raise ValueError(f"evaluator.{key}={value!r} does not exist; use one of {', '.join(choices)}")
+        unknown = [m for m in metrics or () if m not in (*METRIC_NAMES, *EXTRA_METRICS)]
+        if unknown:
+            raise ValueError(
+                f"evaluator.metrics: unknown {', '.join(map(repr, unknown))}; "
+                f"use some of {', '.join((*METRIC_NAMES, *EXTRA_METRICS))}"
+            )
+        if aupro_steps is not None and mode != "mambaad":
+            raise ValueError(f"evaluator.aupro_steps={aupro_steps} applies to evaluator.mode=mambaad only")
+        if isinstance(segf1_threshold, str) and segf1_threshold not in SEGF1_THRESHOLDS:
+            raise ValueError(
+                f"evaluator.segf1_threshold={segf1_threshold!r} does not exist; "
+                f"use a number or {', '.join(SEGF1_THRESHOLDS)}"
+            )
+        chosen = tuple(metrics or METRIC_NAMES)
+        self.metrics = tuple(m for m in chosen if m in METRIC_NAMES)
+        self.extra_metrics = tuple(m for m in chosen if m in EXTRA_METRICS)
+        self.image_score = (image_score, float(image_score_k), int(image_score_pool))
+        self.mask_threshold = float(mask_threshold)
+        self.smoothing = None if smooth_sigma is None else (float(smooth_sigma), smooth_taps)
+        self.resolution = (
+            None
+            if resolution is None
+            else tuple(resolution)
+            if isinstance(resolution, list | tuple)
+            else (resolution,) * 2
+        )
+        self.aupro = {"aupro_limit": float(aupro_limit), "aupro_steps": aupro_steps}
+        self.segf1_threshold = segf1_threshold
+        self.also_exact = bool(also_exact) and mode != "exact"
         self.mode = mode
         self.map_dtype = np.dtype(map_dtype)
         self.spill_dir = spill_dir
@@ -195,6 +249,7 @@ class ADEvaluator:
         self._ram_bytes = 0
         self.num_samples = 0
         self.undefined: dict[str, dict[str, str]] = {}
+        self.exact_results: dict[str, dict[str, float]] | None = None
 
     def _close(self) -> None:
         for store in [*getattr(self, "_stores", {}).values(), *getattr(self, "_validation", {}).values()]:
@@ -230,6 +285,7 @@ class ADEvaluator:
         sample_ids (multi-view data) enable sample-level metrics; img_paths enable ``vis``; groups
         add per-group rows; images whose ``splits`` entry is ``"validation"`` are held apart.
         """
+        maps, scores, masks = self._apply_protocol(maps, scores, masks)
         if splits is not None:
             if len(splits) != len(cls_names):
                 raise ValueError(f"splits has {len(splits)} entries for a batch of {len(cls_names)} maps")
@@ -258,7 +314,7 @@ class ADEvaluator:
                 else ""
             )
             raise ValueError(f"anomaly maps contain inf/NaN{hint}")
-        masks_np = _numpy(masks).reshape(maps_np.shape) > 0.5
+        masks_np = _numpy(masks).reshape(maps_np.shape) > self.mask_threshold
         labels_np = _numpy(labels).astype(np.int64).reshape(-1)
         scores_np = _numpy(scores).astype(np.float64).reshape(-1)
         names = list(cls_names)
@@ -325,18 +381,49 @@ class ADEvaluator:
         """Classes with held-out validation images, sorted."""
         return sorted(c for c, store in self._validation.items() if store.n)
 
-    def _class_metrics(self, cls: str, store: _ClassStore, curves: dict[str, Any] | None) -> dict[str, float]:
+    def _apply_protocol(self, maps: Any, scores: Any, masks: Any) -> tuple[Any, Any, Any]:
+        """Smoothing, resolution, mask binarisation and image score of a batch, where they differ
+        from the method's own (the defaults leave the batch untouched)."""
+        kind, top_percent, pool = self.image_score
+        if self.smoothing is None and self.resolution is None and kind == "model":
+            return maps, scores, masks
+        maps_t = torch.as_tensor(maps).detach().cpu().float()
+        if maps_t.ndim == 4 and maps_t.shape[1] == 1:
+            maps_t = maps_t[:, 0]
+        if self.smoothing is not None:
+            maps_t = smooth_maps(maps_t, *self.smoothing)
+        if self.resolution is not None:
+            maps_t = resize_maps(maps_t, self.resolution)
+            masks_t = torch.as_tensor(masks).detach().cpu()
+            masks = resize_masks(
+                masks_t.reshape(len(masks_t), *masks_t.shape[-2:]), self.resolution, self.mask_threshold
+            )
+        if kind != "model":
+            scores = image_scores(maps_t, kind, top_percent, pool)
+        return maps_t, scores, masks
+
+    def _class_metrics(
+        self, cls: str, store: _ClassStore, curves: dict[str, Any] | None, mode: str | None = None
+    ) -> dict[str, float]:
+        mode = mode or self.mode
         labels = np.concatenate(store.labels)
         scores = np.concatenate(store.scores)
         maps, masks = store.maps(), store.masks()
-        if self.mode == "mambaad":
+        if mode == "mambaad":
             _warn_label_mismatch(cls, labels, store.mask_labels())
-        device = self._torch_device if self.mode == "exact" and curves is None else None
+        aupro = self.aupro if mode == self.mode else {"aupro_limit": self.aupro["aupro_limit"]}
+        device = self._torch_device if mode == "exact" and curves is None else None
         row = None
         if device is not None:
             try:
                 row = compute_metrics(
-                    store.maps_on(device), masks, labels, metrics=self.metrics, scores=scores, device=device
+                    store.maps_on(device),
+                    masks,
+                    labels,
+                    metrics=self.metrics,
+                    scores=scores,
+                    device=device,
+                    **aupro,
                 )
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -350,10 +437,12 @@ class ADEvaluator:
                 )
         if row is None:
             row = compute_metrics(
-                maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves, mode=self.mode
+                maps, masks, labels, metrics=self.metrics, scores=scores, curves=curves, mode=mode, **aupro
             )
         if len(store.sample_ids) == store.n:
             row.update(sample_metrics(scores, labels, store.sample_ids))
+        if self.extra_metrics and mode == self.mode:
+            row.update(compute_extra_metrics(maps, masks, self.extra_metrics, self.segf1_threshold))
         return row
 
     def compute(
@@ -373,11 +462,14 @@ class ADEvaluator:
         draw_vis = read_image is not None and out_dir is not None
         per_class: dict[str, dict[str, float]] = {}
         per_group: dict[str, dict[str, dict[str, float]]] = {}
+        exact: dict[str, dict[str, float]] = {}
         self.undefined = {}
         for cls in sorted(self._stores):
             store = self._stores[cls]
             curves: dict[str, Any] | None = {} if draw_curves or draw_vis else None
             per_class[cls] = add_mad(self._class_metrics(cls, store, curves))
+            if self.also_exact:
+                exact[cls] = add_mad(self._class_metrics(cls, store, None, mode="exact"))
             self._explain_undefined(cls, store, per_class[cls])
             for group, row in self._group_metrics(store).items():
                 per_group.setdefault(group, {})[f"{cls}{GROUP_SEP}{group}"] = row
@@ -401,6 +493,7 @@ class ADEvaluator:
                 )
         grouped = {name: row for rows in per_group.values() for name, row in rows.items()}
         means = {f"mean{GROUP_SEP}{g}": average_over_classes(rows) for g, rows in sorted(per_group.items())}
+        self.exact_results = {**exact, "mean": average_over_classes(exact)} if exact else None
         return {
             **per_class,
             "mean": average_over_classes(per_class),

@@ -13,7 +13,7 @@ from typing import Any
 
 from evaluation.metrics_ader import compute_metrics_ader
 from evaluation.metrics_exact import compute_metrics_exact
-from evaluation.metrics_mambaad import compute_metrics_mambaad
+from evaluation.metrics_mambaad import MAMBAAD_AUPRO_STEPS, compute_metrics_mambaad
 from evaluation.metrics_torch import compute_metrics_torch
 
 __all__ = ["METRIC_MODES", "compute_metrics"]
@@ -31,21 +31,30 @@ def compute_metrics(
     curves: dict[str, Any] | None = None,
     mode: str = "exact",
     device: Any = None,
+    aupro_limit: float = 0.3,
+    aupro_steps: int | None = None,
 ) -> dict[str, float]:
     """The requested metrics (default: all of ``METRIC_NAMES``) as fractions in [0, 1].
 
     Arguments and result as :func:`evaluation.metrics_exact.compute_metrics_exact`, plus
     ``mode``: ``exact``, ``ader`` or ``mambaad`` (the latter takes the image labels from the
-    masks), and ``device``: None computes with numpy; a torch device (e.g. ``cuda``) computes
-    ``exact`` with torch there (same numbers; no curve points).
+    masks), ``device``: None computes with numpy; a torch device (e.g. ``cuda``) computes
+    ``exact`` with torch there (same numbers; no curve points), ``aupro_limit``: the FPR where the
+    AU-PRO area ends, and ``aupro_steps``: the thresholds of ``mambaad``'s AU-PRO sweep (None: its
+    100; the other modes take every threshold or ADEval's bins and accept only None).
     """
     if mode not in METRIC_MODES:
         raise ValueError(f"unknown metrics mode {mode!r}; use one of {', '.join(METRIC_MODES)}")
-    options = {"metrics": metrics, "scores": scores}
+    if aupro_steps is not None and mode != "mambaad":
+        raise ValueError(f"aupro_steps={aupro_steps} applies to mode mambaad only, not {mode}")
+    options = {"metrics": metrics, "scores": scores, "fpr_limit": aupro_limit}
     if mode == "ader":
         return compute_metrics_ader(anomaly_maps, masks, labels, curves=curves, **options)
     if mode == "mambaad":
-        return compute_metrics_mambaad(anomaly_maps, masks, labels, curves=curves, **options)
+        steps = MAMBAAD_AUPRO_STEPS if aupro_steps is None else aupro_steps
+        return compute_metrics_mambaad(
+            anomaly_maps, masks, labels, curves=curves, aupro_steps=steps, **options
+        )
     if device is not None and curves is None:
         return compute_metrics_torch(anomaly_maps, masks, labels, device=device, **options)
     return compute_metrics_exact(anomaly_maps, masks, labels, curves=curves, **options)

@@ -147,18 +147,18 @@ def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _au_pro_from_curve(fpr: np.ndarray, pro: np.ndarray) -> float:
-    """Trapezoids of the points with FPR <= 0.3 plus the one interpolated up to 0.3, / 0.3."""
+def _au_pro_from_curve(fpr: np.ndarray, pro: np.ndarray, limit: float = _FPR_LIMIT) -> float:
+    """Trapezoids of the points with FPR <= ``limit`` (0.3) plus the one interpolated up to it, / it."""
     fpr, pro = fpr[::-1], pro[::-1]  # ascending FPR
-    low = fpr <= _FPR_LIMIT
+    low = fpr <= limit
     n_low = int(np.count_nonzero(low))
     area = _trapezoid(pro[:n_low], fpr[:n_low])
     x1, y1 = (fpr[n_low - 1], pro[n_low - 1]) if n_low else (0.0, 0.0)
     if n_low < len(fpr):
         x2, y2 = fpr[n_low], pro[n_low]
-        y_lim = y1 + (y2 - y1) * (_FPR_LIMIT - x1) / (x2 - x1)
-        area += 0.5 * (y1 + y_lim) * (_FPR_LIMIT - x1)
-    return area / _FPR_LIMIT
+        y_lim = y1 + (y2 - y1) * (limit - x1) / (x2 - x1)
+        area += 0.5 * (y1 + y_lim) * (limit - x1)
+    return area / limit
 
 
 def ader_pixel_metrics(
@@ -167,8 +167,10 @@ def ader_pixel_metrics(
     bins: int = ADER_BINS,
     curves: dict[str, Any] | None = None,
     chunk: int = 32,
+    fpr_limit: float = _FPR_LIMIT,
 ) -> dict[str, float]:
-    """P-AUROC, P-AP, P-F1max and AU-PRO as the official ADer/ADEval code computes them.
+    """P-AUROC, P-AP, P-F1max and AU-PRO (area up to ``fpr_limit``) as the official ADer/ADEval code
+    computes them.
 
     anomaly_maps: [N, H, W] (any float dtype, also a ``np.memmap``); masks: [N, H, W] bool. Images
     are processed ``chunk`` at a time, so memory stays at a few chunks. nan where undefined (no
@@ -200,7 +202,7 @@ def ader_pixel_metrics(
         fpr = fp / n_neg
         out["P-AUROC"] = _trapezoid(recall[::-1], fpr[::-1])
         if h.n_regions:
-            out["AUPRO"] = float(_au_pro_from_curve(fpr, tp_w / total_w))
+            out["AUPRO"] = float(_au_pro_from_curve(fpr, tp_w / total_w, fpr_limit))
     if curves is not None:
         curves["pixel_threshold"] = lo + float(ADER_F1_THRESHOLDS[best]) * (hi - lo)
         curves["pixel_pr_recall"], curves["pixel_pr_precision"] = recall[::-1], precision[::-1]
@@ -218,6 +220,7 @@ def compute_metrics_ader(
     metrics: Sequence[str] | None = None,
     scores: Any = None,
     curves: dict[str, Any] | None = None,
+    fpr_limit: float = _FPR_LIMIT,
 ) -> dict[str, float]:
     """Like :func:`compute_metrics_exact`, with the pixel metrics computed the ADer way."""
     wanted = wanted_metrics(metrics)
@@ -226,5 +229,5 @@ def compute_metrics_ader(
     if wanted & set(_PIXEL_METRICS):
         gts = squeeze_channel(as_bool(masks), "masks")
         maps = squeeze_channel(np.asarray(anomaly_maps), "anomaly_maps")
-        results.update(ader_pixel_metrics(maps, gts, curves=curves))
+        results.update(ader_pixel_metrics(maps, gts, curves=curves, fpr_limit=fpr_limit))
     return {name: results[name] for name in METRIC_NAMES if name in wanted}

@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "EXTRA_METRIC_COLUMNS",
     "METRIC_NAMES",
     "SAMPLE_METRIC_NAMES",
     "add_mad",
@@ -56,6 +57,8 @@ __all__ = [
 METRIC_NAMES: tuple[str, ...] = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 # Multi-view data (Real-IAD): one score per sample = max over its views; reported, not part of mAD.
 SAMPLE_METRIC_NAMES: tuple[str, ...] = ("S-AUROC", "S-AP", "S-F1max")
+# metrics of other frameworks (evaluation/metrics_extra.py), shown after mAD and not part of it
+EXTRA_METRIC_COLUMNS: tuple[str, ...] = ("P-mIoU-max", "AUPIMO", "AUPIMO-std", "SegF1")
 
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
@@ -383,6 +386,7 @@ def compute_metrics_exact(
     metrics: Sequence[str] | None = None,
     scores: Any = None,
     curves: dict[str, Any] | None = None,
+    fpr_limit: float = 0.3,
 ) -> dict[str, float]:
     """Compute the requested metrics (default: all of ``METRIC_NAMES``) as fractions in [0, 1].
 
@@ -392,7 +396,7 @@ def compute_metrics_exact(
     every pixel of all maps. Keys follow the order of ``METRIC_NAMES``; undefined metrics are nan.
     ``curves``: if a dict is given, it receives the curve points for plots (``image_roc_fpr``,
     ``pixel_pr_recall``, ``pro_fpr``, ...) and ``pixel_threshold``, the map value of the pixel F1-max,
-    all from the same ranking as the metrics.
+    all from the same ranking as the metrics. ``fpr_limit``: where the AU-PRO area ends.
     """
     wanted = wanted_metrics(metrics)
     maps, gts = _prepare_maps(anomaly_maps, masks)
@@ -416,7 +420,7 @@ def compute_metrics_exact(
         results["P-AP"] = _average_precision(pix)
         results["P-F1max"], threshold = _f1_max_and_threshold(pix)
         if "AUPRO" in wanted:
-            results["AUPRO"] = _au_pro(pix, 0.3)
+            results["AUPRO"] = _au_pro(pix, fpr_limit)
         if curves is not None:
             curves.update(_curves(pix, "pixel"))
             curves["pixel_threshold"] = threshold
@@ -431,7 +435,7 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def metric_columns(per_class: Mapping[str, Mapping[str, float]]) -> list[str]:
     present = {k for row in per_class.values() for k in row}
-    return [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in present]
+    return [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES, *EXTRA_METRIC_COLUMNS) if m in present]
 
 
 def with_mad(row: Mapping[str, float], columns: Sequence[str]) -> dict[str, float]:
@@ -452,7 +456,9 @@ def add_mad(row: Mapping[str, float]) -> dict[str, float]:
     ``mAD`` is nan if one of those is nan. Sample-level metrics (``S-*``), when present, follow
     ``mAD`` and are not part of it.
     """
-    return with_mad(row, [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES) if m in row])
+    return with_mad(
+        row, [m for m in (*METRIC_NAMES, *SAMPLE_METRIC_NAMES, *EXTRA_METRIC_COLUMNS) if m in row]
+    )
 
 
 def average_over_classes(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -50,9 +50,9 @@ def mask_labels(masks: np.ndarray) -> np.ndarray:
     return masks.reshape(len(masks), -1).any(axis=1).astype(np.int64)
 
 
-def _pro_area(fpr: np.ndarray, pro: np.ndarray) -> float:
-    """Their cut-and-rescale area: points with FPR < 0.3, FPR min-max rescaled, trapezoids."""
-    keep = fpr < _FPR_LIMIT
+def _pro_area(fpr: np.ndarray, pro: np.ndarray, limit: float = _FPR_LIMIT) -> float:
+    """Their cut-and-rescale area: points with FPR < ``limit`` (0.3), FPR min-max rescaled, trapezoids."""
+    keep = fpr < limit
     x, y = fpr[keep], pro[keep]
     if x.size < 2 or not x.max() > x.min():
         return math.nan
@@ -67,6 +67,7 @@ def mambaad_pixel_metrics(
     steps: int = MAMBAAD_AUPRO_STEPS,
     curves: dict[str, Any] | None = None,
     chunk: int = 32,
+    fpr_limit: float = _FPR_LIMIT,
 ) -> dict[str, float]:
     """P-F1max (21 normalised thresholds) and AU-PRO (``steps`` thresholds) as the authors' code.
 
@@ -106,7 +107,7 @@ def mambaad_pixel_metrics(
     if n_neg and n_regions:
         fpr = np.cumsum(neg[::-1])[::-1][1:] / n_neg  # one point per threshold, ascending thresholds
         pro = np.cumsum(pro_weighted[::-1])[::-1][1:] / n_regions
-        out["AUPRO"] = _pro_area(fpr, pro)
+        out["AUPRO"] = _pro_area(fpr, pro, fpr_limit)
         if curves is not None:
             curves["pro_fpr"], curves["pro_pro"] = fpr[::-1], pro[::-1]
     if curves is not None:
@@ -121,11 +122,14 @@ def compute_metrics_mambaad(
     metrics: Sequence[str] | None = None,
     scores: Any = None,
     curves: dict[str, Any] | None = None,
+    fpr_limit: float = _FPR_LIMIT,
+    aupro_steps: int = MAMBAAD_AUPRO_STEPS,
 ) -> dict[str, float]:
     """Like :func:`compute_metrics_exact`, computed as the MambaAD paper's evaluator did.
 
     ``labels`` is not used: the image label is whether the mask has a positive pixel (see the
-    module docstring). ``scores`` defaults to the maximum of each map, as there.
+    module docstring). ``scores`` defaults to the maximum of each map, as there. ``fpr_limit`` and
+    ``aupro_steps``: the AU-PRO cut (0.3) and sweep (100 thresholds; ADer's own default is 200).
     """
     del labels  # the official evaluator derives the image labels from the masks
     wanted = wanted_metrics(metrics)
@@ -134,5 +138,7 @@ def compute_metrics_mambaad(
     exact = [m for m in METRIC_NAMES if m in wanted and m not in _OWN_METRICS]
     results = compute_metrics_exact(maps, gts, mask_labels(gts), metrics=exact, scores=scores, curves=curves)
     if wanted & set(_OWN_METRICS):
-        results.update(mambaad_pixel_metrics(maps, gts, curves=curves))
+        results.update(
+            mambaad_pixel_metrics(maps, gts, steps=aupro_steps, curves=curves, fpr_limit=fpr_limit)
+        )
     return {name: results[name] for name in METRIC_NAMES if name in wanted}

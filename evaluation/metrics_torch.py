@@ -168,6 +168,7 @@ def compute_metrics_torch(
     metrics: Sequence[str] | None = None,
     scores: Any = None,
     device: torch.device | str | None = None,
+    fpr_limit: float = 0.3,
 ) -> dict[str, float]:
     """:func:`compute_metrics_exact` (same arguments, keys and nan rules) computed with torch.
 
@@ -213,6 +214,6 @@ def compute_metrics_torch(
         results["P-AP"] = _average_precision(pix)
         results["P-F1max"] = _f1_max(pix)
         if "AUPRO" in wanted:
-            results["AUPRO"] = _au_pro(pix, 0.3)
+            results["AUPRO"] = _au_pro(pix, fpr_limit)
 
     return {name: results[name] for name in METRIC_NAMES if name in wanted}

@@ -100,6 +100,18 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
     assert tested["mean"] == pytest.approx(final["mean"], abs=1e-6)
     assert tested_final["weights_epoch"] == 3  # how long the scored net.pth trained (its ckpt.pth)
 
+    # -m test in the MambaAD paper's protocol: its table is reported, labelled, with the exact one
+    # of the same maps beside it (equal to the exact -m test above: same weights, float16 maps)
+    proto_out = tmp_path / "proto"
+    proto_args = [*args[:4], *_overrides(tiny_data, proto_out, 3), args[-1], "evaluator.mode=mambaad"]
+    assert run.main(proto_args) == 0
+    proto = json.loads((_only_run(proto_out) / "metrics.json").read_text())["final"]
+    assert proto["protocol"] == "mambaad" and proto["exact"]["protocol"] == "exact"
+    assert proto["exact"]["results"]["mean"] == pytest.approx(tested["mean"], abs=1e-6)
+    assert tested_final["protocol"] == "exact" and "exact" not in tested_final
+    log = (_only_run(proto_out) / "log.txt").read_text()
+    assert "protocol mambaad; values x100" in log and "the same maps under protocol exact" in log
+
     # predict: one .npy (input size) + overlay per image, scores = map maxima
     images = sorted((tiny_data / "weave" / "test").rglob("*.png"))[:3]
     in_dir = tmp_path / "in"

@@ -76,7 +76,10 @@ def test_dataset_run_per_class_and_mean(tmp_path: Path) -> None:
     assert by_class["bottle"][-2] == pytest.approx(bottle_mad)
     text = "\n".join(notes)
     assert "Table 1 (Sec. 4.2)" in text and "Tables A1 (image) and A2 (pixel)" in text
-    assert "evaluator.mode=exact (NOT the paper's mode)" in text and "paper: evaluator.mode=mambaad" in text
+    assert (
+        "evaluator.mode=exact; compared: protocol exact (NOT the paper's protocol mambaad)" in text
+        and "paper: evaluator.mode=mambaad" in text
+    )
     assert "finished, epoch 500/500" in text
     assert "mean over the 2 class(es) both have" in text and "not in this run: cable, capsule," in text
 
@@ -84,7 +87,7 @@ def test_dataset_run_per_class_and_mean(tmp_path: Path) -> None:
 def test_mode_matching_the_paper_is_said(tmp_path: Path) -> None:
     run = _run(tmp_path / "r", "mambaad_visa", {"pcb1": 0.9}, evaluator__mode="mambaad")
     [(notes, _, rows)] = collect.paper_sections(collect.find_runs([run]), PAPER)
-    assert "evaluator.mode=mambaad (as the paper)" in notes[1]
+    assert "evaluator.mode=mambaad; compared: protocol mambaad (as the paper)" in notes[1]
     assert rows[0][2] == pytest.approx(95.4)  # Table A3 pcb1 I-AUROC
 
 
@@ -191,3 +194,27 @@ def test_table5_counts_each_runs_model_beside_the_paper(tmp_path: Path) -> None:
     assert 0.2 < row[5] < 0.3 and row[6] == 8.3
     assert row[8] != row[8] and row[9] == 86.0  # not an MVTec AD run: no mAD of its own
     assert any("DeSTSeg" in n and "reverse" in n for n in notes)  # the paper's swapped mAD, as printed
+
+
+def test_compares_the_table_in_the_papers_protocol(tmp_path: Path) -> None:
+    """A mambaad run records an exact table too: --paper compares its mambaad table, and says so."""
+    run = _run(tmp_path / "r", "mambaad_visa", {"pcb1": 0.9}, evaluator__mode="mambaad")
+    exact = {"pcb1": dict.fromkeys(METRIC_NAMES, 0.5)}
+    final = {
+        "epoch": 500,
+        "protocol": "mambaad",
+        "results": {"pcb1": dict.fromkeys(METRIC_NAMES, 0.9)},
+        "exact": {"protocol": "exact", "results": exact},
+    }
+    (run / "metrics.json").write_text(json.dumps({"final": final}))
+    assert set(collect.final_tables(run)) == {"mambaad", "exact"}
+    [(notes, _, rows)] = collect.paper_sections(collect.find_runs([run]), PAPER)
+    assert rows[0][1] == pytest.approx(90.0) and "compared: protocol mambaad (as the paper)" in notes[1]
+    assert collect.mean_metrics(run, "exact")["I-AUROC"] == pytest.approx(50.0)
+    # the reported table is exact and no mambaad table was recorded: exact is compared, and said to be
+    final = {"epoch": 500, "protocol": "exact", "results": exact}
+    (run / "metrics.json").write_text(json.dumps({"final": final}))
+    [(notes, _, rows)] = collect.paper_sections(collect.find_runs([run]), PAPER)
+    assert (
+        rows[0][1] == pytest.approx(50.0) and "protocol exact (NOT the paper's protocol mambaad)" in notes[1]
+    )

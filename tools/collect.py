@@ -19,9 +19,11 @@ the difference (run - paper): per class and mean for a data-set run (the data se
 the run's config name, or ``--paper DATASET``), the mean for a sweep combination named as a
 row of paper Tables 2-4 (``configs/sweeps/``). A run with only some of the data set's classes
 (or others besides) is compared over the classes both have, the paper's mean recomputed from its
-per-class values, and the missing and foreign classes are named. It also says which evaluator
-mode and how many epochs the scored weights trained (for a ``-m test`` run, as its metrics
-record them), next to the paper's.
+per-class values, and the missing and foreign classes are named. It compares like with like:
+the run's table in the paper's protocol (MambaAD's rows: ``mambaad``; the other methods' rows,
+from ADer's benchmark: ``ader``) where the run recorded one (an ``ader`` / ``mambaad`` run also
+records ``exact``), and says which protocol it compared, the run's evaluator mode and how many
+epochs the scored weights trained (for a ``-m test`` run, as its metrics record them).
 """
 
 from __future__ import annotations
@@ -91,10 +93,39 @@ def _mean(values: list[Any]) -> float:
     return sum(defined) / len(defined) if defined else math.nan
 
 
-def mean_metrics(run: Path) -> dict[str, float]:
-    """The final evaluation's mean over classes (x100) with mAD, from ``run/metrics.json``."""
-    data = json.loads((run / "metrics.json").read_text())
-    results = (data.get("final") or {}).get("results") or {}
+def final_tables(run: Path) -> dict[str, dict[str, Any]]:
+    """The final evaluation's tables by protocol: ``results`` under its ``protocol`` (older runs: the
+    config's ``evaluator.mode``) and, where recorded, the ``exact`` table beside it."""
+    final = json.loads((run / "metrics.json").read_text()).get("final") or {}
+    protocol = final.get("protocol")
+    if protocol is None:  # older runs: the config's mode (a folder without config.json: exact)
+        config = run / "config.json"
+        protocol = _flat_config(run).get("evaluator.mode", "exact") if config.is_file() else "exact"
+    tables = {protocol: final.get("results") or {}}
+    extra = final.get("exact")
+    if isinstance(extra, dict) and extra.get("results"):
+        tables.setdefault(extra.get("protocol", "exact"), extra["results"])
+    return tables
+
+
+def compared_protocol(run: Path, wanted: str) -> str:
+    """``wanted`` where the run recorded a table in it, else the protocol of its reported results."""
+    tables = final_tables(run)
+    return wanted if wanted in tables else next(iter(tables))
+
+
+def paper_protocol(method: str, paper: dict[str, Any]) -> str:
+    """The protocol of the paper's numbers for ``method``: MambaAD's own evaluator for its rows;
+    the other methods' Table 1 rows come from ADer's benchmark (ADEval on: ``ader``)."""
+    return paper["evaluation"]["mode"] if method == "MambaAD" else "ader"
+
+
+def mean_metrics(run: Path, protocol: str | None = None) -> dict[str, float]:
+    """The final evaluation's mean over classes (x100) with mAD, from ``run/metrics.json``, in
+    ``protocol`` (None: the reported results; see :func:`final_tables`)."""
+    tables = final_tables(run)
+    results = tables.get(protocol) if protocol is not None else None
+    results = results or next(iter(tables.values()))
     if not results:
         raise ValueError(f"{run / 'metrics.json'} has no final results")
     if "mean" in results:
@@ -304,16 +335,17 @@ def _with_mad(values: list[float] | None, mad: float | None = None) -> list[floa
     return [*values, sum(values) / len(values) if mad is None else mad]
 
 
-def class_metrics(run: Path) -> dict[str, dict[str, float]]:
-    """Each class's final metrics (x100, with mAD) from ``run/metrics.json``, then ``mean``."""
-    data = json.loads((run / "metrics.json").read_text())
-    results = (data.get("final") or {}).get("results") or {}
+def class_metrics(run: Path, protocol: str | None = None) -> dict[str, dict[str, float]]:
+    """Each class's final metrics (x100, with mAD) from ``run/metrics.json``, then ``mean``, in
+    ``protocol`` (None: the reported results)."""
+    tables = final_tables(run)
+    results = (tables.get(protocol) if protocol is not None else None) or next(iter(tables.values()))
     out = {}
     for cls, values in results.items():
         if cls != "mean":
             row = {m: 100.0 * float(values.get(m, math.nan)) for m in METRIC_NAMES}
             out[cls] = {**row, "mAD": sum(row.values()) / len(METRIC_NAMES)}
-    out["mean"] = mean_metrics(run)
+    out["mean"] = mean_metrics(run, protocol)
     return out
 
 
@@ -359,10 +391,13 @@ def _compare_header(first: str) -> list[str]:
 
 
 def run_note(label: str, run: Path, cfg: dict[str, Any], paper: dict[str, Any]) -> str:
-    """The evaluator mode and epochs a run used, and whether the mode is the paper's."""
+    """The evaluator mode and epochs a run used, and which protocol is compared: the paper's where
+    the run recorded a table in it (a mambaad or ader run records exact too, not the reverse)."""
     mode = cfg.get("evaluator.mode", "exact")
-    verdict = "as the paper" if mode == paper["evaluation"]["mode"] else "NOT the paper's mode"
-    return f"run {label}: evaluator.mode={mode} ({verdict}), {epochs_note(run)}"
+    wanted = paper_protocol(method_of(cfg, paper), paper)
+    used = compared_protocol(run, wanted)
+    verdict = "as the paper" if used == wanted else f"NOT the paper's protocol {wanted}"
+    return f"run {label}: evaluator.mode={mode}; compared: protocol {used} ({verdict}), {epochs_note(run)}"
 
 
 def epochs_note(run: Path) -> str:
@@ -425,7 +460,7 @@ def table1_row(
     the paper's appendix holds but this file does not) no paper values, with a note."""
     method = method_of(cfg, paper)
     entry = paper["datasets"][ds]
-    per_class = class_metrics(run)
+    per_class = class_metrics(run, compared_protocol(run, paper_protocol(method, paper)))
     printed = paper["tables"]["table1"]["rows"].get(ds, {}).get(method)  # seven metrics and mAD
     theirs = _with_mad(None) if printed is None else list(printed)
     if ds != "coco":
@@ -460,7 +495,8 @@ def paper_sections(
         match = ablation_row(label, run, paper) if chosen == "auto" else None
         if match is not None:
             table, row = match
-            ablation.append([table, *_compare(label, mean_metrics(run), _with_mad(row["metrics"]))])
+            mean = mean_metrics(run, compared_protocol(run, paper_protocol("MambaAD", paper)))
+            ablation.append([table, *_compare(label, mean, _with_mad(row["metrics"]))])
             ablation_notes.append(run_note(label, run, cfg, paper))
             continue
         ds = paper_dataset(cfg, paper, run, chosen)
@@ -474,7 +510,7 @@ def paper_sections(
         notes = [title, run_note(label, run, cfg, paper), paper_note(paper)]
         split = re.search(r"meta_20_(\d)", str(cfg.get("data.meta_file", "")))
         paper_classes = {_class_key(c): v for c, v in entry["classes"].items()}
-        per_class = class_metrics(run)
+        per_class = class_metrics(run, compared_protocol(run, paper_protocol("MambaAD", paper)))
         if ds != "coco":
             per_class, same_classes = _same_classes(per_class, entry, notes)
         rows = []
@@ -515,7 +551,8 @@ def table5_section(runs: list[tuple[str, Path]], paper: dict[str, Any]) -> Paper
             on_mvtec = paper_dataset(cfg, paper, run) == "mvtec"
         except ValueError:  # a config of no paper data set: no mAD to compare
             on_mvtec = False
-        mad = mean_metrics(run)["mAD"] if on_mvtec else math.nan
+        wanted = compared_protocol(run, paper_protocol(method, paper)) if on_mvtec else None
+        mad = mean_metrics(run, wanted)["mAD"] if on_mvtec else math.nan
         row: list[Any] = [label, method]
         for ours, key in ((cost["Params(M)"], "params_m"), (cost["FLOPs(G)"], "gflops"), (mad, "mAD")):
             theirs = printed.get(key, math.nan)

@@ -225,13 +225,21 @@ class ADTrainer(TrainerBase):
         results = self.evaluator.compute(out_dir=self.run_dir, read_image=read_rgb if self.cfg.vis else None)
         label = f"epoch {epoch}" if epoch is not None else "test"
         per_class = {k: v for k, v in results.items() if k != "mean"}
+        protocol = getattr(self.evaluator, "mode", "exact")
         self.log.info(
-            "results (%s, %d images, each scored once by %d process(es); values x100):\n%s",
+            "results (%s, %d images, each scored once by %d process(es); protocol %s; values x100):\n%s",
             label,
             scored,
             self.dist.world_size,
+            protocol,
             format_table(per_class, getattr(self.evaluator, "undefined", None)),
         )
+        exact = getattr(self.evaluator, "exact_results", None)
+        if exact is not None:
+            self.log.info(
+                "the same maps under protocol exact (every threshold; docs/metrics.md) (values x100):\n%s",
+                format_table({k: v for k, v in exact.items() if k != "mean"}),
+            )
         if epoch is not None and self.history:
             best, at = max_over_evaluations([*self.history, {"epoch": epoch, "results": results}])
             self.log.info(
@@ -245,7 +253,9 @@ class ADTrainer(TrainerBase):
             for name, value in values.items():
                 tag = f"test/{name}" if cls == "mean" else f"test_{cls}/{name}"
                 self.writer.add_scalar(tag, value * 100.0, step)
-        entry = {"epoch": epoch, "step": step, "num_images": scored, "results": results}
+        entry = {"epoch": epoch, "step": step, "num_images": scored, "results": results, "protocol": protocol}
+        if exact is not None:
+            entry["exact"] = {"protocol": "exact", "results": exact}
         if epoch is None:  # -m test: how long the scored weights trained, not the config's epochs
             entry["weights_epoch"] = trained_epochs(self.cfg.model.checkpoint)
         self.history.append(entry)
