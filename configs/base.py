@@ -104,7 +104,9 @@ class ADDefaults(BaseConfig):
             resolution=None,  # maps and masks resized to this side or [h, w] (None: data.image_size)
             aupro_limit=0.3,  # FPR where the AU-PRO area ends
             aupro_steps=None,  # mode=mambaad only: thresholds of its AU-PRO sweep (None: 100)
-            segf1_threshold="normal_test",  # SegF1: a number, or mean + 3 std of the normal test pixels
+            # SegF1's threshold: a number; mean + 3 std of the pixels of the held-out "validation"
+            # images (MVTec AD 2, data.validation=held_out) or of the "normal_test" images
+            segf1_threshold="normal_test",
             also_exact=True,  # mode ader / mambaad: also record the exact table
         )
 

@@ -442,7 +442,12 @@ class ADEvaluator:
         if len(store.sample_ids) == store.n:
             row.update(sample_metrics(scores, labels, store.sample_ids))
         if self.extra_metrics and mode == self.mode:
-            row.update(compute_extra_metrics(maps, masks, self.extra_metrics, self.segf1_threshold))
+            held = self.validation_maps(cls) if self.segf1_threshold == "validation" else None
+            validation = None if held is None else held[0]
+            extra = compute_extra_metrics(
+                maps, masks, self.extra_metrics, self.segf1_threshold, validation=validation
+            )
+            row.update(extra)
         return row
 
     def compute(

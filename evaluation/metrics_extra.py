@@ -14,9 +14,11 @@ is a few chunks plus the masks the evaluator already unpacks, as for the other m
   ``AUPIMO-std``. Where anomalib refuses (30 points or fewer in the range) it is computed anyway,
   as anomalib's ``force=True`` does. Image classes come from the masks, as there.
 * ``SegF1`` (MVTec AD 2): the pixel F1 over all pixels of the class at one threshold (predicted
-  ``map >= t``). MVTec AD 2 takes it from validation images; with ``threshold="normal_test"`` it is
-  the mean + 3 standard deviations of the normal test images' pixels (no validation split is
-  scored here), a number gives it directly.
+  ``map >= t``). With ``threshold="validation"`` it is MVTec AD 2's: the mean + 3 standard
+  deviations of the pixels of the class's held-out validation images (``data.validation=held_out``,
+  :meth:`evaluation.evaluator.ADEvaluator.validation_maps`); ``"normal_test"`` takes the same
+  statistic over the normal test images instead (a stand-in where no validation split is scored),
+  a number gives it directly.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ __all__ = [
 EXTRA_METRICS: tuple[str, ...] = ("P-mIoU-max", "AUPIMO", "SegF1")  # selectable names
 AUPIMO_THRESHOLDS = 300_000  # anomalib's default num_thresholds
 AUPIMO_FPR_BOUNDS = (1e-5, 1e-4)
-SEGF1_THRESHOLDS = ("normal_test",)
+SEGF1_THRESHOLDS = ("validation", "normal_test")
 _EPS = 1e-8
 
 
@@ -136,20 +138,33 @@ def aupimo(
     }
 
 
-def seg_f1(maps: Any, masks: np.ndarray, threshold: float | str = "normal_test", chunk: int = 32) -> float:
+def seg_f1(
+    maps: Any,
+    masks: np.ndarray,
+    threshold: float | str = "normal_test",
+    chunk: int = 32,
+    validation: Any = None,
+) -> float:
     """MVTec AD 2's SegF1 of one class: the pooled pixel F1 at one threshold (``map >= t``).
 
-    ``threshold``: a number, or ``"normal_test"``: the mean + 3 std of the pixels of the test images
-    whose mask is empty (the stand-in for MVTec AD 2's validation images). nan without anomalous
-    pixels, or without normal images for ``normal_test``.
+    ``threshold``: a number; ``"validation"``: the mean + 3 std of the pixels of ``validation``
+    (the class's held-out validation maps [N, H, W], all normal); ``"normal_test"``: the same over
+    the test images whose mask is empty. nan without anomalous pixels, or without the images the
+    threshold comes from.
     """
     if isinstance(threshold, str):
         if threshold not in SEGF1_THRESHOLDS:
             raise ValueError(f"SegF1 threshold {threshold!r}: use a number or {', '.join(SEGF1_THRESHOLDS)}")
+        if threshold == "validation":
+            if validation is None or not len(validation):
+                return math.nan
+            normals = (np.asarray(validation[i : i + chunk]) for i in range(0, len(validation), chunk))
+        else:
+            normals = (x[~gt.reshape(len(gt), -1).any(axis=1)] for _, x, gt in _chunks(maps, masks, chunk))
         total = total_sq = 0.0
         count = 0
-        for _, x, gt in _chunks(maps, masks, chunk):
-            normal = x[~gt.reshape(len(gt), -1).any(axis=1)].astype(np.float64)
+        for normal in normals:
+            normal = normal.astype(np.float64)
             total += float(normal.sum())
             total_sq += float((normal**2).sum())
             count += normal.size
@@ -174,8 +189,10 @@ def compute_extra_metrics(
     metrics: tuple[str, ...],
     segf1_threshold: float | str = "normal_test",
     aupimo_thresholds: int = AUPIMO_THRESHOLDS,
+    validation: Any = None,
 ) -> dict[str, float]:
-    """The requested ones of :data:`EXTRA_METRICS` for one class (``AUPIMO`` brings ``AUPIMO-std``)."""
+    """The requested ones of :data:`EXTRA_METRICS` for one class (``AUPIMO`` brings ``AUPIMO-std``);
+    ``validation``: the class's held-out validation maps, for ``segf1_threshold="validation"``."""
     out: dict[str, float] = {}
     if "P-mIoU-max" in metrics:
         out["P-mIoU-max"] = miou_max(maps, masks)
@@ -183,5 +200,5 @@ def compute_extra_metrics(
         result = aupimo(maps, masks, num_thresholds=aupimo_thresholds)
         out["AUPIMO"], out["AUPIMO-std"] = result["AUPIMO"], result["AUPIMO-std"]
     if "SegF1" in metrics:
-        out["SegF1"] = seg_f1(maps, masks, segf1_threshold)
+        out["SegF1"] = seg_f1(maps, masks, segf1_threshold, validation=validation)
     return out

@@ -18,6 +18,7 @@ from data.loaders import build_loaders
 from data.meta import DataError
 from data.prepare import LOCO_MERGED, merge_mask_folder
 from evaluation.evaluator import ADEvaluator
+from evaluation.metrics_extra import seg_f1
 from evaluation.report import format_table
 from evaluation.scoring import score_test_set
 from tools import prepare_data
@@ -117,6 +118,12 @@ def _score(cfg: ADDefaults, evaluator: ADEvaluator) -> int:
     return score_test_set(predict, test, evaluator, CPU, (H, W), lambda *args: None)
 
 
+def _class_maps_and_masks(evaluator: ADEvaluator, cls: str) -> tuple[np.ndarray, np.ndarray]:
+    """The test maps and masks the evaluator holds for ``cls`` (what its metrics read)."""
+    store = evaluator._stores[cls]
+    return np.asarray(store.maps()), store.masks()
+
+
 def test_mvtec2_public_test_and_held_out_validation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = _mvtec2(tmp_path / "mvtec2")
     assert _prepare(root, "mvtec2") == 0
@@ -143,7 +150,7 @@ def test_mvtec2_public_test_and_held_out_validation(tmp_path: Path, capsys: pyte
     assert item["split"] == "test" and item["anomaly"] == 1
     assert int(item["img_mask"].sum()) == 4 * 3 and item["img_mask"][0, 0, :4].all()
 
-    evaluator = ADEvaluator(device="cpu")
+    evaluator = ADEvaluator(device="cpu", metrics=["I-AUROC", "SegF1"], segf1_threshold="validation")
     assert _score(_cfg(root, "mvtec2", "held_out"), evaluator) == 10
     assert evaluator.validation_classes == ["can", "rice"]
     maps, scores = evaluator.validation_maps("can")
@@ -153,6 +160,11 @@ def test_mvtec2_public_test_and_held_out_validation(tmp_path: Path, capsys: pyte
     results = evaluator.compute()
     assert evaluator.num_samples == 6  # the test set alone reaches the metrics
     assert results["can"]["I-AUROC"] == 1.0  # bad images (200) are brighter than good ones (100)
+    # SegF1 at the validation maps' mean + 3 std (all grey: the threshold is their value), so
+    # every brighter pixel is predicted: the defect's and the rest of the bright bad images
+    threshold = float(maps.astype(np.float64).mean() + 3 * maps.astype(np.float64).std())
+    want = seg_f1(*_class_maps_and_masks(evaluator, "can"), threshold)
+    assert 0 < results["can"]["SegF1"] == pytest.approx(want)
     evaluator.reset()
     assert evaluator.validation_maps("can") is None
 

@@ -150,8 +150,13 @@ def test_seg_f1_by_hand() -> None:
     masks = np.array([[[0, 0, 0, 0]], [[1, 1, 0, 0]]], bool)
     assert 1 + 3 * math.sqrt(3) == pytest.approx(6.196, abs=1e-3)  # so 7 is predicted, 6 is not
     assert seg_f1(maps, masks) == pytest.approx(2 / 3)  # TP 1, FN 1, FP 0
+    # validation (MVTec AD 2): held-out normal maps with pixels 1, 1, 1, 3: mean 1.5, std sqrt(0.75),
+    # threshold 1.5 + 3 * 0.866 = 4.10: 7 and 6 predicted, 4 not
+    validation = np.array([[[1.0, 1.0]], [[1.0, 3.0]]])
+    assert seg_f1(maps, masks, "validation", validation=validation) == pytest.approx(1.0)  # TP 2
+    assert math.isnan(seg_f1(maps, masks, "validation"))  # no validation images: undefined
     with pytest.raises(ValueError, match="normal_test"):
-        seg_f1(maps, masks, "validation")
+        seg_f1(maps, masks, "val")
 
 
 def test_aupimo_by_hand() -> None:
@@ -246,7 +251,7 @@ def test_paper_configs_score_as_their_authors(config: str, mode: str, dtype: str
     [
         ("evaluator.image_score=mean", "'topk_mean'"),
         ("evaluator.metrics=['P-mIoU']", "P-mIoU-max"),
-        ("evaluator.segf1_threshold=validation", "normal_test"),
+        ("evaluator.segf1_threshold=valid", "normal_test"),
         ("evaluator.smooth_taps=4", "odd"),
         ("evaluator.aupro_steps=50", "mode=mambaad"),
         ("evaluator.aupro_limit=0", "(0, 1]"),
