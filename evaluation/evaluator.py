@@ -183,6 +183,7 @@ class ADEvaluator:
         self._stores = {}
         self._ram_bytes = 0
         self.num_samples = 0
+        self.thresholds: dict[str, Any] | None = None
         self.undefined: dict[str, dict[str, str]] = {}
 
     def _close(self) -> None:
@@ -307,6 +308,8 @@ class ADEvaluator:
         With ``out_dir``: curve plots under ``out_dir/curves/`` when built with ``plots=True``, and
         with ``read_image`` (``(path, (H, W)) -> RGB uint8``, the data set's reader; ``img_paths``
         given to ``update``) a grid of the worst and best cases per class under ``out_dir/vis/``.
+        With ``out_dir`` also ``thresholds.json`` (F1-maximising thresholds, kept in ``thresholds``)
+        and ``report.html`` (:mod:`evaluation.evaluation_report`).
         """
         if not self._stores:
             raise RuntimeError("the evaluator received no test samples")
@@ -337,7 +340,12 @@ class ADEvaluator:
                     curves.get("pixel_threshold", math.nan),
                     Path(out_dir) / "vis" / f"{safe_name(cls)}.png",
                 )
-        return {**per_class, "mean": average_over_classes(per_class)}
+        results = {**per_class, "mean": average_over_classes(per_class)}
+        if out_dir is not None:  # thresholds.json and report.html (evaluation.evaluation_report)
+            from evaluation.evaluation_report import write_evaluation_outputs
+
+            self.thresholds = write_evaluation_outputs(self._stores, results, out_dir, read_image)
+        return results
 
     def _explain_undefined(self, cls: str, store: _ClassStore, row: dict[str, float]) -> None:
         """Record in ``undefined`` and log, per reason, the class's metrics that are nan."""
