@@ -427,10 +427,10 @@ def _write_one(
     return {
         "image": rel.as_posix(),
         "class": cls or "",
-        "score": f"{score:.6f}",
+        "score": f"{score:.9g}",
         "label": label,
-        "image_threshold": "" if math.isnan(img_t) else f"{img_t:.6g}",
-        "pixel_threshold": "" if math.isnan(pix_t) else f"{pix_t:.6g}",
+        "image_threshold": "" if math.isnan(img_t) else f"{img_t:.9g}",
+        "pixel_threshold": "" if math.isnan(pix_t) else f"{pix_t:.9g}",
         "thresholds_from": result.sources[j],
         "anomalous_pixels": f"{float(mask.mean()):.6f}",
         "width": str(photo.shape[1]),
