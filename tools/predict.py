@@ -53,7 +53,7 @@ from evaluation.html_report import REPORT_FILE, GalleryItem, line_chart, table_h
 from evaluation.panels import SCALE_TEXT, overlay, panel
 from mambaad import Detector, load_model, predict
 from util.cli import add_config_args, report_error
-from util.errors import UsageError, make_folder, write_failure
+from util.errors import UsageError, UserError, make_folder, write_failure
 from util.logger import get_logger
 from util.progress import Progress
 
@@ -542,6 +542,8 @@ def _writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
+        if isinstance(err, UserError):  # already one paragraph naming its file (a nested write)
+            raise
         intact = "the files written before it are complete; free some space and run predict again"
         failure = write_failure(err, path, "--output", intact)
         if failure is None:
