@@ -92,10 +92,13 @@ def f1_curve(counts: np.ndarray, points: int = 200) -> tuple[np.ndarray, np.ndar
     n_pos = int(counts[1].sum())
     if not len(present) or n_pos == 0:
         return np.zeros(0), np.zeros(0)
-    keys = np.unique(np.linspace(present[0], present[-1], points).astype(np.int64))
-    tp = np.cumsum(counts[1][::-1])[::-1][keys]
-    above = np.cumsum(counts.sum(0)[::-1])[::-1][keys]
-    return np.array([_value(int(k)) for k in keys]), 2.0 * tp / (above + n_pos)
+    tp_all = np.cumsum(counts[1][::-1])[::-1]
+    above_all = np.cumsum(counts.sum(0)[::-1])[::-1]
+    f1_all = 2.0 * tp_all / (above_all + n_pos)
+    f1_all[counts[1] == 0] = -1.0
+    best = int(np.argmax(f1_all))  # the chosen threshold is one of the points
+    keys = np.unique(np.r_[np.linspace(present[0], present[-1], points).astype(np.int64), best])
+    return np.array([_value(int(k)) for k in keys]), 2.0 * tp_all[keys] / (above_all[keys] + n_pos)
 
 
 def value_range(counts: np.ndarray) -> tuple[float, float]:
