@@ -495,7 +495,8 @@ def _benchmark(model: ExportedModel, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m deploy.runtime MODEL IMAGE...`` prints one score per image; ``--benchmark N`` times it."""
+    """``python -m deploy.runtime MODEL IMAGE...`` prints one score (and label, when ``model.json``
+    holds thresholds or ``--threshold`` is given) per image; ``--benchmark N`` times it."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Score images with an exported MambaAD model (no PyTorch).")
@@ -504,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     parser.add_argument("--benchmark", type=int, metavar="N", help="time N runs on random input; print JSON")
+    parser.add_argument("--class", dest="cls", default=None, help="class whose thresholds apply (model.json)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="image threshold (overrides model.json)"
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors too")
     args = parser.parse_args(argv)
     if not args.images and not args.benchmark:
@@ -521,8 +526,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for path, score in zip(args.images, result.scores):
-        print(f"{path}\t{score:.6f}")
+    decision = decide(result.maps, result.scores, model.thresholds, args.cls, args.threshold)
+    for path, score, label, thr in zip(
+        args.images, result.scores, decision.labels, decision.image_thresholds
+    ):
+        verdict = "" if np.isnan(thr) else ("\tanomalous" if label else "\tnormal")
+        print(f"{path}\t{score:.6f}{verdict}")
     return 0
 
 
