@@ -6,7 +6,8 @@
 ``--input`` holds one folder per class, each laid out as an MVTec AD test folder:
 ``good/`` (normal images), one folder per defect type (anomalous images), and optionally
 ``ground_truth/<defect>/<stem>_mask.png`` masks (without masks, a class gets no pixel threshold
-and uses the overall one). A folder that itself holds ``good/`` is one class (``--class``,
+and uses the overall one); an MVTec class folder (``test/good``, ``test/<defect>``,
+``ground_truth/``) works as it is. A folder that itself holds ``good/`` is one class (``--class``,
 default its name). The image and pixel thresholds maximising F1 on these images, per class and
 overall (:mod:`evaluation.thresholds`), are written to ``RUN/thresholds.json`` (``--output``
 elsewhere), where ``tools/predict.py``, ``mambaad.load_model`` and ``tools/export.py`` find
@@ -47,10 +48,14 @@ def labelled_images(root: Path, cls: str | None) -> dict[str, list[tuple[Path, P
         raise UsageError(
             f"--input {root} is not a folder; pass a folder of classes with good/ and defect folders"
         )
+
+    def is_class(d: Path) -> bool:
+        return (d / GOOD).is_dir() or (d / "test" / GOOD).is_dir()
+
     class_dirs = (
         {cls or root.name: root}
-        if (root / GOOD).is_dir()
-        else {d.name: d for d in sorted(root.iterdir()) if (d / GOOD).is_dir()}
+        if is_class(root)
+        else {d.name: d for d in sorted(root.iterdir()) if is_class(d)}
     )
     if not class_dirs:
         raise UsageError(
@@ -58,11 +63,12 @@ def labelled_images(root: Path, cls: str | None) -> dict[str, list[tuple[Path, P
             "CLASS/good/*.png, CLASS/<defect>/*.png, optionally CLASS/ground_truth/<defect>/<stem>_mask.png"
         )
     found: dict[str, list[tuple[Path, Path | None, int]]] = {}
-    for name, folder in class_dirs.items():
+    for name, class_dir in class_dirs.items():
+        folder = class_dir / "test" if (class_dir / "test" / GOOD).is_dir() else class_dir  # MVTec's layout
         items: list[tuple[Path, Path | None, int]] = [(p, None, 0) for p in _images(folder / GOOD)]
         for defect in sorted(d for d in folder.iterdir() if d.is_dir() and d.name not in (GOOD, MASKS)):
             for p in _images(defect):
-                mask = folder / MASKS / defect.name / f"{p.stem}_mask.png"
+                mask = class_dir / MASKS / defect.name / f"{p.stem}_mask.png"
                 items.append((p, mask if mask.is_file() else None, 1))
         if not any(label for _, _, label in items) or all(label for _, _, label in items):
             raise UsageError(f"class {name} in --input {root} needs both normal (good/) and anomalous images")
