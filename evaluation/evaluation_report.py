@@ -80,6 +80,7 @@ def write_evaluation_outputs(
     """Write ``thresholds.json`` (see :func:`evaluation.thresholds.evaluation_target`) and ``report.html``
     to ``out_dir``; returns the thresholds. ``stores``: the evaluator's per-class stores."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     items = (
         (cls, np.concatenate(s.scores), np.concatenate(s.labels), s.maps, s.masks)
         for cls, s in sorted(stores.items())
