@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +91,17 @@ def read_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
     return binary
 
 
-def calibrate_folder(model: Detector, data: dict[str, list], batch_size: int, log: logging.Logger) -> dict:
-    """Score every labelled image and compute the thresholds (content of ``thresholds.json``)."""
+def calibrate_folder(
+    model: Detector,
+    data: dict[str, list[tuple[Path, Path | None, int]]],
+    batch_size: int,
+    log: logging.Logger,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per class, one at a time: ``(class, scores, labels, maps, masks)`` of its labelled images, for
+    :func:`evaluation.thresholds.calibrate` (maps and masks of images with a known mask only)."""
     size = model.image_size
 
-    def classes():
+    def classes() -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         for cls, items in data.items():
             maps, scores = [], []
             for start in Progress(range(0, len(items), batch_size), f"calibrate {cls}", log.info):
