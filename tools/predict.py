@@ -467,7 +467,7 @@ def _write_legend(
 
 def _origin(thresholds: dict[str, Any]) -> str:
     split, note = thresholds.get("split"), thresholds.get("note")
-    return f"thresholds from {thresholds.get('source')} on the {split} split ({note})"
+    return f"thresholds from {thresholds.get('source')} ({split}): {note}"
 
 
 def write_predict_report(
