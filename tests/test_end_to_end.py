@@ -100,7 +100,7 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
     assert tested["mean"] == pytest.approx(final["mean"], abs=1e-6)
     assert tested_final["weights_epoch"] == 3  # how long the scored net.pth trained (its ckpt.pth)
 
-    # predict: one .npy (input size) + overlay per image, scores = map maxima
+    # predict: one .npy (at the model's input size with --size model) + overlay per image, scores = map maxima
     images = sorted((tiny_data / "weave" / "test").rglob("*.png"))[:3]
     in_dir = tmp_path / "in"
     in_dir.mkdir()
@@ -116,6 +116,8 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
         str(in_dir),
         "--output",
         str(pred_out),
+        "--size",
+        "model",
     ]
     assert predict.main([*pred_args, *_overrides(tiny_data, tmp_path / "unused", 3)]) == 0
     scores = {
