@@ -266,6 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         model.device = device
     try:
         done, (vmin, vmax) = write_outputs(args, model, files, relative, outs)
+    except KeyboardInterrupt:  # Ctrl-C: every image listed in scores.csv is complete
+        listed = args.output / "scores.csv"
+        rows = max(0, len(listed.read_text(encoding="utf-8").splitlines()) - 1) if listed.is_file() else 0
+        log.warning(
+            "interrupted: %d of %d image(s) finished and listed in %s; run the same command again to "
+            "continue with the others",
+            rows,
+            len(files),
+            args.output / "scores.csv",
+        )
+        return 130
     except Exception as err:  # e.g. an input that cannot be decoded (the message names it)
         return report_error(err, args)
     log.info(
