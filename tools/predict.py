@@ -428,7 +428,7 @@ def _write_one(
     with _writing(out / outputs.map):
         np.save(out / outputs.map, amap.astype(np.float32))
     with _writing(out / outputs.overlay):
-        Image.fromarray(overlay(photo, amap, *scale)).save(out / outputs.overlay)
+        Image.fromarray(overlay(photo, amap, *scale)).save(out / outputs.overlay, compress_level=1)
     with _writing(out / outputs.mask):
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / outputs.mask)
     caption = f"{rel.as_posix()} | score {score:.4g} | {label or 'no threshold'} | {result.sources[j]}"
