@@ -5,6 +5,14 @@
     result = predict(model, ["a.png", pil_image, uint8_array])    # paths, PIL images, HxWx3 arrays
     result.scores    # [N] image scores (max of each map)
     result.maps      # [N, H, W] float32 anomaly maps at the model's input size (blurred)
+    result.labels    # [N] bool, True = anomalous: score >= the run's calibrated image threshold
+    result.masks     # [N, H, W] bool: map >= the calibrated pixel threshold
+    predict(model, images, size="image")   # maps and masks as lists, each at its photo's size
+
+Thresholds come from the run folder's ``thresholds.json`` (written by every evaluation, or by
+``tools/calibrate.py``) or an export's ``model.json``; ``classes=`` picks a class's values (an
+unknown class uses the overall ones; ``result.sources`` says which), ``threshold=`` and
+``pixel_threshold=`` override them.
 
 ``tools/predict.py`` is the command-line front end of the same functions. Images are
 prepared exactly as in evaluation (RGB, bilinear resize to ``data.image_size``, ImageNet
@@ -21,7 +29,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -42,10 +50,18 @@ __all__ = ["Detector", "Prediction", "config_from_run", "load_model", "predict",
 
 @dataclass
 class Prediction:
-    """Scores ``[N]`` and anomaly maps ``[N, H, W]`` (float32, at the model's input size)."""
+    """Scores ``[N]`` and anomaly maps ``[N, H, W]`` (float32, at the model's input size), with the
+    decisions: ``labels [N]`` (True = anomalous) and ``masks`` (bool, as ``maps``), the thresholds
+    used per image and where each came from (``sources``). With ``size="image"``, ``maps`` and
+    ``masks`` are lists of arrays at each photo's own size."""
 
     scores: np.ndarray
-    maps: np.ndarray
+    maps: np.ndarray | list[np.ndarray]
+    labels: np.ndarray | None = None
+    masks: np.ndarray | list[np.ndarray] | None = None
+    image_thresholds: np.ndarray | None = None
+    pixel_thresholds: np.ndarray | None = None
+    sources: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -58,15 +74,18 @@ class Detector:
     net: torch.nn.Module
     cfg: BaseConfig
     device: torch.device
+    thresholds: dict[str, Any] | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
         """Input size ``(H, W)`` the images are resized to."""
         return as_hw(self.cfg.data.image_size)
 
-    def predict(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> Prediction:
-        """Same as :func:`predict` ``(self, images, batch_size)``."""
-        return predict(self, images, batch_size)
+    def predict(
+        self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8, **kwargs: Any
+    ) -> Prediction:
+        """Same as :func:`predict` ``(self, images, batch_size, ...)``."""
+        return predict(self, images, batch_size, **kwargs)
 
 
 def config_from_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> BaseConfig:
@@ -107,10 +126,11 @@ def load_model(
         from deploy.runtime import load_exported  # an exported model: onnxruntime / OpenVINO
 
         return load_exported(source)
+    from deploy.runtime import read_thresholds
     from model.loading import load_network  # PyTorch: only for a PyTorch model
 
     net, cfg, dev = load_network(source, config, device, overrides, log)
-    return Detector(net=net, cfg=cfg, device=dev)
+    return Detector(net=net, cfg=cfg, device=dev, thresholds=read_thresholds(source))
 
 
 def prepare_image(image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
@@ -151,12 +171,27 @@ def predict_batch(model: Detector, images: Sequence[ImageInput]) -> tuple[torch.
         return model.net.predict(imgs, size)
 
 
-def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> Prediction:
-    """Anomaly scores and maps for a list of images (paths, PIL images or uint8 arrays).
+def predict(
+    model: Detector | ExportedModel,
+    images: Sequence[ImageInput] | ImageInput,
+    batch_size: int = 8,
+    classes: Sequence[str | None] | str | None = None,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    size: str = "model",
+) -> Prediction:
+    """Anomaly scores, maps, labels and masks for a list of images (paths, PIL images or uint8 arrays).
 
     ``model``: a :class:`Detector`, or an exported model from :func:`load_model` (runs without
-    PyTorch).
+    PyTorch). ``classes``: the class of every image (one name, or one per image) whose calibrated
+    thresholds apply; ``threshold`` / ``pixel_threshold`` override them. ``size``: ``"model"``
+    (maps and masks ``[N, H, W]`` at the model's input size) or ``"image"`` (lists, each map
+    resized back to its photo's size, bilinear, as the photo was resized in; masks from those maps).
     """
+    from deploy.runtime import decide, read_image, resize_map
+
+    if size not in ("model", "image"):
+        raise ValueError(f"size must be 'model' or 'image', got {size!r}")
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
     if not isinstance(images, Iterable) or isinstance(images, bytes):
@@ -171,10 +206,23 @@ def predict(model: Detector, images: Sequence[ImageInput] | ImageInput, batch_si
         raise ValueError("predict needs at least one image")
     if not isinstance(model, Detector):  # an exported model (deploy.runtime)
         out = model.predict(images, batch_size=batch_size)
-        return Prediction(scores=out.scores, maps=out.maps)
-    maps, scores = [], []
-    for start in range(0, len(images), batch_size):
-        batch_maps, batch_scores = predict_batch(model, images[start : start + batch_size])
-        maps.append(batch_maps.float().cpu().numpy())
-        scores.append(batch_scores.float().cpu().numpy())
-    return Prediction(scores=np.concatenate(scores), maps=np.concatenate(maps).astype(np.float32))
+        scores, maps = out.scores, out.maps
+    else:
+        map_parts, score_parts = [], []
+        for start in range(0, len(images), batch_size):
+            batch_maps, batch_scores = predict_batch(model, images[start : start + batch_size])
+            map_parts.append(batch_maps.float().cpu().numpy())
+            score_parts.append(batch_scores.float().cpu().numpy())
+        scores, maps = np.concatenate(score_parts), np.concatenate(map_parts).astype(np.float32)
+    if size == "image":
+        maps = [resize_map(m, read_image(im, None).shape[:2]) for m, im in zip(maps, images, strict=True)]
+    decision = decide(maps, scores, model.thresholds, classes, threshold, pixel_threshold)
+    return Prediction(
+        scores=scores,
+        maps=maps,
+        labels=decision.labels,
+        masks=decision.masks,
+        image_thresholds=decision.image_thresholds,
+        pixel_thresholds=decision.pixel_thresholds,
+        sources=decision.sources,
+    )

@@ -30,6 +30,7 @@ from torch import nn
 
 from data import as_hw
 from data.default_ad import IMAGENET_MEAN, IMAGENET_STD
+from deploy.runtime import read_thresholds
 from model.input_size import input_hw
 from model.loading import load_network
 from model.ops.selective_scan import forced_backend
@@ -362,7 +363,7 @@ def metadata(
             "classes": None if classes is None else list(classes),
             "trained_image_size": cfg.data.image_size,
         },
-        "thresholds": None,
+        "thresholds": read_thresholds(checkpoint),
         "model": {
             "teacher": cfg.model.teacher.name,
             "depths": list(cfg.model.depths),
@@ -442,6 +443,21 @@ def export(
             raise DiskFullError(path, f"free some space in {out}, then export again") from err
         raise
     info = metadata(cfg, fmt, path.name, size, batch, fp16, checkpoint, exporter)
+    if info["thresholds"] is None:
+        log.info(
+            "no thresholds.json beside %s: model.json carries no thresholds (evaluate the run or "
+            "use tools/calibrate.py, then export again)",
+            checkpoint,
+        )
+    elif size != as_hw(cfg.data.image_size)[0]:
+        log.warning(
+            "the thresholds of %s were calibrated on %s maps and the export is %dx%d: "
+            "calibrate again at that size",
+            checkpoint,
+            cfg.data.image_size,
+            size,
+            size,
+        )
     info["model_sha256"] = file_sha256(path)
     info["model_bytes"] = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
     (out / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

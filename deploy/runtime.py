@@ -27,16 +27,22 @@ METADATA_FILE = "model.json"
 MODEL_FILES = ("model.onnx", "model.xml")
 
 __all__ = [
+    "Decision",
     "ExportedModel",
     "ModelFileError",
     "Prediction",
+    "decide",
     "load_exported",
     "load_onnx",
     "load_openvino",
     "main",
     "read_image",
+    "read_thresholds",
+    "resize_map",
+    "thresholds_for",
     "to_rgb",
 ]
+THRESHOLDS_FILE = "thresholds.json"
 
 
 class ModelFileError(ValueError):
@@ -57,6 +63,111 @@ class Prediction(NamedTuple):
 
     maps: np.ndarray
     scores: np.ndarray
+
+
+class Decision(NamedTuple):
+    """Labels and masks from thresholds: ``labels [N]`` bool (True = anomalous), ``masks [N, H, W]``
+    bool at the maps' size, the thresholds used per image and where each came from."""
+
+    labels: np.ndarray
+    masks: np.ndarray
+    image_thresholds: np.ndarray
+    pixel_thresholds: np.ndarray
+    sources: list[str]
+
+
+def read_thresholds(path: str | Path) -> dict[str, Any] | None:
+    """The thresholds of a run folder (its ``thresholds.json``; a file inside it: its folder's), else None."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    file = folder / THRESHOLDS_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ModelFileError(
+            f"{file} is not valid JSON ({err}); delete it and evaluate again or run tools/calibrate.py"
+        ) from err
+
+
+def thresholds_for(
+    thresholds: dict[str, Any] | None,
+    cls: str | None,
+    image: float | None = None,
+    pixel: float | None = None,
+) -> tuple[float, float, str]:
+    """``(image threshold, pixel threshold, where they come from)`` for an image of class ``cls``.
+
+    ``image`` / ``pixel`` override the calibrated values. A class the thresholds do not hold (or
+    hold as null) uses the overall values, and the returned text says so; nan where nothing is known.
+    """
+    overall = (thresholds or {}).get("overall") or {}
+    known = ((thresholds or {}).get("classes") or {}).get(cls) if cls else None
+    if thresholds is None:
+        where = "no thresholds"
+    elif known:
+        where = f"class {cls}"
+    elif cls:
+        where = f"overall (class {cls} not calibrated)"
+    else:
+        where = "overall (no class given)"
+    parts = []
+    values = []
+    for kind, given in (("image", image), ("pixel", pixel)):
+        if given is not None:
+            values.append(float(given))
+            parts.append(f"{kind} given")
+            continue
+        value = (known or {}).get(kind)
+        if value is None and known is not None and overall.get(kind) is not None:
+            parts.append(f"{kind} overall (class {cls} has none)")
+            value = overall.get(kind)
+        elif value is None:
+            value = overall.get(kind)
+        values.append(float("nan") if value is None else float(value))
+    text = where if not parts else f"{where}; {', '.join(parts)}"
+    return values[0], values[1], text
+
+
+def decide(
+    maps: np.ndarray | Sequence[np.ndarray],
+    scores: np.ndarray,
+    thresholds: dict[str, Any] | None,
+    classes: Sequence[str | None] | str | None = None,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+) -> Decision:
+    """Label (``score >= image threshold``) and mask (``map >= pixel threshold``) per image.
+
+    ``maps``: ``[N, H, W]`` or a list of maps of any sizes (then ``masks`` is a list too);
+    ``classes``: one class name for all, or one per image (None: the overall thresholds). Where no
+    threshold is known the label is False and the mask empty (the source says ``no thresholds``).
+    """
+    n = len(scores)
+    if classes is None or isinstance(classes, str):
+        classes = [classes] * n
+    if len(classes) != n:
+        raise ValueError(f"classes has {len(classes)} entries for {n} images")
+    chosen = [thresholds_for(thresholds, c, image_threshold, pixel_threshold) for c in classes]
+    img_t = np.array([c[0] for c in chosen], np.float64)
+    pix_t = np.array([c[1] for c in chosen], np.float64)
+    with np.errstate(invalid="ignore"):
+        labels = np.asarray(scores, np.float64) >= img_t
+        masks = [np.asarray(m) >= t for m, t in zip(maps, pix_t, strict=True)]
+    stacked = np.stack(masks) if isinstance(maps, np.ndarray) else masks
+    return Decision(labels, stacked, img_t, pix_t, [c[2] for c in chosen])
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float32 map resized to ``size`` ``(H, W)`` with Pillow's bilinear filter: the way back from
+    the model's input to the photo, which the data pipeline resized in with a plain bilinear resize
+    (no crop), so the map covers the whole photo."""
+    amap = np.asarray(amap, np.float32)
+    if amap.shape == tuple(size):
+        return amap
+    resized = Image.fromarray(amap, mode="F").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def upright(im: Image.Image) -> Image.Image:
@@ -149,6 +260,11 @@ class ExportedModel:
         self.batch = batch
         self.metadata = metadata
         self.engine = engine
+
+    @property
+    def thresholds(self) -> dict[str, Any] | None:
+        """The calibrated thresholds the export carries (``model.json``), or None."""
+        return (self.metadata or {}).get("thresholds")
 
     def __repr__(self) -> str:
         h, w = self.image_size
@@ -379,7 +495,8 @@ def _benchmark(model: ExportedModel, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m deploy.runtime MODEL IMAGE...`` prints one score per image; ``--benchmark N`` times it."""
+    """``python -m deploy.runtime MODEL IMAGE...`` prints one score (and label, when ``model.json``
+    holds thresholds or ``--threshold`` is given) per image; ``--benchmark N`` times it."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Score images with an exported MambaAD model (no PyTorch).")
@@ -388,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     parser.add_argument("--benchmark", type=int, metavar="N", help="time N runs on random input; print JSON")
+    parser.add_argument("--class", dest="cls", default=None, help="class whose thresholds apply (model.json)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="image threshold (overrides model.json)"
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors too")
     args = parser.parse_args(argv)
     if not args.images and not args.benchmark:
@@ -405,8 +526,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for path, score in zip(args.images, result.scores):
-        print(f"{path}\t{score:.6f}")
+    decision = decide(result.maps, result.scores, model.thresholds, args.cls, args.threshold)
+    for path, score, label, thr in zip(
+        args.images, result.scores, decision.labels, decision.image_thresholds
+    ):
+        verdict = "" if np.isnan(thr) else ("\tanomalous" if label else "\tnormal")
+        print(f"{path}\t{score:.6f}{verdict}")
     return 0
 
 

@@ -248,6 +248,7 @@ class ADEvaluator:
         self._validation = {}
         self._ram_bytes = 0
         self.num_samples = 0
+        self.thresholds: dict[str, Any] | None = None
         self.undefined: dict[str, dict[str, str]] = {}
         self.exact_results: dict[str, dict[str, float]] | None = None
 
@@ -460,6 +461,8 @@ class ADEvaluator:
         With ``out_dir``: curve plots under ``out_dir/curves/`` when built with ``plots=True``, and
         with ``read_image`` (``(path, (H, W)) -> RGB uint8``, the data set's reader; ``img_paths``
         given to ``update``) a grid of the worst and best cases per class under ``out_dir/vis/``.
+        With ``out_dir`` also ``thresholds.json`` (F1-maximising thresholds, kept in ``thresholds``)
+        and ``report.html`` (:mod:`evaluation.evaluation_report`).
         """
         if not self._stores:
             raise RuntimeError("the evaluator received no test samples")
@@ -499,12 +502,17 @@ class ADEvaluator:
         grouped = {name: row for rows in per_group.values() for name, row in rows.items()}
         means = {f"mean{GROUP_SEP}{g}": average_over_classes(rows) for g, rows in sorted(per_group.items())}
         self.exact_results = {**exact, "mean": average_over_classes(exact)} if exact else None
-        return {
+        results = {
             **per_class,
             "mean": average_over_classes(per_class),
             **dict(sorted(grouped.items())),
             **means,
         }
+        if out_dir is not None:  # thresholds.json and report.html (evaluation.evaluation_report)
+            from evaluation.evaluation_report import write_evaluation_outputs
+
+            self.thresholds = write_evaluation_outputs(self._stores, results, out_dir, read_image)
+        return results
 
     def _group_metrics(self, store: _ClassStore) -> dict[str, dict[str, float]]:
         """Per group of the class's images (``groups`` given to ``update``): the metrics over its

@@ -112,7 +112,7 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
     log = (_only_run(proto_out) / "log.txt").read_text()
     assert "protocol mambaad; values x100" in log and "the same maps under protocol exact" in log
 
-    # predict: one .npy (input size) + overlay per image, scores = map maxima
+    # predict: one .npy (at the model's input size with --size model) + overlay per image, scores = map maxima
     images = sorted((tiny_data / "weave" / "test").rglob("*.png"))[:3]
     in_dir = tmp_path / "in"
     in_dir.mkdir()
@@ -128,6 +128,8 @@ def test_train_resume_test_and_predict(tiny_data: Path, tmp_path: Path) -> None:
         str(in_dir),
         "--output",
         str(pred_out),
+        "--size",
+        "model",
     ]
     assert predict.main([*pred_args, *_overrides(tiny_data, tmp_path / "unused", 3)]) == 0
     scores = {

@@ -119,13 +119,24 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder (config.json + net.pth) of the small model with random weights (seed 0)."""
+def small_run(tmp_path_factory: pytest.TempPathFactory, images: list[Path]) -> Path:
+    """A run folder (config.json + net.pth) of the small model with random weights (seed 0), and a
+    thresholds.json whose image threshold splits the test images' scores and whose pixel threshold is
+    the median of their map values (so labels and masks have both values)."""
     run = tmp_path_factory.mktemp("export_run")
     torch.manual_seed(0)
     cfg = load_config(CONFIG, SMALL)
     save_config(cfg, run / "config.json")
-    torch.save(build_model(cfg, logging.getLogger("test_export")).state_dict(), run / "net.pth")
+    net = build_model(cfg, logging.getLogger("test_export"))
+    torch.save(net.state_dict(), run / "net.pth")
+    first = predict(load_model(run), images)
+    thresholds = {
+        "source": "evaluation",
+        "split": "test",
+        "overall": {"image": float(np.median(first.scores)), "pixel": float(np.median(first.maps))},
+        "classes": {},
+    }
+    (run / "thresholds.json").write_text(json.dumps(thresholds))
     return run
 
 
@@ -297,7 +308,8 @@ def test_metadata_beside_the_model(exported: Path, small_run: Path) -> None:
     assert info["input"]["layout"] == "NHWC" and info["input"]["dtype"] == "uint8"
     assert info["input"]["shape"] == [None, 64, 64, 3] and info["input"]["batch"] == "dynamic"
     assert info["normalization"]["mean"] == [0.485, 0.456, 0.406]
-    assert info["training_data"]["root"] == "datasets/demo" and info["thresholds"] is None
+    assert info["training_data"]["root"] == "datasets/demo"
+    assert info["thresholds"] == json.loads((small_run / "thresholds.json").read_text())
     assert info["config_hash"].startswith("sha256:") and len(info["config_hash"]) == 7 + 64
     assert info["project_version"] and info["model"]["scan_backend"] == "export"
     assert info["model"]["scan_form"].startswith("ONNX Scan operator")
@@ -545,6 +557,30 @@ def test_predict_tool_and_api_take_the_exported_model(
     assert rows["--model"].keys() == rows["--checkpoint"].keys()
     for name, score in rows["--model"].items():
         assert score == pytest.approx(rows["--checkpoint"][name], abs=tol)
+
+
+def test_onnx_gives_the_labels_and_masks_of_pytorch(
+    exported: Path, small_run: Path, images: list[Path], tol
+) -> None:
+    """The export carries the run's thresholds; its labels and masks, at the photo's size, equal
+    PyTorch's except where a score or map value lies within the maps' rounding ``tol`` of a threshold."""
+    photos = []
+    for i, path in enumerate(images[:3]):  # non-square photos, as users take them
+        rgb = read_image(path, None)
+        photos.append(np.ascontiguousarray(rgb[: 50 + 10 * i, : 80 - 7 * i]))
+    torch_out = predict(load_model(small_run), photos, size="image")
+    onnx_model = load_model(exported / "model.onnx")
+    assert onnx_model.thresholds == load_model(small_run).thresholds is not None
+    onnx_out = predict(onnx_model, photos, size="image")
+    t = onnx_model.thresholds["overall"]
+    assert set(torch_out.labels.tolist()) == {True, False} or len(photos) < 2
+    sure = np.abs(torch_out.scores - t["image"]) > tol
+    np.testing.assert_array_equal(onnx_out.labels[sure], torch_out.labels[sure])
+    for photo, tm, om, tmap in zip(photos, torch_out.masks, onnx_out.masks, torch_out.maps, strict=True):
+        assert tm.shape == om.shape == photo.shape[:2]
+        sure = np.abs(tmap - t["pixel"]) > tol
+        np.testing.assert_array_equal(om[sure], tm[sure])
+        assert tm.any() and not tm.all()
 
 
 def test_a_non_square_model_is_refused_with_the_way_out(tmp_path: Path, capsys) -> None:

@@ -50,15 +50,16 @@ def test_every_input_gets_its_own_files_and_csv_row(run_dir: Path, tmp_path: Pat
     for i, name in enumerate(names):
         _image(inputs / name, i)
     out = tmp_path / "out"
-    assert predict.main(["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(out)]) == 0
+    args = ["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(out), "--size", "model"]
+    assert predict.main(args) == 0
     rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
     assert sorted(r["image"] for r in rows) == sorted(names)
     by_image = {r["image"]: r for r in rows}
     assert by_image["a.png"]["map"] == "a.png.npy" and by_image["a.jpg"]["map"] == "a.jpg.npy"
     assert by_image["b.png"]["map"] == "b.npy" and by_image["b.png"]["overlay"] == "b.png"
     assert by_image["sub/a.png"]["map"] == "sub/a.npy" and by_image["sub/c.bmp"]["overlay"] == "sub/c.png"
-    maps = {r["map"] for r in rows} | {r["overlay"] for r in rows}
-    assert len(maps) == 2 * len(names)
+    maps = {r[k] for r in rows for k in ("map", "overlay", "mask", "panel")}
+    assert len(maps) == 4 * len(names)
     for row in rows:
         amap = np.load(out / row["map"])
         assert amap.shape == (64, 64) and amap.dtype == np.float32
@@ -66,7 +67,9 @@ def test_every_input_gets_its_own_files_and_csv_row(run_dir: Path, tmp_path: Pat
         assert (out / row["overlay"]).is_file()
     assert float(by_image["a.png"]["score"]) != float(by_image["a.jpg"]["score"])  # two maps, not one
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert len(written) == 2 * len(names) + 1  # nothing overwritten: one map and one overlay each + csv
+    # nothing overwritten: a map, an overlay, a mask and a panel each, + scores.csv, predict.json,
+    # README.txt, report.html
+    assert len(written) == 4 * len(names) + 4
 
 
 def test_output_names_stay_distinct_in_corner_cases() -> None:
@@ -154,12 +157,13 @@ def test_a_full_disk_is_one_paragraph_naming_the_file(
     inputs, out = tmp_path / "in", tmp_path / "out"
     _image(inputs / "a.png", 0)
     out.mkdir()
-    (out / "scores.csv").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    (out / "a.png").symlink_to("/dev/full")  # every write to the overlay fails with ENOSPC
     argv = ["--checkpoint", str(run_dir), "--input", str(inputs), "--output", str(out)]
     assert predict.main(argv) == 1
     err = capsys.readouterr().err
-    assert f"no space left on device while writing {out / 'scores.csv'}" in err and "Traceback" not in err
-    assert (out / "a.npy").is_file() and (out / "a.png").is_file()  # written before it: kept
+    assert f"no space left on device while writing {out / 'a.png'}" in err and "Traceback" not in err
+    assert (out / "a.npy").is_file() and (out / "scores.csv").is_file()  # written before it: kept
+    assert len((out / "scores.csv").read_text().splitlines()) == 1  # no row: the image is done again
 
 
 def test_an_output_folder_that_cannot_be_created_is_one_paragraph(
