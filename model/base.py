@@ -147,19 +147,24 @@ class AnomalyModel(nn.Module):
         return [OptimizerSpec("main", self.parameter_groups(weight_decay, no_decay=no_decay))]
 
     def load_weights(self, path: str | Path, log: Callable[[str], object] | None = None) -> None:
-        """Load a weights file (ours, bare or inside ``{"net": ...}``) strictly; methods with
-        official checkpoints of another naming override this."""
-        state = extract_state_dict(load_file(path), path)
+        """Load a weights file strictly: ours (bare or inside ``{"net": ...}``), or another naming
+        that :meth:`checkpoint_state` translates (ADer's checkpoints of a method)."""
+        state = self.checkpoint_state(extract_state_dict(load_file(path), path), path)
         try:
             self.load_state_dict(state, strict=True)
         except RuntimeError as err:
             details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
             raise CheckpointMismatchError(
-                f"model.checkpoint={path} does not match the configured model: {details}. Check the "
-                "model.* keys and data.image_size against the run that saved it."
+                f"model.checkpoint={path} does not match the configured model ({type(self).__name__}): "
+                f"{details}. Check the model.* keys and data.image_size against the run that saved it."
             ) from err
         if log is not None:
             log(f"loaded model weights from {path}")
+
+    def checkpoint_state(self, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+        """A loaded state dict under this module's keys: itself here; methods whose published
+        checkpoints use other names (ADer's) override it."""
+        return state
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters forward never uses (kept for checkpoint compatibility); DDP must not wait for them."""

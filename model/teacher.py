@@ -147,6 +147,27 @@ def load_teacher_checkpoint(
     return dropped, tolerated
 
 
+def load_backbone_state(
+    backbone: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path, log: Callable[[str], object]
+) -> None:
+    """Load ``state``, a backbone's weights read from ``path`` (``model.teacher.checkpoint``), into
+    ``backbone``: any missing key (BatchNorm counters aside), unexpected or misshapen one means
+    another architecture and raises :class:`TeacherError` naming the first."""
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
+        first = (missing + unexpected + misshapen)[0]
+        raise TeacherError(
+            f"model.teacher.checkpoint={path} does not fit the backbone ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(misshapen)} misshapen keys; first: {first}); pass a "
+            "weights file of model.teacher.name's architecture"
+        )
+    backbone.load_state_dict(state, strict=False)
+    log(f"backbone: loaded {len(state)} tensors from {path}")
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Put ``module`` in eval mode and disable gradients for all its parameters."""
     module.eval()

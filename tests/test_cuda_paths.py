@@ -99,7 +99,12 @@ def test_evaluation_precision_follows_amp_eval(amp_eval, expected):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("trainer.fast_cuda", "yes"), ("trainer.tf32", "fast"), ("trainer.amp_eval", 2), ("trainer.dist_timeout", 0)],
+    [
+        ("trainer.fast_cuda", "yes"),
+        ("trainer.tf32", "fast"),
+        ("trainer.amp_eval", 2),
+        ("trainer.dist_timeout", 0),
+    ],
 )
 def test_new_trainer_keys_are_validated(key, value):
     cfg = MambaADDefaults()

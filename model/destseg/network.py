@@ -19,7 +19,6 @@ from torch import nn
 from model.base import AnomalyModel, CheckpointMismatchError, OptimizerSpec
 from model.destseg.blocks import SegmentationNet, StudentDecoder
 from model.teacher import TeacherOptions, build_teacher, teacher_options
-from util.checkpoint import extract_state_dict, load_file
 from util.precision import at_least_float32
 
 STAGES = ("student", "segmentation")
@@ -237,23 +236,10 @@ class DeSTSeg(AnomalyModel):
         return maps, top.mean(dim=1)
 
     # ------------------------------------------------------------------ weights and cost
-    def load_weights(self, path: str | Path, log: Callable[[str], object] | None = None) -> None:
-        """Load our weights or ADer's (``{"net": ...}`` or bare, ``net_t.*``/``net_s.*`` and
-        ``destseg.*``) strictly; ADer's second copies of the teacher and the student encoder must
-        equal the first ones."""
-        state = extract_state_dict(load_file(path), path)
-        if any(k.startswith("destseg.") for k in state):
-            state = _from_ader(state, path)
-        try:
-            self.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
-            raise CheckpointMismatchError(
-                f"model.checkpoint={path} does not match the configured DeSTSeg: {details}. Check the "
-                "model.* keys against the run that saved it."
-            ) from err
-        if log is not None:
-            log(f"loaded model weights from {path}")
+    def checkpoint_state(self, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+        """Ours, or ADer's (``net_t.*``/``net_s.*`` and ``destseg.*``), whose second copies of the
+        teacher and the student encoder must equal the first ones."""
+        return _from_ader(state, path) if any(k.startswith("destseg.") for k in state) else state
 
     def cost_parts(self) -> dict[str, nn.Module]:
         """Teacher, student encoder, student decoder and segmentation network (``tools/flops.py``)."""

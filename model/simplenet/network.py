@@ -19,13 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.anomaly_map import gaussian_blur
-from model.base import NO_DECAY_RULES, AnomalyModel, CheckpointMismatchError, OptimizerSpec
+from model.base import NO_DECAY_RULES, AnomalyModel, OptimizerSpec
 from model.input_size import input_hw
 from model.simplenet.backbone import ader_probe, build_backbone, extract_features
 from model.simplenet.features import patch_features
 from model.simplenet.heads import Discriminator, Projection
 from model.teacher import TeacherOptions, teacher_options
-from util.checkpoint import extract_state_dict, load_file
 from util.precision import at_least_float32
 
 # ADer's SimpleNetTrainer: AdamW over the adaptor at 0.1 x optim.lr, Adam over the discriminator
@@ -187,19 +186,9 @@ class SimpleNet(AnomalyModel):
         discriminator = _split_decay(self.discriminator, decay, no_decay, DISCRIMINATOR_LR_SCALE)
         return [OptimizerSpec("adaptor", adaptor), OptimizerSpec("discriminator", discriminator, type="adam")]
 
-    def load_weights(self, path: str | Path, log: Callable[[str], object] | None = None) -> None:
-        """Load our checkpoints or ADer's (``net.pth``/``ckpt.pth``, see :func:`ader_to_ours`) strictly."""
-        state = ader_to_ours(extract_state_dict(load_file(path), path))
-        try:
-            self.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            details = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
-            raise CheckpointMismatchError(
-                f"model.checkpoint={path} does not match the configured SimpleNet: {details}. Check the "
-                "model.* keys against the run that saved it."
-            ) from err
-        if log is not None:
-            log(f"loaded model weights from {path}")
+    def checkpoint_state(self, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+        """Ours, or ADer's ``net.pth``/``ckpt.pth`` renamed (:func:`ader_to_ours`)."""
+        return ader_to_ours(state)
 
     def cost_parts(self) -> dict[str, nn.Module]:
         """Backbone, adaptor and discriminator (``tools/flops.py``); the count includes the whole

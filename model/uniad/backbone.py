@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.teacher import TeacherError, freeze, resolve_weights
+from model.teacher import TeacherError, freeze, load_backbone_state, resolve_weights
 from util.checkpoint import MissingCheckpointError, extract_state_dict, load_file
 
 OUT_INDICES = (0, 1, 2, 3)
@@ -44,19 +44,7 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str | Path, log: Callabl
         prefix = "net_backbone."
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    misshapen = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or misshapen:
-        first = (missing + unexpected + misshapen)[0]
-        raise TeacherError(
-            f"model.teacher.checkpoint={path} does not fit the backbone ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(misshapen)} misshapen keys; first: {first}); pass a "
-            "weights file of model.teacher.name's architecture"
-        )
-    backbone.load_state_dict(state, strict=False)
-    log(f"backbone: loaded {len(state)} tensors from {path}")
+    load_backbone_state(backbone, state, path, log)
 
 
 def build_backbone(
