@@ -104,10 +104,15 @@ def _run_one(args: argparse.Namespace, out: Path, kwargs: dict) -> int:
         print(count_table(meta))
         meta, problems = _split_unsafe(meta, args.allow_absolute_paths)  # never read outside the root
         problems += validate_meta(args.root, meta, progress=not args.no_progress)
+    return _report_problems(problems, f" in {out}")
+
+
+def _report_problems(problems: list[str], suffix: str) -> int:
+    """Print each problem and their count (``suffix`` ends "N problem(s) found"); the exit status."""
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
-        print(f"{len(problems)} problem(s) found in {out}", file=sys.stderr)
+        print(f"{len(problems)} problem(s) found{suffix}", file=sys.stderr)
         return 1
     print("all files present and readable")
     return 0
@@ -128,13 +133,7 @@ def _run_dtd(args: argparse.Namespace) -> int:
     if not args.check:
         print(f"wrote {path}")
     print(f"{count} textures listed in {path}")
-    for p in problems:
-        print(f"problem: {p}", file=sys.stderr)
-    if problems:
-        print(f"{len(problems)} problem(s) found; re-download DTD from {DTD_URL}", file=sys.stderr)
-        return 1
-    print("all files present and readable")
-    return 0
+    return _report_problems(problems, f"; re-download DTD from {DTD_URL}")
 
 
 def main(argv: list[str] | None = None) -> int:

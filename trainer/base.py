@@ -204,16 +204,14 @@ class TrainerBase(CheckpointMixin):
         for name, (optimizer, values) in build_optimizers(self.model, o).items():
             optimizers[name] = optimizer
             schedulers[name] = SCHEDULERS.build(sch.type, optimizer, sch)
-            scale = f" x {values.lr / o.lr:g}" if values.lr != o.lr else ""  # the method's factor
             self.log.info(
-                "optimizer %s%s lr %.6g (base %.6g x batch %d / 16%s), weight decay %g (no_decay=%s); "
+                "optimizer %s%s lr %.6g (base %.6g x batch %d / 16), weight decay %g (no_decay=%s); "
                 "%d process(es) x %d image(s) x %d accumulation step(s)",
                 values.type,
                 f" ({name})" if name != "main" else "",
                 values.lr,
                 o.base_lr,
                 self.cfg.data.batch_size,
-                scale,
                 max(g.get("weight_decay", values.weight_decay) for g in optimizer.param_groups),
                 o.no_decay,
                 self.dist.world_size,
